@@ -245,3 +245,123 @@ def format_table(rows: dict[str, dict], title: str = "") -> str:
     for name, m in rows.items():
         lines.append(f"{name:<14}" + "".join(f"{100 * m[k]:7.1f}" if m[k] >= 0 else f"{'-':>7}" for k in METRIC_KEYS))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- mmdet metric
+
+
+def _category_table(doc: dict) -> list[dict]:
+    return sorted(doc["categories"], key=lambda c: c["id"])
+
+
+def write_per_class_csv(path: str | os.PathLike, categories: list[dict], per_class: dict[str, dict]) -> None:
+    """Per-class CSV: class, frequency group, training instances, bbox AP, segm AP (atomic write)."""
+    import csv
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "frequency", "train_instances", "bbox_AP", "segm_AP"])
+        for c in categories:
+            row = [c["name"], c["frequency"], c.get("instance_count", "")]
+            for iou in IOU_TYPES:
+                ap = per_class.get(iou, {}).get(c["id"])
+                row.append("" if ap is None else f"{ap:.6f}")
+            w.writerow(row)
+    os.replace(tmp, path)
+
+
+def _register_metric():
+    from mmdet.registry import METRICS
+    from mmengine.evaluator import BaseMetric
+    from mmengine.logging import MMLogger
+
+    @METRICS.register_module(name="CratLVISMetric", force=True)
+    class CratLVISMetric(BaseMetric):
+        """LVIS v1 bbox/segm metric for mmdet's test loop, on :func:`lvis_metrics`.
+
+        Args:
+            ann_file: the LVIS annotation file of the evaluated split.
+            metric: ``"bbox"``, ``"segm"`` or both.
+            max_dets: detections per image across categories (LVIS: 300).
+            cat_chunk_size: categories per evaluation chunk (bounded memory).
+            per_class_csv: if set, write the per-class AP table there.
+        """
+
+        default_prefix = "lvis"
+
+        def __init__(
+            self,
+            *,
+            ann_file: str,
+            metric: str | Sequence[str] = ("bbox", "segm"),
+            max_dets: int = 300,
+            cat_chunk_size: int | None = None,
+            per_class_csv: str | None = None,
+            collect_device: str = "cpu",
+            prefix: str | None = None,
+        ) -> None:
+            super().__init__(collect_device=collect_device, prefix=prefix)
+            metrics = [metric] if isinstance(metric, str) else list(metric)
+            for m in metrics:
+                if m not in IOU_TYPES:
+                    raise UserError(f"CratLVISMetric.metric: expected items of {IOU_TYPES}, got {m!r}")
+            self.iou_types = metrics
+            self.ann_file = ann_file
+            self.max_dets = max_dets
+            self.cat_chunk_size = cat_chunk_size
+            self.per_class_csv = per_class_csv
+            self._doc = None
+            self.last_results: dict = {}
+
+        @property
+        def doc(self) -> dict:
+            if self._doc is None:
+                self._doc = load_lvis_json(self.ann_file)
+            return self._doc
+
+        def process(self, data_batch, data_samples: Sequence[dict]) -> None:
+            import pycocotools.mask as mask_util
+
+            cat_ids = [c["id"] for c in _category_table(self.doc)]
+            for sample in data_samples:
+                pred = sample["pred_instances"]
+                img_id = sample["img_id"]
+                bboxes = pred["bboxes"].cpu().numpy()
+                scores = pred["scores"].cpu().numpy()
+                labels = pred["labels"].cpu().numpy()
+                masks = pred["masks"].cpu().numpy() if "masks" in pred and "segm" in self.iou_types else None
+                for i in range(len(scores)):
+                    x0, y0, x1, y1 = (float(v) for v in bboxes[i])
+                    det = {
+                        "image_id": img_id,
+                        "category_id": cat_ids[int(labels[i])],
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "score": float(scores[i]),
+                    }
+                    if masks is not None:
+                        rle = mask_util.encode(np.asfortranarray(masks[i].astype(np.uint8)))
+                        rle["counts"] = rle["counts"].decode()
+                        det["segmentation"] = rle
+                    self.results.append(det)
+
+        def compute_metrics(self, results: list) -> dict:
+            logger = MMLogger.get_current_instance()
+            out, per_class = {}, {}
+            for iou in self.iou_types:
+                if iou == "segm" and results and "segmentation" not in results[0]:
+                    raise UserError("segm metric requested but the model predicts no masks; use metric=['bbox']")
+                m = lvis_metrics(self.doc, results, iou, self.max_dets, cat_chunk_size=self.cat_chunk_size, per_class=True)
+                per_class[iou] = m.pop("per_class")
+                out[iou] = m
+            self.last_results = {"metrics": out, "per_class": per_class}
+            logger.info("\n" + format_table(out, title=f"LVIS metrics ({len(results)} detections)"))
+            if self.per_class_csv:
+                write_per_class_csv(self.per_class_csv, _category_table(self.doc), per_class)
+            return {f"{iou}_{k}": v for iou, m in out.items() for k, v in m.items()}
+
+    return CratLVISMetric
+
+
+CratLVISMetric = _register_metric()

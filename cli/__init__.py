@@ -1,0 +1,1 @@
+"""The ``crat-ft`` command line (installed as ``crat_ft.cli``)."""

@@ -1,0 +1,165 @@
+"""Loading mmengine configs at crat-ft's boundary, with validation.
+
+``--cfg-options key=value`` follows mmengine's syntax (dotted keys, values
+parsed as int/float/bool/None/list/tuple), but unlike mmengine an unknown key
+is an error naming the key: a typo must not silently add a setting that
+nothing reads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from crat_ft.errors import UserError
+
+DATALOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
+EVALUATORS = ("val_evaluator", "test_evaluator")
+
+
+def parse_cfg_options(options: Iterable[str]) -> dict:
+    """Parse ``key=value`` strings into a dict of dotted keys to Python values."""
+    from mmengine.config import DictAction
+
+    parsed = {}
+    for opt in options:
+        if "=" not in opt:
+            raise UserError(f"--cfg-options: expected key=value, got {opt!r}; e.g. --cfg-options train_cfg.max_iters=100")
+        key, value = opt.split("=", 1)
+        if not key:
+            raise UserError(f"--cfg-options: empty key in {opt!r}")
+        parsed[key] = DictAction._parse_iterable(value)
+    return parsed
+
+
+def _check_key(cfg, key: str, source: str) -> None:
+    node = cfg
+    walked = []
+    for part in key.split("."):
+        if isinstance(node, (list, tuple)):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(
+                    f"unknown --cfg-options key {key!r}: {'.'.join(walked)} is a list of {len(node)} items, "
+                    f"so {part!r} is not an index; check it against {source}"
+                )
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if part not in node:
+                where = ".".join(walked) or "the top level"
+                raise UserError(f"unknown --cfg-options key {key!r}: {where} of {source} has no key {part!r}; check the spelling")
+            node = node[part]
+        else:
+            raise UserError(f"unknown --cfg-options key {key!r}: {'.'.join(walked)} in {source} is a value, not a dict")
+        walked.append(part)
+
+
+def load_config(path: str | os.PathLike, cfg_options: Iterable[str] | dict | None = None):
+    """Read an mmengine config and apply validated overrides.
+
+    Args:
+        path: the config file.
+        cfg_options: ``key=value`` strings or a dict of dotted keys.
+
+    Raises:
+        UserError: missing or unparsable file, or an override of a key that
+            the config does not have.
+    """
+    from mmengine.config import Config
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config {path} does not exist; check the path (demo configs are in configs/demo/)")
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"config {path} could not be parsed ({first}); fix the file") from None
+    if cfg_options:
+        options = parse_cfg_options(cfg_options) if not isinstance(cfg_options, dict) else dict(cfg_options)
+        for key in options:
+            _check_key(cfg, key, str(path))
+        cfg.merge_from_dict(options)
+    return cfg
+
+
+def _datasets(cfg):
+    """The dataset dicts of the config's dataloaders (unwrapping RepeatDataset/ClassBalancedDataset)."""
+    for name in DATALOADERS:
+        loader = cfg.get(name)
+        if not loader:
+            continue
+        ds = loader.get("dataset")
+        while ds is not None and "dataset" in ds and "ann_file" not in ds:
+            ds = ds["dataset"]
+        if ds is not None:
+            yield name, ds
+
+
+def set_data_root(cfg, data_root: str | os.PathLike) -> None:
+    """Point every dataloader and LVIS evaluator of ``cfg`` at ``data_root``."""
+    root = str(data_root).rstrip("/") + "/"
+    for _, ds in _datasets(cfg):
+        ds["data_root"] = root
+    for name in EVALUATORS:
+        ev = cfg.get(name)
+        if isinstance(ev, dict) and "ann_file" in ev:
+            ev["ann_file"] = root + "annotations/" + Path(ev["ann_file"]).name
+
+
+def ann_file_of(ds) -> Path:
+    ann = Path(ds.get("ann_file", ""))
+    return ann if ann.is_absolute() else Path(ds.get("data_root") or "") / ann
+
+
+def head_num_classes(cfg) -> dict[str, int]:
+    """``num_classes`` of each class-wise RoI head in the model config."""
+    roi = cfg.model.get("roi_head") or {}
+    found = {}
+    for head in ("bbox_head", "mask_head"):
+        h = roi.get(head)
+        if isinstance(h, dict) and "num_classes" in h:
+            found[f"model.roi_head.{head}.num_classes"] = h["num_classes"]
+        elif isinstance(h, (list, tuple)):
+            raise UserError(
+                f"model.roi_head.{head} is a list of {len(h)} stage heads (a cascade); "
+                "crat-ft supports single-stage RoI heads (StandardRoIHead with Shared2FCBBoxHead/ConvFCBBoxHead and FCNMaskHead)"
+            )
+    return found
+
+
+def sync_dataset_classes(cfg, splits: Iterable[str] = DATALOADERS) -> list[str]:
+    """Fill each LVIS dataset's ``metainfo.classes`` from its annotation file and check the model.
+
+    mmdet's ``LVISV1Dataset`` maps category ids to labels in sorted id order
+    but carries LVIS v1's 1203 names as metainfo; for any other LVIS-format
+    data the names must come from the file.
+
+    Returns:
+        The class names (sorted by category id) of the last dataset checked.
+
+    Raises:
+        UserError: unreadable annotation file, datasets of one config with
+            different categories, or a model whose ``num_classes`` differs
+            from the dataset's number of categories.
+    """
+    from crat_ft.evaluation import load_lvis_json
+
+    names = None
+    for loader, ds in _datasets(cfg):
+        if loader not in splits:
+            continue
+        ann = ann_file_of(ds)
+        doc = load_lvis_json(ann)
+        these = [c["name"] for c in sorted(doc["categories"], key=lambda c: c["id"])]
+        if names is not None and these != names:
+            raise UserError(f"{loader}: categories of {ann} differ from the other splits'; all splits must share one category list")
+        names = these
+        ds["metainfo"] = dict(classes=tuple(these))
+        for key, n in head_num_classes(cfg).items():
+            if n != len(these):
+                raise UserError(
+                    f"{key}={n} but {ann} has {len(these)} categories; "
+                    f"set --cfg-options {' '.join(f'{k}={len(these)}' for k in head_num_classes(cfg))} or use the matching dataset"
+                )
+    return names or []

@@ -1,0 +1,231 @@
+"""CRAT: cross-class gradient transfusing (DESIGN §4). Pure tensor code, no mmdet.
+
+Shape legend (fixed throughout this module):
+
+- ``P``: positive RoIs in the batch (matched to a ground-truth box);
+- ``C``: foreground classes (mmdet's background index ``C`` never appears here:
+  only positives carry box and mask losses);
+- ``D``: width of the box feature, the input of ``fc_reg``;
+- ``K``: channels of the mask feature, the input of the 1x1 ``conv_logits``;
+- ``S``: mask side (28 in Mask R-CNN).
+
+Names: ``labels`` (P,) are the positives' own classes ``y_n`` in [0, C);
+``sample_fisher`` is the per-sample diagonal empirical Fisher of the task
+layer slice of the sample's own class; ``stats`` is a :class:`FisherStats`.
+
+The algorithm, in one paragraph: every positive n yields the squared gradient
+F_n of its own-class loss w.r.t. its own class's layer slice (closed form, no
+autograd loop). Class statistics Φ_c are an EMA of the F_n of class c. Sample n
+then also trains the layer slices of the *other* seen classes c whose Φ_c looks
+like F_n: with weight w_{n,c} = softmax_c(cos(F_n, Φ_c) / τ), it adds
+w_{n,c} ℓ(p_{n,c}, t_n). A rare class thus receives training signal from the
+samples of similar frequent classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "box_sample_fisher",
+    "mask_sample_fisher",
+    "FisherStats",
+    "transfusion_weights",
+    "box_transfusion_loss",
+    "mask_transfusion_loss",
+]
+
+
+def box_sample_fisher(feats: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+    """Per-sample diagonal Fisher of the own-class box regressor slice, for an L1 loss.
+
+    For the linear layer ``p = W_y x + b_y`` and ``ℓ = Σ |p - t|``, the gradient
+    w.r.t. ``W_y`` is the outer product ``r ⊗ x`` with ``r = sign(p - t)``, so
+    its square is ``r² ⊗ x²``. The loss scale (avg_factor, loss_weight) is
+    irrelevant: only cosines of these are used.
+
+    Args:
+        feats: (P, D) inputs of ``fc_reg``.
+        pred: (P, 4) own-class regression outputs ``p_{n, y_n}``.
+        target: (P, 4) encoded regression targets.
+
+    Returns:
+        (P, 4, D) non-negative, without gradient.
+    """
+    with torch.no_grad():
+        r2 = torch.sign(pred - target).square()
+        return r2[:, :, None] * feats.square()[:, None, :]
+
+
+def mask_sample_fisher(feats: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+    """Per-sample diagonal Fisher of the own-class mask predictor slice (1x1 conv weights).
+
+    For ``z = w_y · X + b_y`` at every pixel and the mean pixel BCE, the
+    gradient w.r.t. ``w_y`` is ``Σ_pixels (σ(z) - m) X / S²``.
+
+    Args:
+        feats: (P, K, S, S) inputs of ``conv_logits``.
+        logits: (P, S, S) own-class mask logits ``z_{n, y_n}``.
+        target: (P, S, S) binary mask targets.
+
+    Returns:
+        (P, K) non-negative, without gradient.
+    """
+    with torch.no_grad():
+        s2 = logits.shape[-1] * logits.shape[-2]
+        resid = torch.sigmoid(logits.float()) - target.float()
+        g = torch.einsum("pij,pkij->pk", resid, feats.float()) / s2
+        return g.square()
+
+
+class FisherStats(nn.Module):
+    """Class Fisher statistics: an EMA of per-sample Fisher over training steps.
+
+    Buffers (saved in checkpoints, restored on resume):
+        fisher: (C, *shape) the EMA Φ_c, zero for unseen classes.
+        seen: (C,) bool, True once a class has been updated.
+
+    Args:
+        num_classes: C.
+        shape: shape of one sample's Fisher, e.g. ``(4, D)`` or ``(K,)``.
+        momentum: α of ``Φ_c ← (1 - α) Φ_c + α mean_{n: y_n = c} F_n``.
+    """
+
+    def __init__(self, num_classes: int, shape: tuple[int, ...] | list[int] | int, momentum: float = 0.01) -> None:
+        super().__init__()
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if num_classes < 1:
+            raise ValueError(f"FisherStats.num_classes should be >= 1, but got {num_classes}")
+        if not 0 < momentum <= 1:
+            raise ValueError(f"FisherStats.momentum should be in (0, 1], but got {momentum}")
+        self.momentum = momentum
+        self.register_buffer("fisher", torch.zeros(num_classes, *shape))
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+
+    @property
+    def num_classes(self) -> int:
+        return self.fisher.shape[0]
+
+    @torch.no_grad()
+    def update(self, sample_fisher: Tensor, labels: Tensor) -> None:
+        """Fold a batch in: only classes present in ``labels`` change.
+
+        Args:
+            sample_fisher: (P, *shape).
+            labels: (P,) int64 classes in [0, C).
+        """
+        if labels.numel() == 0:
+            return
+        flat = sample_fisher.reshape(labels.shape[0], -1).to(self.fisher.dtype)
+        c = self.num_classes
+        sums = torch.zeros(c, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, labels, flat)
+        counts = torch.bincount(labels, minlength=c).to(flat.dtype)
+        present = counts > 0
+        means = sums[present] / counts[present, None]
+        view = self.fisher.view(c, -1)
+        view[present] = (1 - self.momentum) * view[present] + self.momentum * means
+        self.seen |= present
+
+    @torch.no_grad()
+    def all_reduce(self) -> None:
+        """Average the statistics over DDP ranks (``seen``: OR). No-op without a process group."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        dist.all_reduce(self.fisher, op=dist.ReduceOp.SUM)
+        self.fisher /= dist.get_world_size()
+        seen = self.seen.to(torch.int32)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        self.seen.copy_(seen.bool())
+
+
+def transfusion_weights(
+    sample_fisher: Tensor,
+    stats: FisherStats,
+    labels: Tensor,
+    temperature: float,
+    *,
+    top_k: int | None = None,
+    allowed: Tensor | None = None,
+) -> Tensor:
+    """Transfusion weights ``w`` (P, C): softmax of Fisher cosines over other seen classes.
+
+    ``w_{n,c} = softmax_c(cos(F_n, Φ_c) / τ)`` over the seen classes ``c ≠ y_n``;
+    ``w_{n, y_n} = 0``; unseen classes get 0 and are excluded before the
+    softmax. A row with no eligible class is all zero. Constants (no gradient).
+
+    Args:
+        sample_fisher: (P, *shape) per-sample Fisher.
+        stats: class statistics (C, *shape).
+        labels: (P,) own classes.
+        temperature: τ > 0.
+        top_k: keep only the k largest weights per row, renormalised.
+        allowed: optional (P, C) bool, further restricting the receivers
+            (e.g. a frequency gate: only classes rarer than the donor).
+
+    Returns:
+        (P, C) rows summing to 1, or all zero.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature should be > 0, but got {temperature}")
+    with torch.no_grad():
+        p, c = labels.shape[0], stats.num_classes
+        if p == 0:
+            return sample_fisher.new_zeros(0, c)
+        f = F.normalize(sample_fisher.reshape(p, -1).float(), dim=1)
+        phi = F.normalize(stats.fisher.reshape(c, -1).float(), dim=1)
+        logits = f @ phi.T / temperature
+        eligible = stats.seen[None, :].expand(p, c).clone()
+        eligible[torch.arange(p, device=labels.device), labels] = False
+        if allowed is not None:
+            eligible &= allowed
+        logits = logits.masked_fill(~eligible, float("-inf"))
+        if top_k is not None and top_k < c:
+            kth = logits.topk(top_k, dim=1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        has_any = eligible.any(dim=1, keepdim=True)
+        # rows without an eligible class would softmax to NaN: give them zeros
+        w = torch.softmax(logits.masked_fill(~has_any, 0.0), dim=1)
+        return torch.where(has_any & eligible, w, torch.zeros_like(w))
+
+
+def box_transfusion_loss(pred_all: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_n Σ_c w_{n,c} Σ_coords |p_{n,c} - t_n|`` (unweighted by λ_box).
+
+    Args:
+        pred_all: (P, C, 4) regression outputs of every class for each positive.
+        target: (P, 4) the positive's encoded regression target.
+        weights: (P, C) transfusion weights (constants).
+
+    Returns:
+        A scalar; for P = 0 a zero that keeps the graph alive (so DDP sees
+        gradients for every parameter).
+    """
+    if pred_all.shape[0] == 0:
+        return pred_all.sum() * 0.0
+    l1 = (pred_all - target[:, None, :]).abs().sum(dim=2)  # (P, C)
+    return (weights.to(l1.dtype) * l1).sum()
+
+
+def mask_transfusion_loss(logits_all: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_n Σ_c w_{n,c} mean_pixels BCE(z_{n,c}, m_n)`` (unweighted by λ_mask).
+
+    Only the (n, c) pairs with ``w > 0`` are evaluated.
+
+    Args:
+        logits_all: (P, C, S, S) mask logits of every class for each positive.
+        target: (P, S, S) binary mask targets.
+        weights: (P, C) transfusion weights (constants).
+
+    Returns:
+        A scalar; for P = 0 (or no positive weight) a zero that keeps the graph alive.
+    """
+    n_idx, c_idx = torch.nonzero(weights > 0, as_tuple=True)
+    if n_idx.numel() == 0:
+        return logits_all.sum() * 0.0
+    z = logits_all[n_idx, c_idx]  # (Q, S, S)
+    bce = F.binary_cross_entropy_with_logits(z, target[n_idx].to(z.dtype), reduction="none").mean(dim=(1, 2))
+    return (weights[n_idx, c_idx].to(bce.dtype) * bce).sum()

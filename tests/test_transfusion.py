@@ -1,0 +1,162 @@
+"""CRAT math: closed forms against autograd, weights, losses, statistics."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crat_ft.transfusion import (
+    FisherStats,
+    box_sample_fisher,
+    box_transfusion_loss,
+    mask_sample_fisher,
+    mask_transfusion_loss,
+    transfusion_weights,
+)
+
+
+def _autograd_box_fisher(feats, weight, bias, labels, target):
+    out = []
+    for n in range(feats.shape[0]):
+        w = weight.detach().clone().requires_grad_(True)
+        pred = (w @ feats[n] + bias).view(-1, 4)[labels[n]]
+        loss = (pred - target[n]).abs().sum()
+        (g,) = torch.autograd.grad(loss, w)
+        out.append(g.view(-1, 4, feats.shape[1])[labels[n]].square())
+    return torch.stack(out)
+
+
+def test_box_fisher_equals_autograd_per_sample_loop():
+    g = torch.Generator().manual_seed(0)
+    p, d, c = 12, 16, 5
+    feats = torch.randn(p, d, generator=g).relu()
+    weight, bias = torch.randn(4 * c, d, generator=g), torch.randn(4 * c, generator=g)
+    labels = torch.randint(0, c, (p,), generator=g)
+    target = torch.randn(p, 4, generator=g)
+    pred = (feats @ weight.T + bias).view(p, c, 4)[torch.arange(p), labels]
+    closed = box_sample_fisher(feats, pred, target)
+    ref = _autograd_box_fisher(feats, weight, bias, labels, target)
+    assert closed.shape == (p, 4, d)
+    torch.testing.assert_close(closed, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_fisher_equals_autograd_per_sample_loop():
+    g = torch.Generator().manual_seed(1)
+    p, k, s, c = 6, 8, 7, 4
+    feats = torch.randn(p, k, s, s, generator=g)
+    conv = torch.nn.Conv2d(k, c, 1)
+    labels = torch.randint(0, c, (p,), generator=g)
+    target = (torch.rand(p, s, s, generator=g) > 0.5).float()
+    logits = conv(feats)[torch.arange(p), labels]
+    closed = mask_sample_fisher(feats, logits.detach(), target)
+    ref = []
+    for n in range(p):
+        z = conv(feats[n : n + 1])[0, labels[n]]
+        loss = F.binary_cross_entropy_with_logits(z, target[n])  # mean over S*S pixels
+        (gw,) = torch.autograd.grad(loss, conv.weight)
+        ref.append(gw[labels[n], :, 0, 0].square())
+    torch.testing.assert_close(closed, torch.stack(ref), rtol=1e-5, atol=1e-9)
+
+
+def test_fisher_stats_ema_and_seen():
+    stats = FisherStats(4, (3,), momentum=0.5)
+    f = torch.tensor([[2.0, 0, 0], [4.0, 0, 0], [0, 1.0, 0]])
+    stats.update(f, torch.tensor([1, 1, 3]))
+    torch.testing.assert_close(stats.fisher[1], torch.tensor([1.5, 0, 0]))  # 0.5 * mean(2, 4)
+    torch.testing.assert_close(stats.fisher[3], torch.tensor([0, 0.5, 0]))
+    assert stats.seen.tolist() == [False, True, False, True]
+    stats.update(torch.tensor([[0, 0, 2.0]]), torch.tensor([1]))
+    torch.testing.assert_close(stats.fisher[1], torch.tensor([0.75, 0, 1.0]))
+    torch.testing.assert_close(stats.fisher[3], torch.tensor([0, 0.5, 0]))  # absent: unchanged
+    assert set(dict(stats.named_buffers())) == {"fisher", "seen"}
+    with pytest.raises(ValueError, match=r"momentum should be in \(0, 1\], but got 0"):
+        FisherStats(3, 2, momentum=0)
+
+
+def test_weights_exclude_own_and_unseen_and_sum_to_one():
+    g = torch.Generator().manual_seed(2)
+    stats = FisherStats(6, (4, 5))
+    stats.update(torch.rand(10, 4, 5, generator=g), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1]))  # 4, 5 unseen
+    sample = torch.rand(7, 4, 5, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0])
+    w = transfusion_weights(sample, stats, labels, temperature=0.05)
+    assert w.shape == (7, 6)
+    assert (w[torch.arange(7), labels] == 0).all()
+    assert (w[:, 4:] == 0).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(7))
+    assert not w.requires_grad
+
+
+def test_weights_golden_and_rows_without_receivers():
+    stats = FisherStats(3, (2,), momentum=1.0)
+    stats.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    sample = torch.tensor([[1.0, 1.0], [3.0, 1.0]])
+    w = transfusion_weights(sample, stats, torch.tensor([2, 1]), temperature=1.0)
+    # row 0: own class 2 (no stats); cos to class 0 and 1 both 1/sqrt(2) -> 0.5 each
+    torch.testing.assert_close(w[0], torch.tensor([0.5, 0.5, 0.0]))
+    # row 1: own class 1, only class 0 seen and eligible -> weight 1
+    torch.testing.assert_close(w[1], torch.tensor([1.0, 0.0, 0.0]))
+    # a row with no eligible class is all zero, not NaN
+    lonely = FisherStats(3, (2,))
+    lonely.update(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    w = transfusion_weights(torch.tensor([[1.0, 2.0]]), lonely, torch.tensor([0]), temperature=0.05)
+    assert torch.equal(w, torch.zeros(1, 3))
+
+
+def test_temperature_sharpens_and_top_k():
+    g = torch.Generator().manual_seed(3)
+    stats = FisherStats(8, (6,))
+    stats.update(torch.rand(16, 6, generator=g), torch.arange(16) % 8)
+    sample, labels = torch.rand(4, 6, generator=g), torch.tensor([0, 1, 2, 3])
+    soft = transfusion_weights(sample, stats, labels, temperature=1.0)
+    sharp = transfusion_weights(sample, stats, labels, temperature=0.01)
+    assert (sharp.max(1).values > soft.max(1).values).all()
+    top2 = transfusion_weights(sample, stats, labels, temperature=1.0, top_k=2)
+    assert ((top2 > 0).sum(1) == 2).all()
+    torch.testing.assert_close(top2.sum(1), torch.ones(4))
+
+
+def test_box_loss_value_and_gradient_proportional_to_weight():
+    pred = torch.zeros(2, 3, 4, requires_grad=True)
+    target = torch.tensor([[1.0, -1.0, 2.0, 0.5], [0.0, 0.0, 0.0, 1.0]])
+    weights = torch.tensor([[0.0, 0.25, 0.75], [1.0, 0.0, 0.0]])
+    loss = box_transfusion_loss(pred, target, weights)
+    torch.testing.assert_close(loss, torch.tensor(4.5 * 0.25 + 4.5 * 0.75 + 1.0))
+    loss.backward()
+    # class 2's slice gets 3x the gradient of class 1's from sample 0; class 0 none from sample 0
+    torch.testing.assert_close(pred.grad[0, 2], 3 * pred.grad[0, 1])
+    assert torch.equal(pred.grad[0, 0], torch.zeros(4))
+
+
+def test_mask_loss_matches_dense_reference():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 4, 5, 5, generator=g, requires_grad=True)
+    target = (torch.rand(3, 5, 5, generator=g) > 0.5).float()
+    weights = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.1, 0.0, 0.0, 0.9], [0.0, 0.0, 0.0, 0.0]])
+    dense = F.binary_cross_entropy_with_logits(logits, target[:, None].expand_as(logits), reduction="none").mean((2, 3))
+    torch.testing.assert_close(mask_transfusion_loss(logits, target, weights), (weights * dense).sum())
+
+
+def test_empty_batches_give_zero_with_graph():
+    lin = torch.nn.Linear(5, 12)
+    pred_all = lin(torch.zeros(0, 5)).view(0, 3, 4)
+    loss = box_transfusion_loss(pred_all, torch.zeros(0, 4), torch.zeros(0, 3))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert lin.weight.grad is not None and torch.equal(lin.weight.grad, torch.zeros_like(lin.weight))
+    conv = torch.nn.Conv2d(2, 3, 1)
+    logits = conv(torch.zeros(0, 2, 4, 4))
+    mloss = mask_transfusion_loss(logits, torch.zeros(0, 4, 4), torch.zeros(0, 3))
+    assert mloss.item() == 0.0 and mloss.requires_grad
+    mloss.backward()
+    assert conv.weight.grad is not None
+    stats = FisherStats(3, (2,))
+    assert transfusion_weights(torch.zeros(0, 2), stats, torch.zeros(0, dtype=torch.long), 0.05).shape == (0, 3)
+
+
+def test_inputs_not_mutated():
+    g = torch.Generator().manual_seed(5)
+    feats, pred, target = torch.rand(4, 6, generator=g), torch.rand(4, 4, generator=g), torch.rand(4, 4, generator=g)
+    copies = [t.clone() for t in (feats, pred, target)]
+    box_sample_fisher(feats, pred, target)
+    for a, b in zip((feats, pred, target), copies):
+        assert torch.equal(a, b)
