@@ -26,7 +26,10 @@ def _known_safe_globals() -> list:
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
 
-    safe = [HistoryBuffer, np.ndarray, np.dtype, np.core.multiarray._reconstruct, np.core.multiarray.scalar]
+    # HistoryBuffer pickles its statistics methods as getattr(HistoryBuffer, "min"):
+    # getattr only fetches attributes; the safe unpickler still refuses to
+    # call anything that is not allow-listed, so this opens no code path.
+    safe = [HistoryBuffer, getattr, np.ndarray, np.dtype, np.core.multiarray._reconstruct, np.core.multiarray.scalar]
     # numpy >= 1.25 pickles dtypes as instances of numpy.dtypes.*DType classes
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:

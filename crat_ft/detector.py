@@ -56,3 +56,65 @@ def check_checkpoint_classes(cfg, state_dict: dict, checkpoint_name: str) -> Non
                 f"checkpoint {checkpoint_name} has {n} classes ({CLASSWISE_LAYERS[layer]}) but the config has "
                 f"num_classes={k}; use the config the checkpoint was trained with, or set its num_classes to {n}"
             )
+
+
+SUPPORTED = "StandardRoIHead with a ConvFC/Shared2FC box head (class-wise regression) and an FCN mask head"
+
+
+def check_supported(model) -> None:
+    """Refuse detectors whose RoI heads crat-ft cannot retrain, naming the head."""
+    roi = getattr(model, "roi_head", None)
+    if roi is None:
+        raise UserError(f"{type(model).__name__} has no roi_head; crat-ft needs a two-stage detector ({SUPPORTED})")
+    if isinstance(getattr(roi, "bbox_head", None), (list, tuple)) or hasattr(roi, "stage_loss_weights"):
+        raise UserError(f"{type(roi).__name__} is a cascade RoI head; crat-ft supports {SUPPORTED}")
+    head = roi.bbox_head
+    if not hasattr(head, "fc_reg") or not hasattr(head, "fc_cls"):
+        raise UserError(f"{type(head).__name__} has no fc_cls/fc_reg layers; crat-ft supports {SUPPORTED}")
+    if head.reg_class_agnostic:
+        raise UserError(f"{type(head).__name__} uses class-agnostic regression (reg_class_agnostic=True); CRAT needs class-wise regression: {SUPPORTED}")
+    if getattr(roi, "with_mask", False) and not hasattr(roi.mask_head, "conv_logits"):
+        raise UserError(f"{type(roi.mask_head).__name__} has no conv_logits; crat-ft supports {SUPPORTED}")
+    if getattr(roi, "with_mask", False) and getattr(roi.mask_head, "class_agnostic", False):
+        raise UserError(f"{type(roi.mask_head).__name__} is class-agnostic; CRAT needs class-wise masks: {SUPPORTED}")
+
+
+def shared_box_features(head) -> bool:
+    """True when fc_cls and fc_reg read the same tensor (no branch-specific convs/fcs)."""
+    return all(getattr(head, a, 0) == 0 for a in ("num_cls_convs", "num_cls_fcs", "num_reg_convs", "num_reg_fcs"))
+
+
+def build_frozen_detector(cfg, checkpoint: str, *, trust_checkpoint: bool = False):
+    """Build the detector of ``cfg.model`` with mmdet, load ``checkpoint``, freeze it.
+
+    Returns:
+        ``(model, checkpoint_sha256)``; the model is in eval mode with every
+        parameter's ``requires_grad`` False, on the CPU.
+
+    Raises:
+        UserError: missing/corrupt checkpoint, class-count mismatch, missing
+            ``model.train_cfg`` (its rcnn assigner defines positives), or an
+            unsupported head.
+    """
+    import mmdet.utils
+    from mmdet.registry import MODELS
+
+    from crat_ft.cache import sha256_file
+    from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
+
+    mmdet.utils.register_all_modules(init_default_scope=True)
+    ckpt = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
+    state = state_dict_of(ckpt)
+    check_checkpoint_classes(cfg, state, str(checkpoint))
+    if not cfg.model.get("train_cfg") or not cfg.model.train_cfg.get("rcnn"):
+        raise UserError("model.train_cfg.rcnn is missing from the config; its assigner defines positive RoIs: use the training config of the checkpoint")
+    model = MODELS.build(cfg.model)
+    check_supported(model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    important = [k for k in missing if k.startswith("roi_head.") or k.startswith("rpn_head.")]
+    if important:
+        raise UserError(f"checkpoint {checkpoint} lacks weights {important[:3]}...; it does not belong to this config")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, sha256_file(checkpoint)

@@ -106,7 +106,7 @@ def train_image_counts(num_classes: int, train_images: int) -> list[int]:
 
     Geometric decay from ``train_images / 2`` images down to 1 (2 when the
     dataset is large enough to have a frequent group), which at the default
-    size (800 images, 40 classes) gives 11 frequent, 17 common and 12 rare
+    size (800 images, 40 classes) gives 11 frequent, 16 common and 13 rare
     classes.
     """
     top = max(1.0, train_images / 2)

@@ -24,7 +24,7 @@ def _poly(b):
 
 
 def crafted_gt():
-    """3 images; cat 1 frequent, cat 2 common, cat 3 rare."""
+    """3 images; cat 1 (frequent) in images 1 and 2, cat 2 (common) and cat 3 (rare) in image 3."""
     cats = [
         {"id": 1, "name": "a", "frequency": "f", "image_count": 200, "instance_count": 300},
         {"id": 2, "name": "b", "frequency": "c", "image_count": 50, "instance_count": 60},
@@ -32,10 +32,10 @@ def crafted_gt():
     ]
     images = [
         {"id": 1, "height": 100, "width": 100, "coco_url": "x/1.png", "neg_category_ids": [3], "not_exhaustive_category_ids": []},
-        {"id": 2, "height": 100, "width": 100, "coco_url": "x/2.png", "neg_category_ids": [2], "not_exhaustive_category_ids": []},
+        {"id": 2, "height": 100, "width": 100, "coco_url": "x/2.png", "neg_category_ids": [2, 3], "not_exhaustive_category_ids": []},
         {"id": 3, "height": 100, "width": 100, "coco_url": "x/3.png", "neg_category_ids": [], "not_exhaustive_category_ids": [3]},
     ]
-    boxes = [(1, 1, _square(10, 10)), (2, 1, _square(50, 50)), (3, 2, _square(20, 60, 40)), (4, 3, _square(60, 10))]
+    boxes = [(1, 1, _square(10, 10)), (2, 2, _square(50, 50)), (3, 3, _square(20, 60, 40)), (4, 3, _square(60, 10))]
     anns = []
     for aid, img, b in boxes:
         cat = {1: 1, 2: 1, 3: 2, 4: 3}[aid]

@@ -20,7 +20,7 @@ def _digest(root):
 def test_default_size_has_all_lvis_frequency_groups():
     counts = train_image_counts(40, 800)
     groups = [frequency_group(c) for c in counts]
-    assert groups.count("f") == 11 and groups.count("c") == 17 and groups.count("r") == 12
+    assert groups.count("f") == 11 and groups.count("c") == 16 and groups.count("r") == 13
     assert counts[0] == 400 and counts[-1] == 2
     assert all(a >= b for a, b in zip(counts, counts[1:]))
 
