@@ -91,9 +91,10 @@ def train_detector(config, work_dir, data_root, seed, resume, cfg_options):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Metrics JSON: {\"bbox\": {...}, \"segm\": {...}}.")
 @click.option("--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's).")
 @click.option("--per-class-csv", type=click.Path(dir_okay=False), default=None, help="Default: <out>_per_class.csv.")
+@click.option("--heads", type=click.Path(), default=None, help="Evaluate CHECKPOINT with these retrained heads merged in (no file written).")
 @TRUST
 @CFG_OPTIONS
-def evaluate(config, checkpoint, out, data_root, per_class_csv, trust_checkpoint, cfg_options):
+def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, trust_checkpoint, cfg_options):
     """Evaluate CHECKPOINT on the config's test split with the LVIS v1 protocol."""
     from crat_ft.evaluation import format_table
     from crat_ft.train import evaluate_detector
@@ -106,9 +107,105 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, trust_checkpoint
         data_root=data_root,
         trust_checkpoint=trust_checkpoint,
         per_class_csv=per_class_csv,
+        heads=heads,
     )
     click.echo(format_table(metrics, title="LVIS v1 metrics (%)"))
     click.echo(f"metrics: {out}")
+
+
+@cli.command("extract-features")
+@click.argument("config", type=click.Path())
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory (shards + index.h5).")
+@click.option("--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's).")
+@click.option("--box-level", type=click.Choice(["fc", "roi"]), default="fc", show_default=True)
+@click.option("--mask-level", type=click.Choice(["logits", "roi"]), default="logits", show_default=True)
+@click.option("--max-pos-per-image", default=64, show_default=True)
+@click.option("--neg-per-image", default=16, show_default=True)
+@click.option("--box-pos-per-class", default=2000, show_default=True, help="Expected cached positives per class (rare classes keep all).")
+@click.option("--mask-pos-per-class", default=64, show_default=True, help="Expected cached mask features per class.")
+@click.option("--flip", is_flag=True, help="Also cache the horizontally flipped view.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--shard", default=None, metavar="I/N", help="Extract shard I of N (default: torchrun RANK/WORLD_SIZE).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted extraction, skipping finished images.")
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True)
+@click.option("--max-images", type=int, default=None, help="Only the first N images (smoke tests).")
+@click.option("--dry-run", is_flag=True, help="Measure a few images and print the projected cache size.")
+@TRUST
+@CFG_OPTIONS
+def extract_features(config, checkpoint, out, data_root, box_level, mask_level, max_pos_per_image, neg_per_image,
+                     box_pos_per_class, mask_pos_per_class, flip, seed, shard, resume, batch_size, compression,
+                     max_images, dry_run, trust_checkpoint, cfg_options):
+    """Cache a frozen detector's RoI features for the training split to HDF5."""
+    from crat_ft.extract import RoIPolicy, dry_run as run_dry, extract_features as run
+
+    policy = RoIPolicy(max_pos_per_image=max_pos_per_image, neg_per_image=neg_per_image, box_pos_per_class=box_pos_per_class,
+                       mask_pos_per_class=mask_pos_per_class, seed=seed, flip=flip)
+    kwargs = dict(cfg_options=_split_options(cfg_options), data_root=data_root, policy=policy, box_level=box_level,
+                  mask_level=mask_level, batch_size=batch_size, compression=None if compression == "none" else compression,
+                  trust_checkpoint=trust_checkpoint)
+    if dry_run:
+        click.echo(run_dry(config, checkpoint, **kwargs))
+        return
+    path = run(config, checkpoint, out, shard=shard, resume=resume, max_images=max_images, **kwargs)
+    click.echo(f"feature cache: {path}")
+
+
+@cli.command("inspect-cache")
+@click.argument("cache", type=click.Path())
+def inspect_cache(cache):
+    """Summarise a feature cache: RoIs, positives per class and group, levels, bytes, provenance."""
+    from pathlib import Path
+
+    from crat_ft.cache import summarize
+    from crat_ft.extract import INDEX_FILE
+
+    path = Path(cache)
+    click.echo(summarize(path / INDEX_FILE if path.is_dir() else path))
+
+
+@cli.command("retrain-heads")
+@click.argument("ft_config", type=click.Path())
+@click.option("--cache", required=True, type=click.Path(), help="Feature cache (directory or index.h5).")
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --work-dir.")
+@TRUST
+@CFG_OPTIONS
+def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_options):
+    """Retrain the class-wise layers from the cache (CRAT + rebalanced classifier) with mmengine's Runner."""
+    from crat_ft.train import retrain_heads as run
+
+    path = run(ft_config, cache, work_dir, cfg_options=_split_options(cfg_options), resume=resume, trust_checkpoint=trust_checkpoint)
+    click.echo(f"retrained heads: {path}")
+
+
+@cli.command()
+@click.argument("config", type=click.Path())
+@click.argument("checkpoint", type=click.Path())
+@click.argument("heads", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The merged mmdet checkpoint.")
+@click.option("--tau-norm", type=float, default=None, help="Post-hoc tau-normalisation of the classifier (default: the heads' export setting).")
+@click.option("--logit-adjust", type=float, default=None, help="Post-hoc logit adjustment strength (default: the heads' export setting).")
+@TRUST
+def export(config, checkpoint, heads, out, tau_norm, logit_adjust, trust_checkpoint):
+    """Merge retrained HEADS into CHECKPOINT: an ordinary mmdet checkpoint."""
+    from crat_ft.detector import export_checkpoint
+
+    path = export_checkpoint(config, checkpoint, heads, out, tau_norm=tau_norm, logit_adjust=logit_adjust, trust_checkpoint=trust_checkpoint)
+    click.echo(f"merged checkpoint: {path}")
+
+
+@cli.command("fisher-neighbors")
+@click.argument("heads", type=click.Path())
+@click.option("--class", "class_name", default=None, help="One class (default: every rare class).")
+@click.option("--top", default=5, show_default=True)
+@click.option("--branch", type=click.Choice(["box", "mask"]), default="box", show_default=True)
+def fisher_neighbors(heads, class_name, top, branch):
+    """Top-K Fisher neighbours of classes, from a heads file's statistics."""
+    from crat_ft.diagnostics import fisher_neighbors as run
+
+    click.echo(run(heads, class_name=class_name, top=top, branch=branch))
 
 
 @cli.command()

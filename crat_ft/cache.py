@@ -448,3 +448,101 @@ def base_attrs(
         "mask_size": int(mask_size),
         "bbox_coder": json.dumps(bbox_coder, sort_keys=True, default=str),
     }
+
+
+# --------------------------------------------------------------------------- training reader
+
+
+class RoIReader:
+    """Random access to cached RoIs and masks by index, reading whole image blocks.
+
+    HDF5 is slow at scattered single-row reads, so a request for some RoI
+    indices reads, for every image they fall in, that image's contiguous block
+    once and picks the rows from it. The file is opened lazily in the process
+    that reads (h5py handles cannot cross fork/pickle), so a reader can be
+    handed to DataLoader workers.
+
+    Args:
+        path: cache file (a shard or the merged index).
+        checkpoint_sha256: if given, refuse a cache of another checkpoint.
+        in_memory: load every table into RAM first (small caches, benchmarks).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, checkpoint_sha256: str | None = None, in_memory: bool = False) -> None:
+        self.path = Path(path)
+        with open_cache(self.path, checkpoint_sha256=checkpoint_sha256) as f:
+            self.meta = cache_meta(f)
+            self.labels = f["rois/label"][...]
+            self.roi_image = f["rois/image_id"][...]
+            self.mask_index = f["rois/mask_index"][...]
+            self.mask_roi = f["masks/roi_index"][...]
+            self.image_ids = f["images/image_id"][...]
+            self.roi_start = f["images/roi_start"][...]
+            self.roi_count = f["images/roi_count"][...]
+            self.mask_start = f["images/mask_start"][...]
+            self.mask_count = f["images/mask_count"][...]
+            self._mem = None
+            if in_memory:
+                self._mem = {k: f[k][...] for k in ("rois/box_feat", "rois/box", "rois/gt_box", "masks/feat", "masks/target")}
+        self.num_classes = len(self.meta["class_names"])
+        self.mask_labels = self.labels[self.mask_roi] if len(self.mask_roi) else np.zeros(0, np.int32)
+        # image (block) of each RoI and each mask
+        self.roi_block = np.repeat(np.arange(len(self.image_ids)), self.roi_count)
+        self.mask_block = np.repeat(np.arange(len(self.image_ids)), self.mask_count)
+        self._f = None
+        self._pid = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_f"] = None
+        state["_pid"] = None
+        return state
+
+    def _file(self):
+        import h5py
+
+        if self._f is None or self._pid != os.getpid():
+            self._f = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._f
+
+    def _gather(self, key: str, index: np.ndarray, block_of: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        if self._mem is not None:
+            return self._mem[key][index]
+        ds = self._file()[key]
+        out = np.empty((len(index), *ds.shape[1:]), ds.dtype)
+        blocks = block_of[index]
+        for b in np.unique(blocks):
+            sel = np.nonzero(blocks == b)[0]
+            s, n = int(starts[b]), int(counts[b])
+            data = ds[s : s + n]
+            out[sel] = data[index[sel] - s]
+        return out
+
+    def read_rois(self, index: np.ndarray) -> dict:
+        """Fields of RoIs ``index`` (N,): box_feat, box, gt_box, label."""
+        index = np.asarray(index, np.int64)
+        args = (index, self.roi_block, self.roi_start, self.roi_count)
+        return {
+            "box_feat": self._gather("rois/box_feat", *args),
+            "box": self._gather("rois/box", *args),
+            "gt_box": self._gather("rois/gt_box", *args),
+            "label": self.labels[index],
+        }
+
+    def read_masks(self, index: np.ndarray) -> dict:
+        """Fields of masks ``index`` (M,): mask_feat, mask_target (M, S, S) bool, mask_label."""
+        index = np.asarray(index, np.int64)
+        args = (index, self.mask_block, self.mask_start, self.mask_count)
+        packed = self._gather("masks/target", *args)
+        return {
+            "mask_feat": self._gather("masks/feat", *args),
+            "mask_target": unpack_masks(packed, int(self.meta["mask_size"])),
+            "mask_label": self.mask_labels[index],
+        }
+
+    def class_index(self) -> list[np.ndarray]:
+        """Per-class arrays of positive RoI indices (for samplers)."""
+        order = np.argsort(self.labels, kind="stable")
+        bounds = np.searchsorted(self.labels[order], np.arange(self.num_classes + 1))
+        return [order[bounds[c] : bounds[c + 1]] for c in range(self.num_classes)]

@@ -34,7 +34,7 @@ def parse_cfg_options(options: Iterable[str]) -> dict:
 
 
 def _check_key(cfg, key: str, source: str) -> None:
-    node = cfg
+    node = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
     walked = []
     for part in key.split("."):
         if isinstance(node, (list, tuple)):

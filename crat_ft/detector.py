@@ -118,3 +118,121 @@ def build_frozen_detector(cfg, checkpoint: str, *, trust_checkpoint: bool = Fals
     for p in model.parameters():
         p.requires_grad_(False)
     return model, sha256_file(checkpoint)
+
+
+def merge_heads(
+    detector_state: dict,
+    heads_ckpt: dict,
+    *,
+    tau_norm: float | None = None,
+    logit_adjust: float | None = None,
+) -> dict:
+    """The detector's state dict with the retrained class-wise layers merged in.
+
+    Post-hoc classifier calibration is folded into ``fc_cls`` so the result is
+    an ordinary mmdet checkpoint:
+
+    - ``tau_norm=τ``: each foreground row ``W_c ← W_c / ||W_c||^τ`` (Kang et al.);
+    - ``logit_adjust=τ``: foreground biases ``b_c ← b_c - τ log π_c`` with π the
+      training class prior (Menon et al.). The background row is unchanged.
+
+    Args:
+        detector_state: the original detector's state dict.
+        heads_ckpt: a ``heads.pth`` dict (``state_dict`` + ``meta``).
+
+    Returns:
+        A new state dict (the input is not modified).
+    """
+    import torch
+
+    heads = heads_ckpt["state_dict"]
+    merged = dict(detector_state)
+    for name, prefix in CLASSWISE_LAYERS.items():
+        for p in ("weight", "bias"):
+            key = f"{name}.{p}"
+            if key not in heads:
+                continue
+            target = f"{prefix}.{p}"
+            if target in merged and merged[target].shape != heads[key].shape:
+                raise UserError(
+                    f"retrained {key} has shape {tuple(heads[key].shape)} but the detector's {target} has "
+                    f"{tuple(merged[target].shape)}; export with the detector config whose loss matches the retrained classifier"
+                )
+            merged[target] = heads[key].clone()
+    w_key, b_key = CLASSWISE_LAYERS["fc_cls"] + ".weight", CLASSWISE_LAYERS["fc_cls"] + ".bias"
+    counts = heads_ckpt["meta"].get("class_instance_count")
+    c = len(counts) if counts else merged[w_key].shape[0] - 1
+    if tau_norm:
+        w = merged[w_key].clone()
+        norms = w[:c].norm(dim=1, keepdim=True).clamp_min(1e-12)
+        w[:c] = w[:c] / norms.pow(tau_norm)
+        merged[w_key] = w
+    if logit_adjust:
+        if not counts:
+            raise UserError("logit adjustment needs the class instance counts, which this heads file lacks; re-run retrain-heads")
+        prior = torch.tensor(counts, dtype=torch.float).clamp_min(1)
+        prior = prior / prior.sum()
+        b = merged[b_key].clone()
+        b[:c] = b[:c] - logit_adjust * prior.log()
+        merged[b_key] = b
+    return merged
+
+
+def export_checkpoint(
+    config: str,
+    checkpoint: str,
+    heads: str,
+    out: str,
+    *,
+    tau_norm: float | None = None,
+    logit_adjust: float | None = None,
+    trust_checkpoint: bool = False,
+) -> str:
+    """Write an ordinary mmdet checkpoint: ``checkpoint`` with the retrained heads merged in.
+
+    ``tau_norm``/``logit_adjust`` default to the ``export`` section recorded in the heads file.
+    """
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from crat_ft.cache import sha256_file
+    from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
+    from crat_ft.config import load_config
+
+    cfg = load_config(config)
+    det = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
+    state = state_dict_of(det)
+    check_checkpoint_classes(cfg, state, checkpoint)
+    hk = load_checkpoint_file(heads)
+    meta = hk.get("meta", {})
+    if meta.get("crat_ft_stage") != "heads":
+        raise UserError(f"{heads} is not a crat-ft heads file (written by `crat-ft retrain-heads` as heads.pth)")
+    sha = sha256_file(checkpoint)
+    if meta.get("checkpoint_sha256") != sha:
+        raise UserError(
+            f"heads {heads} were retrained on features of checkpoint sha256 {str(meta.get('checkpoint_sha256'))[:12]}..., "
+            f"not {checkpoint} ({sha[:12]}...); export with the checkpoint the cache was made from"
+        )
+    exp = meta.get("export", {})
+    tau = tau_norm if tau_norm is not None else exp.get("tau_norm")
+    la = logit_adjust if logit_adjust is not None else exp.get("logit_adjust")
+    merged = merge_heads(state, hk, tau_norm=tau, logit_adjust=la)
+    new_meta = {k: v for k, v in (det.get("meta") or {}).items() if isinstance(v, (str, int, float, dict, list, tuple))}
+    new_meta["crat_ft"] = {
+        "heads": str(heads),
+        "source_checkpoint_sha256": sha,
+        "tau_norm": tau,
+        "logit_adjust": la,
+        "crat": meta.get("crat"),
+        "sampler": meta.get("sampler"),
+    }
+    if "class_names" in meta:
+        new_meta["dataset_meta"] = {"classes": tuple(meta["class_names"])}
+    out_p = Path(out)
+    out_p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_p.with_name(f".{out_p.name}.tmp")
+    torch.save({"state_dict": merged, "meta": new_meta}, tmp)
+    os.replace(tmp, out_p)
+    return str(out_p)

@@ -432,6 +432,8 @@ def extract_features(
         bbox_coder=dict(cfg.model.roi_head.bbox_head.bbox_coder),
     )
     attrs["shard"] = f"{rank}/{world}"
+    attrs["config_path"] = str(Path(config).resolve())
+    attrs["checkpoint_path"] = str(Path(checkpoint).resolve())
     seg_dir.mkdir(parents=True, exist_ok=True)
     for stale in seg_dir.glob("*.tmp"):
         stale.unlink()
@@ -498,3 +500,91 @@ def _categories(cfg) -> list[dict]:
             counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
         cats = [dict(c, instance_count=counts.get(c["id"], 0)) for c in cats]
     return cats
+
+
+ROI_META_BYTES = 8 + 16 + 4 + 4 + 4 + 16 + 4  # image_id, box, gt_index, label, iou, gt_box, mask_index
+
+
+def project_size(
+    *,
+    n_images: int,
+    instance_count: np.ndarray,
+    policy: RoIPolicy,
+    pos_per_gt: float,
+    neg_per_image: float,
+    box_bytes: int,
+    mask_bytes: int,
+    mask_size: int,
+) -> dict:
+    """Projected cache size in bytes, by part, for a whole dataset.
+
+    Expected cached positives of class c: ``min(box_pos_per_class, n_c * pos_per_gt)``
+    (n_c its instances, ``pos_per_gt`` positives per gt measured on sample
+    images); masks: ``min(mask_pos_per_class, that)``; negatives:
+    ``n_images * neg_per_image``. The per-class caps also give an upper bound
+    that does not depend on the measurement (``bound``).
+    """
+    views = 2 if policy.flip else 1
+    pos = np.minimum(policy.box_pos_per_class, instance_count * pos_per_gt) * views
+    masks = np.minimum(policy.mask_pos_per_class, pos)
+    neg = n_images * neg_per_image * views
+    target_bytes = (mask_size * mask_size + 7) // 8
+    parts = {
+        "box features (positives)": pos.sum() * (box_bytes + ROI_META_BYTES),
+        "box features (negatives)": neg * (box_bytes + ROI_META_BYTES),
+        "mask features": masks.sum() * (mask_bytes + 8),
+        "mask targets": masks.sum() * target_bytes,
+    }
+    c = len(instance_count)
+    bound = (
+        c * policy.box_pos_per_class * views * (box_bytes + ROI_META_BYTES)
+        + n_images * policy.neg_per_image * views * (box_bytes + ROI_META_BYTES)
+        + c * policy.mask_pos_per_class * views * (mask_bytes + 8 + target_bytes)
+    )
+    return {"parts": {k: float(v) for k, v in parts.items()}, "total": float(sum(parts.values())), "bound": float(bound)}
+
+
+def dry_run(config, checkpoint, *, sample_images: int = 8, policy: RoIPolicy = RoIPolicy(), **kwargs) -> str:
+    """Extract a few images to a temporary directory and print the projected size of the whole cache."""
+    import tempfile
+    from dataclasses import replace
+
+    from crat_ft.cache import RoIReader
+
+    # measure positives per gt without the per-class quotas
+    probe = replace(policy, box_pos_per_class=10**9, mask_pos_per_class=0)
+    with tempfile.TemporaryDirectory(prefix="crat-ft-dry-run-") as tmp:
+        path = extract_features(config, checkpoint, tmp, policy=probe, max_images=sample_images, progress=False, **kwargs)
+        reader = RoIReader(path)
+        meta = reader.meta
+    from crat_ft.train import _prepare_cfg
+
+    cfg = _prepare_cfg(config, kwargs.get("cfg_options", ()), kwargs.get("data_root"), ("train_dataloader",))
+    cats = _categories(cfg)
+    from crat_ft.config import ann_file_of
+    from crat_ft.evaluation import load_lvis_json
+
+    doc = load_lvis_json(ann_file_of(_base_dataset_cfg(cfg)))
+    sample_ids = set(reader.image_ids.tolist())
+    n_gt = sum(1 for a in doc["annotations"] if a["image_id"] in sample_ids)
+    c = reader.num_classes
+    pos_per_gt = float((reader.labels < c).sum()) / max(1, n_gt)
+    neg_per_image = float((reader.labels == c).sum()) / max(1, len(reader.image_ids))
+    counts = np.array([int(x.get("instance_count", 0)) for x in cats], float)
+    box_bytes = int(np.prod(meta["box_shape"])) * 2
+    mask_bytes = int(np.prod(meta["mask_shape"])) * 2 if int(meta["mask_size"]) else 0
+    proj = project_size(
+        n_images=len(doc["images"]), instance_count=counts, policy=policy, pos_per_gt=pos_per_gt,
+        neg_per_image=neg_per_image, box_bytes=box_bytes, mask_bytes=mask_bytes, mask_size=int(meta["mask_size"]),
+    )
+    gib = 2**30
+    lines = [
+        f"dry run: measured {len(reader.image_ids)} images: {pos_per_gt:.1f} positives per gt, {neg_per_image:.1f} negatives per image",
+        f"  per RoI: box features {box_bytes / 1024:.1f} KiB (level {meta['box_level']} {tuple(meta['box_shape'])}), "
+        f"mask features {mask_bytes / 1024:.1f} KiB per cached mask (level {meta['mask_level']} {tuple(meta['mask_shape'])})",
+        f"  projected for {len(doc['images'])} images, {c} classes, policy {asdict(policy)}:",
+    ]
+    for k, v in proj["parts"].items():
+        lines.append(f"    {k:<26} {v / gib:9.3f} GiB")
+    lines.append(f"    {'total':<26} {proj['total'] / gib:9.3f} GiB   (upper bound from the caps: {proj['bound'] / gib:.3f} GiB)")
+    return "\n".join(lines)

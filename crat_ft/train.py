@@ -104,6 +104,7 @@ def evaluate_detector(
     data_root: str | os.PathLike | None = None,
     trust_checkpoint: bool = False,
     per_class_csv: str | os.PathLike | None = None,
+    heads: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate a detector checkpoint on the config's test split with the LVIS protocol.
 
@@ -111,9 +112,20 @@ def evaluate_detector(
     :data:`crat_ft.evaluation.METRIC_KEYS`) and the per-class CSV beside it
     (``<out stem>_per_class.csv`` unless ``per_class_csv`` is given).
 
+    With ``heads``, the retrained class-wise layers are merged into the
+    checkpoint in a temporary file first (nothing is written beside ``out``).
+
     Returns:
         The metrics dict written to ``out``.
     """
+    if heads is not None:
+        from crat_ft.detector import export_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="crat-ft-merged-") as tmp:
+            merged = export_checkpoint(str(config), str(checkpoint), str(heads), str(Path(tmp) / "merged.pth"), trust_checkpoint=trust_checkpoint)
+            return evaluate_detector(
+                config, merged, out, cfg_options=cfg_options, data_root=data_root, per_class_csv=per_class_csv
+            )
     from mmengine.runner import Runner
 
     from crat_ft.checkpoint import load_checkpoint_file, state_dict_of, trusted_loading
@@ -161,3 +173,219 @@ def evaluate_detector(
         json.dump(results, f, indent=2)
     os.replace(tmp_out, out)
     return results
+
+
+# --------------------------------------------------------------------------- retrain-heads
+
+HEADS_FILE = "heads.pth"
+FT_SECTIONS = {
+    "detector": {"config": None, "checkpoint": None},
+    "heads": {
+        "loss_cls": dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+        "loss_bbox_weight": 1.0,
+        "loss_mask_weight": 1.0,
+        "reinit_cls": False,
+    },
+    "crat": {},
+    "sampler": {
+        "strategy": "class_balanced",
+        "mask_strategy": None,
+        "rois_per_batch": 512,
+        "pos_fraction": 0.25,
+        "masks_per_batch": 32,
+        "rfs_t": 1e-3,
+    },
+    "train": {
+        "max_iters": 1000,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "warmup_iters": 50,
+        "milestones": None,
+        "checkpoint_interval": 250,
+        "log_interval": 50,
+        "seed": 0,
+        "num_workers": 0,
+        "in_memory": False,
+    },
+    "export": {"tau_norm": None, "logit_adjust": None},
+}
+
+
+def load_ft_config(path: str | os.PathLike, cfg_options: Iterable[str] | dict = ()) -> dict:
+    """Read a fine-tune config and fill defaults; unknown sections or keys are errors naming the file and key."""
+    from crat_ft.config import load_config
+    from crat_ft.heads import CratConfig
+
+    cfg = load_config(path, cfg_options)
+    known_top = set(FT_SECTIONS) | {"_base_"}
+    unknown = sorted(k for k in cfg.keys() if k not in known_top)
+    if unknown:
+        raise UserError(f"fine-tune config {path}: unknown key(s) {unknown}; known sections are {sorted(FT_SECTIONS)}")
+    out = {}
+    for section, defaults in FT_SECTIONS.items():
+        given = dict(cfg.get(section, {}) or {})
+        if section == "crat":
+            CratConfig.from_dict(given, f"{path}: crat")
+            out[section] = given
+            continue
+        bad = sorted(set(given) - set(defaults))
+        if bad:
+            raise UserError(f"fine-tune config {path}: unknown key(s) {bad} in '{section}'; known keys are {sorted(defaults)}")
+        out[section] = {**defaults, **given}
+    return out
+
+
+class _CacheLoader:
+    """Factory of the retraining DataLoader (kept small so tests can build it without a Runner)."""
+
+    @staticmethod
+    def build(reader, sampler_cfg: dict, seed: int, num_workers: int, rank: int = 0):
+        import torch
+
+        from crat_ft.sampling import CachedBatchDataset, RoIBatchSampler
+
+        sampler = RoIBatchSampler(
+            labels=reader.labels,
+            roi_images=reader.roi_image,
+            mask_labels=reader.mask_labels,
+            mask_images=reader.roi_image[reader.mask_roi] if len(reader.mask_roi) else reader.mask_labels,
+            num_classes=reader.num_classes,
+            strategy=sampler_cfg["strategy"],
+            mask_strategy=sampler_cfg["mask_strategy"],
+            rois_per_batch=sampler_cfg["rois_per_batch"],
+            pos_fraction=sampler_cfg["pos_fraction"],
+            masks_per_batch=sampler_cfg["masks_per_batch"],
+            seed=seed * 1000 + rank,
+            rfs_t=sampler_cfg["rfs_t"],
+        )
+        return torch.utils.data.DataLoader(
+            CachedBatchDataset(reader), sampler=sampler, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0
+        )
+
+
+def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
+    """The :class:`crat_ft.heads.ClasswiseHeads` for a cache, initialised from the detector."""
+    from crat_ft.detector import CLASSWISE_LAYERS
+    from crat_ft.heads import ClasswiseHeads, CratConfig
+
+    meta = reader.meta
+    if meta["box_level"] != "fc" or (meta["mask_level"] != "logits" and int(meta["mask_size"])):
+        raise UserError(
+            f"retrain-heads supports caches at box level 'fc' and mask level 'logits', got {meta['box_level']!r}/{meta['mask_level']!r}; "
+            "re-extract with the default levels"
+        )
+    loss_cls = dict(ft["heads"]["loss_cls"])
+    if loss_cls.get("type") in ("SeesawLoss", "EQLV2Loss"):
+        loss_cls.setdefault("num_classes", reader.num_classes)
+    mask_shape = meta["mask_shape"]
+    heads = ClasswiseHeads(
+        num_classes=reader.num_classes,
+        box_feat_dim=int(meta["box_shape"][0]),
+        mask_channels=int(mask_shape[0]) if int(meta["mask_size"]) else 0,
+        bbox_coder=dict(detector_cfg.model.roi_head.bbox_head.bbox_coder),
+        loss_cls=loss_cls,
+        loss_bbox_weight=ft["heads"]["loss_bbox_weight"],
+        loss_mask_weight=ft["heads"]["loss_mask_weight"],
+        crat=CratConfig.from_dict(ft["crat"]),
+        class_instance_count=meta["class_instance_count"],
+        reinit_cls=ft["heads"]["reinit_cls"],
+    )
+    heads.load_from_detector(detector_state, CLASSWISE_LAYERS)
+    return heads
+
+
+def retrain_heads(
+    ft_config: str | os.PathLike,
+    cache: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    cfg_options: Iterable[str] | dict = (),
+    resume: bool = False,
+    trust_checkpoint: bool = False,
+) -> Path:
+    """Retrain the class-wise layers from a feature cache with mmengine's Runner.
+
+    Returns:
+        ``work_dir/heads.pth``: retrained layers, Fisher statistics and provenance.
+    """
+    import torch
+    from mmengine.runner import Runner
+
+    from crat_ft.cache import RoIReader
+    from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
+    from crat_ft.config import load_config
+    from crat_ft.extract import INDEX_FILE
+
+    _register_all()
+    ft = load_ft_config(ft_config, cfg_options)
+    cache = Path(cache)
+    if cache.is_dir():
+        cache = cache / INDEX_FILE
+    reader = RoIReader(cache, in_memory=ft["train"]["in_memory"])
+    det_config = ft["detector"]["config"] or reader.meta.get("config_path")
+    det_ckpt = ft["detector"]["checkpoint"] or reader.meta.get("checkpoint_path")
+    if not det_config or not det_ckpt:
+        raise UserError("the detector config/checkpoint are unknown: set detector.config and detector.checkpoint in the fine-tune config")
+    ckpt = load_checkpoint_file(det_ckpt, trust=trust_checkpoint)
+    from crat_ft.cache import sha256_file
+
+    sha = sha256_file(det_ckpt)
+    if sha != reader.meta["checkpoint_sha256"]:
+        raise UserError(
+            f"feature cache {cache} was made from checkpoint sha256 {reader.meta['checkpoint_sha256'][:12]}..., not {det_ckpt} ({sha[:12]}...); "
+            "re-extract features with this checkpoint or pass the matching one"
+        )
+    detector_cfg = load_config(det_config)
+    heads = build_heads(ft, reader, detector_cfg, state_dict_of(ckpt))
+
+    rank = int(os.environ.get("RANK", 0))
+    tr = ft["train"]
+    loader = _CacheLoader.build(reader, ft["sampler"], tr["seed"], tr["num_workers"], rank)
+    milestones = tr["milestones"] or [int(tr["max_iters"] * 0.75)]
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    runner = Runner(
+        model=heads,
+        work_dir=str(work_dir),
+        train_dataloader=loader,
+        train_cfg=dict(by_epoch=False, max_iters=tr["max_iters"], val_interval=10**9),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])),
+        param_scheduler=[
+            dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=max(1, tr["warmup_iters"])),
+            dict(type="MultiStepLR", by_epoch=False, begin=0, end=tr["max_iters"], milestones=milestones, gamma=0.1),
+        ],
+        default_hooks=dict(
+            timer=dict(type="IterTimerHook"),
+            logger=dict(type="LoggerHook", interval=tr["log_interval"]),
+            param_scheduler=dict(type="ParamSchedulerHook"),
+            checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=tr["checkpoint_interval"], max_keep_ckpts=2),
+        ),
+        log_processor=dict(by_epoch=False, window_size=tr["log_interval"]),
+        randomness=dict(seed=tr["seed"]),
+        resume=resume,
+        launcher="pytorch" if distributed else "none",
+        env_cfg=dict(dist_cfg=dict(backend="nccl" if torch.cuda.is_available() else "gloo")),
+        default_scope="mmdet",
+        experiment_name=f"retrain-heads-{Path(ft_config).stem}",
+    )
+    runner.train()
+    model = runner.model.module if hasattr(runner.model, "module") else runner.model
+    out = work_dir / HEADS_FILE
+    meta = {
+        "crat_ft_stage": "heads",
+        "checkpoint_sha256": reader.meta["checkpoint_sha256"],
+        "detector_config": str(det_config),
+        "detector_checkpoint": str(det_ckpt),
+        "class_names": reader.meta["class_names"],
+        "class_frequency": reader.meta["class_frequency"],
+        "class_instance_count": reader.meta["class_instance_count"],
+        "crat": dict(ft["crat"]),
+        "sampler": dict(ft["sampler"]),
+        "export": dict(ft["export"]),
+        "iter": runner.iter,
+    }
+    if rank == 0:
+        _atomic_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}, out)
+    return out

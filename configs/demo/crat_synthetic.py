@@ -1,0 +1,49 @@
+# Decoupled fine-tuning of the demo detector's class-wise heads with CRAT.
+#
+#   crat-ft retrain-heads configs/demo/crat_synthetic.py --cache CACHE --work-dir DIR
+#
+# The detector config and checkpoint default to the ones recorded in the
+# feature cache (its sha256 is checked).
+
+detector = dict(config=None, checkpoint=None)
+
+heads = dict(
+    # mmdet's softmax cross-entropy; SeesawLoss / EQLV2Loss also work (DESIGN §5)
+    loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
+    loss_bbox_weight=1.0,
+    loss_mask_weight=1.0,
+    reinit_cls=False)
+
+crat = dict(
+    enable=True,
+    box_lambda=0.001,
+    mask_lambda=0.01,
+    box_tau=0.05,
+    mask_tau=0.05,
+    momentum=0.01,
+    fisher='sample',
+    top_k=None,
+    frequency_gate=False)
+
+sampler = dict(
+    strategy='class_balanced',  # random | class_balanced | bilevel | repeat_factor
+    mask_strategy=None,  # None: same as strategy
+    rois_per_batch=256,
+    pos_fraction=0.5,
+    masks_per_batch=32,
+    rfs_t=1e-3)
+
+train = dict(
+    max_iters=600,
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=1e-4,
+    warmup_iters=50,
+    milestones=[450],
+    checkpoint_interval=200,
+    log_interval=50,
+    seed=0,
+    num_workers=0,
+    in_memory=True)
+
+export = dict(tau_norm=None, logit_adjust=None)

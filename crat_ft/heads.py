@@ -1,0 +1,254 @@
+"""The retrainable class-wise heads over cached features (an mmengine ``BaseModel``).
+
+Shape legend: ``N`` RoIs in a batch (positives and background), ``P`` of them
+positive, ``M`` cached masks in the batch, ``C`` foreground classes
+(background label = ``C``, mmdet's convention), ``D`` box feature width (input
+of ``fc_cls``/``fc_reg``), ``K`` mask channels (input of ``conv_logits``), ``S``
+mask side.
+
+Layers, initialised from the detector checkpoint (mmdet names):
+``fc_cls`` (C+1 or loss-specific width, D), ``fc_reg`` (4C, D),
+``conv_logits`` (C, K, 1, 1). Losses: the classifier loss chosen in config
+(mmdet's CrossEntropyLoss, SeesawLoss or EQLV2Loss), the own-class L1 box
+loss and mask BCE as mmdet's heads compute them, and, with CRAT on, the
+transfusion losses of :mod:`crat_ft.transfusion`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from mmengine.model import BaseModel
+from torch import Tensor, nn
+
+from crat_ft.errors import UserError
+from crat_ft.transfusion import (
+    FisherStats,
+    box_sample_fisher,
+    box_transfusion_loss,
+    mask_sample_fisher,
+    mask_transfusion_loss,
+    transfusion_weights,
+)
+
+FISHER_MODES = ("sample", "reference")
+
+
+@dataclass(frozen=True)
+class CratConfig:
+    """CRAT settings (DESIGN §4); ``enable=False`` is the decoupled baseline."""
+
+    enable: bool = True
+    box_lambda: float = 0.001
+    mask_lambda: float = 0.01
+    box_tau: float = 0.05
+    mask_tau: float = 0.05
+    momentum: float = 0.01
+    fisher: str = "sample"
+    top_k: int | None = None
+    frequency_gate: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict | None, source: str = "crat") -> "CratConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        cfg = cls(**d)
+        if cfg.fisher not in FISHER_MODES:
+            raise UserError(f"{source}.fisher: expected one of {FISHER_MODES}, got {cfg.fisher!r}")
+        for name in ("box_tau", "mask_tau"):
+            if getattr(cfg, name) <= 0:
+                raise UserError(f"{source}.{name}: expected > 0, got {getattr(cfg, name)}")
+        return cfg
+
+
+def reference_fisher(labels: Tensor, num_classes: int, grads: Tensor) -> Tensor:
+    """``fisher='reference'``: every sample gets its class's squared *batch-summed* gradient.
+
+    Args:
+        grads: (P, *shape) per-sample gradients (not squared).
+    """
+    flat = grads.reshape(grads.shape[0], -1)
+    sums = torch.zeros(num_classes, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, labels, flat)
+    return sums.square()[labels].reshape(grads.shape)
+
+
+class ClasswiseHeads(BaseModel):
+    """fc_cls, fc_reg and conv_logits retrained from cached features.
+
+    Args:
+        num_classes: C.
+        box_feat_dim: D.
+        mask_channels: K (0: no mask branch).
+        bbox_coder: mmdet bbox coder config (the detector's), to encode targets.
+        loss_cls: mmdet classifier loss config.
+        loss_bbox_weight: weight of the own-class L1 box loss.
+        loss_mask_weight: weight of the own-class mask BCE.
+        crat: CRAT settings.
+        class_instance_count: (C,) training instances per class (frequency gate).
+        reinit_cls: re-initialise fc_cls instead of loading it (cRT).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        box_feat_dim: int,
+        mask_channels: int,
+        bbox_coder: dict,
+        loss_cls: dict,
+        loss_bbox_weight: float = 1.0,
+        loss_mask_weight: float = 1.0,
+        crat: CratConfig = CratConfig(),
+        class_instance_count: list[int] | None = None,
+        reinit_cls: bool = False,
+    ) -> None:
+        super().__init__()
+        from mmdet.registry import MODELS, TASK_UTILS
+
+        self.num_classes = num_classes
+        self.loss_cls = MODELS.build(loss_cls)
+        cls_channels = (
+            self.loss_cls.get_cls_channels(num_classes) if getattr(self.loss_cls, "custom_cls_channels", False) else num_classes + 1
+        )
+        self.fc_cls = nn.Linear(box_feat_dim, cls_channels)
+        self.fc_reg = nn.Linear(box_feat_dim, 4 * num_classes)
+        self.conv_logits = nn.Conv2d(mask_channels, num_classes, 1) if mask_channels else None
+        self.bbox_coder = TASK_UTILS.build(bbox_coder)
+        self.loss_bbox_weight = loss_bbox_weight
+        self.loss_mask_weight = loss_mask_weight
+        self.crat = crat
+        self.reinit_cls = reinit_cls
+        self.box_stats = FisherStats(num_classes, (4, box_feat_dim), momentum=crat.momentum)
+        self.mask_stats = FisherStats(num_classes, (mask_channels,), momentum=crat.momentum) if mask_channels else None
+        counts = torch.as_tensor(class_instance_count if class_instance_count is not None else [1] * num_classes, dtype=torch.float)
+        self.register_buffer("class_instance_count", counts, persistent=False)
+
+    # -- weights in and out ------------------------------------------------------------
+
+    def load_from_detector(self, state: dict, prefix: dict[str, str]) -> None:
+        """Copy fc_cls/fc_reg/conv_logits from a detector state dict (keys per ``prefix``)."""
+        layers = {"fc_cls": self.fc_cls, "fc_reg": self.fc_reg, "conv_logits": self.conv_logits}
+        for name, layer in layers.items():
+            if layer is None or (name == "fc_cls" and self.reinit_cls):
+                continue
+            for p in ("weight", "bias"):
+                src = state[f"{prefix[name]}.{p}"]
+                dst = getattr(layer, p)
+                if src.shape != dst.shape:
+                    raise UserError(
+                        f"{prefix[name]}.{p} has shape {tuple(src.shape)} in the checkpoint but the retrained head needs "
+                        f"{tuple(dst.shape)} (classifier loss {type(self.loss_cls).__name__}); set reinit_cls=True or use the detector's loss"
+                    )
+                with torch.no_grad():
+                    dst.copy_(src)
+
+    # -- forward -----------------------------------------------------------------------
+
+    def forward(self, box_feat: Tensor, box: Tensor, gt_box: Tensor, label: Tensor, mask_feat: Tensor, mask_target: Tensor, mask_label: Tensor, mode: str = "loss"):
+        if mode == "loss":
+            return self.loss(box_feat, box, gt_box, label, mask_feat, mask_target, mask_label)
+        if mode in ("predict", "tensor"):
+            return self.predict(box_feat, mask_feat)
+        raise ValueError(f"mode should be 'loss', 'predict' or 'tensor', but got {mode!r}")
+
+    def predict(self, box_feat: Tensor, mask_feat: Tensor | None = None) -> dict:
+        """Raw head outputs: cls_score (N, C+1), bbox_pred (N, 4C), mask_logits (M, C, S, S)."""
+        out = {"cls_score": self.fc_cls(box_feat), "bbox_pred": self.fc_reg(box_feat)}
+        if self.conv_logits is not None and mask_feat is not None:
+            out["mask_logits"] = self.conv_logits(mask_feat)
+        return out
+
+    def loss(self, box_feat, box, gt_box, label, mask_feat, mask_target, mask_label) -> dict:
+        c = self.num_classes
+        n = label.shape[0]
+        cls_score = self.fc_cls(box_feat)
+        losses = {"loss_cls": self.loss_cls(cls_score, label, avg_factor=max(n, 1))}
+        if isinstance(losses["loss_cls"], dict):  # Seesaw returns its parts
+            losses.update(losses.pop("loss_cls"))
+
+        pos = label < c
+        p = int(pos.sum())
+        x_pos = box_feat[pos]
+        y = label[pos]
+        pred_all = self.fc_reg(x_pos).view(p, c, 4)
+        target = self.bbox_coder.encode(box[pos], gt_box[pos]) if p else box.new_zeros(0, 4)
+        pred_own = pred_all[torch.arange(p, device=label.device), y]
+        # mmdet's bbox head averages the L1 over every sampled RoI, background included
+        losses["loss_bbox"] = self.loss_bbox_weight * (pred_own - target).abs().sum() / max(n, 1)
+        if self.crat.enable:
+            losses["loss_box_trans"] = self.crat.box_lambda * self._box_transfusion(x_pos, pred_all, pred_own, target, y)
+
+        if self.conv_logits is not None:
+            m = mask_label.shape[0]
+            logits_all = self.conv_logits(mask_feat)
+            z_own = logits_all[torch.arange(m, device=mask_label.device), mask_label]
+            if m:
+                own = F.binary_cross_entropy_with_logits(z_own, mask_target, reduction="mean")
+            else:
+                own = logits_all.sum() * 0.0
+            losses["loss_mask"] = self.loss_mask_weight * own
+            if self.crat.enable:
+                losses["loss_mask_trans"] = self.crat.mask_lambda * self._mask_transfusion(mask_feat, logits_all, z_own, mask_target, mask_label)
+        return losses
+
+    def _allowed(self, labels: Tensor) -> Tensor | None:
+        if not self.crat.frequency_gate:
+            return None
+        counts = self.class_instance_count.to(labels.device)
+        return counts[None, :] < counts[labels][:, None]
+
+    def _box_transfusion(self, x_pos, pred_all, pred_own, target, y) -> Tensor:
+        if self.crat.fisher == "reference":
+            grads = torch.sign(pred_own.detach() - target)[:, :, None] * x_pos.detach()[:, None, :]
+            fisher = reference_fisher(y, self.num_classes, grads)
+        else:
+            fisher = box_sample_fisher(x_pos.detach(), pred_own.detach(), target)
+        self.box_stats.update(fisher, y)
+        self.box_stats.all_reduce()
+        w = transfusion_weights(fisher, self.box_stats, y, self.crat.box_tau, top_k=self.crat.top_k, allowed=self._allowed(y))
+        return box_transfusion_loss(pred_all, target, w)
+
+    def _mask_transfusion(self, feats, logits_all, z_own, target, y) -> Tensor:
+        if self.crat.fisher == "reference":
+            s2 = target.shape[-1] * target.shape[-2]
+            grads = torch.einsum("pij,pkij->pk", torch.sigmoid(z_own.detach()) - target, feats.detach()) / s2
+            fisher = reference_fisher(y, self.num_classes, grads)
+        else:
+            fisher = mask_sample_fisher(feats.detach(), z_own.detach(), target)
+        self.mask_stats.update(fisher, y)
+        self.mask_stats.all_reduce()
+        w = transfusion_weights(fisher, self.mask_stats, y, self.crat.mask_tau, top_k=self.crat.top_k, allowed=self._allowed(y))
+        return mask_transfusion_loss(logits_all, target, w)
+
+    # -- a training step that refuses non-finite losses ----------------------------------
+
+    def train_step(self, data, optim_wrapper):
+        """mmengine's train step, stopping before the update if the loss is NaN/inf.
+
+        The optimizer never applies a non-finite step, so the last checkpoint
+        on disk stays the last good state.
+        """
+        with optim_wrapper.optim_context(self):
+            data = self.data_preprocessor(data, True)
+            losses = self._run_forward(data, mode="loss")
+        parsed, log_vars = self.parse_losses(losses)
+        if not torch.isfinite(parsed):
+            from mmengine.logging import MessageHub
+
+            step = MessageHub.get_current_instance().get_info("iter", -1)
+            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in log_vars.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {step + 1} ({parts}); training stopped, the last checkpoint in the work dir is the last good state: "
+                "lower the learning rate or the CRAT lambdas and resume"
+            )
+        optim_wrapper.update_params(parsed)
+        return log_vars
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite."""

@@ -1,0 +1,181 @@
+"""Samplers over cached RoIs for the decoupled stage (DESIGN §5).
+
+A sampler yields one item per training step: ``{"rois": (N,) int64, "masks":
+(M,) int64}`` indices into the cache's RoI and mask tables. Of the N RoIs,
+``pos_fraction`` are positives drawn by the chosen strategy and the rest are
+background RoIs drawn uniformly (the classifier must see background). Masks
+are drawn by the same strategy from the cached masks.
+
+Strategies for positives (C foreground classes; background label = C):
+
+- ``random``: uniform over positive RoIs (what end-to-end training sees);
+- ``class_balanced``: a class uniformly, then one of its RoIs (cRT);
+- ``bilevel``: a class uniformly, then an image containing it, then one of
+  that image's RoIs of the class (SimCal);
+- ``repeat_factor``: RoIs weighted by their image's LVIS repeat factor
+  ``r_i = max_{c in i} max(1, sqrt(t / f_c))``, f_c the fraction of images
+  containing c (t = 1e-3).
+
+Every step's draw is seeded by ``(seed, epoch, step)``, so the stream is the
+same whatever the number of DataLoader workers and after a resume.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from crat_ft.errors import UserError
+
+STRATEGIES = ("random", "class_balanced", "bilevel", "repeat_factor")
+
+
+class _Draw:
+    """Draws items (RoIs or masks) of positive classes by one strategy."""
+
+    def __init__(self, labels: np.ndarray, images: np.ndarray, num_classes: int, strategy: str, rfs_t: float) -> None:
+        if strategy not in STRATEGIES:
+            raise UserError(f"sampler strategy: expected one of {STRATEGIES}, got {strategy!r}")
+        self.strategy = strategy
+        pos = np.nonzero(labels < num_classes)[0]
+        self.pos = pos
+        if len(pos) == 0:
+            return
+        pl = labels[pos]
+        order = np.argsort(pl, kind="stable")
+        self.by_class = {}
+        for c in np.unique(pl):
+            self.by_class[int(c)] = pos[order][pl[order] == c]
+        self.classes = np.array(sorted(self.by_class))
+        if strategy == "bilevel":
+            self.by_class_image = {}
+            for c, idx in self.by_class.items():
+                imgs = images[idx]
+                uniq = np.unique(imgs)
+                self.by_class_image[c] = [idx[imgs == u] for u in uniq]
+        if strategy == "repeat_factor":
+            img_of_pos = images[pos]
+            n_images = len(np.unique(images))
+            pairs = np.unique(np.stack([img_of_pos, pl], 1), axis=0)
+            freq = np.bincount(pairs[:, 1], minlength=num_classes) / max(1, n_images)
+            cls_r = np.maximum(1.0, np.sqrt(rfs_t / np.maximum(freq, 1e-12)))
+            img_r: dict[int, float] = {}
+            for img, c in pairs:
+                img_r[int(img)] = max(img_r.get(int(img), 1.0), float(cls_r[c]))
+            w = np.array([img_r[int(i)] for i in img_of_pos])
+            self.p = w / w.sum()
+
+    def __call__(self, rng: np.random.Generator, k: int) -> np.ndarray:
+        if k == 0 or len(self.pos) == 0:
+            return np.zeros(0, np.int64)
+        if self.strategy == "random":
+            return rng.choice(self.pos, size=k, replace=len(self.pos) < k)
+        if self.strategy == "repeat_factor":
+            return rng.choice(self.pos, size=k, replace=True, p=self.p)
+        classes = rng.choice(self.classes, size=k, replace=True)
+        out = np.empty(k, np.int64)
+        for j, c in enumerate(classes):
+            if self.strategy == "class_balanced":
+                members = self.by_class[int(c)]
+            else:
+                groups = self.by_class_image[int(c)]
+                members = groups[int(rng.integers(len(groups)))]
+            out[j] = members[int(rng.integers(len(members)))]
+        return out
+
+
+class RoIBatchSampler(torch.utils.data.Sampler):
+    """Yields ``{"rois": indices, "masks": indices}`` per step; see the module docstring.
+
+    Args:
+        labels: (N,) RoI labels, background = ``num_classes``.
+        roi_images: (N,) image id of each RoI.
+        mask_labels: (M,) labels of the cached masks.
+        mask_images: (M,) image id of each mask.
+        num_classes: C.
+        strategy: positive sampling strategy for the classifier and box branch.
+        mask_strategy: strategy for masks (default: ``strategy``).
+        rois_per_batch: N per step.
+        pos_fraction: share of positives among the N.
+        masks_per_batch: M per step.
+        steps_per_epoch: steps in one pass (default: N_rois / rois_per_batch).
+        seed: the stream's seed.
+        rfs_t: repeat-factor threshold.
+    """
+
+    def __init__(
+        self,
+        *,
+        labels: np.ndarray,
+        roi_images: np.ndarray,
+        mask_labels: np.ndarray,
+        mask_images: np.ndarray,
+        num_classes: int,
+        strategy: str = "class_balanced",
+        mask_strategy: str | None = None,
+        rois_per_batch: int = 512,
+        pos_fraction: float = 0.25,
+        masks_per_batch: int = 32,
+        steps_per_epoch: int | None = None,
+        seed: int = 0,
+        rfs_t: float = 1e-3,
+    ) -> None:
+        if not 0.0 <= pos_fraction <= 1.0:
+            raise UserError(f"sampler pos_fraction: expected a value in [0, 1], got {pos_fraction}")
+        if rois_per_batch < 1:
+            raise UserError(f"sampler rois_per_batch: expected >= 1, got {rois_per_batch}")
+        self.num_pos = int(round(rois_per_batch * pos_fraction))
+        self.num_neg = rois_per_batch - self.num_pos
+        self.masks_per_batch = masks_per_batch if len(mask_labels) else 0
+        self.draw_pos = _Draw(labels, roi_images, num_classes, strategy, rfs_t)
+        self.draw_mask = _Draw(mask_labels, mask_images, num_classes, mask_strategy or strategy, rfs_t)
+        self.neg = np.nonzero(labels == num_classes)[0]
+        if len(self.draw_pos.pos) == 0:
+            raise UserError("the feature cache has no positive RoIs; check the RoI policy of extract-features")
+        self.steps = steps_per_epoch or max(1, len(labels) // rois_per_batch)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def batch(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, step])
+        pos = self.draw_pos(rng, self.num_pos)
+        neg = rng.choice(self.neg, size=self.num_neg, replace=len(self.neg) < self.num_neg) if len(self.neg) and self.num_neg else np.zeros(0, np.int64)
+        masks = self.draw_mask(rng, self.masks_per_batch)
+        return {"rois": np.concatenate([pos, neg]).astype(np.int64), "masks": masks.astype(np.int64)}
+
+    def __iter__(self):
+        for step in range(self.steps):
+            yield self.batch(step)
+
+
+class CachedBatchDataset(torch.utils.data.Dataset):
+    """Turns a sampler item into a batch of tensors read from the cache.
+
+    Used with ``DataLoader(dataset, sampler=RoIBatchSampler(...), batch_size=None)``:
+    each sampler item (a whole step's indices) becomes one batch dict.
+    """
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader.labels)
+
+    def __getitem__(self, item: dict) -> dict:
+        rois = self.reader.read_rois(item["rois"])
+        masks = self.reader.read_masks(item["masks"])
+        return {
+            "box_feat": torch.from_numpy(rois["box_feat"]).float(),
+            "box": torch.from_numpy(rois["box"]),
+            "gt_box": torch.from_numpy(rois["gt_box"]),
+            "label": torch.from_numpy(rois["label"].astype(np.int64)),
+            "mask_feat": torch.from_numpy(masks["mask_feat"]).float(),
+            "mask_target": torch.from_numpy(masks["mask_target"]).float(),
+            "mask_label": torch.from_numpy(masks["mask_label"].astype(np.int64)),
+        }
