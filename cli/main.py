@@ -212,11 +212,12 @@ def fisher_neighbors(heads, class_name, top, branch):
 @click.option("--work-dir", default="work_dirs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--detector-iters", type=int, default=None, help="Stage-1 training iterations (default: the config's).")
-def demo(work_dir, seed, detector_iters):
+@click.option("--heads-iters", type=int, default=None, help="retrain-heads iterations (default: the fine-tune configs').")
+def demo(work_dir, seed, detector_iters, heads_iters):
     """Run the whole pipeline on the embedded synthetic long-tailed benchmark (CPU)."""
     from crat_ft.demo import run_demo
 
-    run_demo(work_dir, seed=seed, detector_iters=detector_iters)
+    run_demo(work_dir, seed=seed, detector_iters=detector_iters, heads_iters=heads_iters)
 
 
 def main():

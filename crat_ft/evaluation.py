@@ -324,8 +324,10 @@ def _register_metric():
         def process(self, data_batch, data_samples: Sequence[dict]) -> None:
             import pycocotools.mask as mask_util
 
+            # one entry per image: mmengine truncates ``results`` to the dataset size
             cat_ids = [c["id"] for c in _category_table(self.doc)]
             for sample in data_samples:
+                dets = []
                 pred = sample["pred_instances"]
                 img_id = sample["img_id"]
                 bboxes = pred["bboxes"].cpu().numpy()
@@ -344,10 +346,12 @@ def _register_metric():
                         rle = mask_util.encode(np.asfortranarray(masks[i].astype(np.uint8)))
                         rle["counts"] = rle["counts"].decode()
                         det["segmentation"] = rle
-                    self.results.append(det)
+                    dets.append(det)
+                self.results.append(dets)
 
         def compute_metrics(self, results: list) -> dict:
             logger = MMLogger.get_current_instance()
+            results = [d for per_image in results for d in per_image]
             out, per_class = {}, {}
             for iou in self.iou_types:
                 if iou == "segm" and results and "segmentation" not in results[0]:
