@@ -131,12 +131,13 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, trust_che
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True)
 @click.option("--max-images", type=int, default=None, help="Only the first N images (smoke tests).")
+@click.option("--segment-images", default=32, show_default=True, help="Images per resumable segment file.")
 @click.option("--dry-run", is_flag=True, help="Measure a few images and print the projected cache size.")
 @TRUST
 @CFG_OPTIONS
 def extract_features(config, checkpoint, out, data_root, box_level, mask_level, max_pos_per_image, neg_per_image,
                      box_pos_per_class, mask_pos_per_class, flip, seed, shard, resume, batch_size, compression,
-                     max_images, dry_run, trust_checkpoint, cfg_options):
+                     max_images, segment_images, dry_run, trust_checkpoint, cfg_options):
     """Cache a frozen detector's RoI features for the training split to HDF5."""
     from crat_ft.extract import RoIPolicy, dry_run as run_dry, extract_features as run
 
@@ -148,7 +149,7 @@ def extract_features(config, checkpoint, out, data_root, box_level, mask_level, 
     if dry_run:
         click.echo(run_dry(config, checkpoint, **kwargs))
         return
-    path = run(config, checkpoint, out, shard=shard, resume=resume, max_images=max_images, **kwargs)
+    path = run(config, checkpoint, out, shard=shard, resume=resume, max_images=max_images, segment_images=segment_images, **kwargs)
     click.echo(f"feature cache: {path}")
 
 

@@ -439,7 +439,6 @@ def extract_features(
         stale.unlink()
     bar = Progress(len(mine) * len(views), f"extract-features shard {rank}/{world}") if progress else None
     t0 = time.time()
-    torch.set_grad_enabled(False)
     for j, seg in enumerate(segments):
         seg_path = seg_dir / f"seg-{j:06d}.h5"
         if seg_path.exists():

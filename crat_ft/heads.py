@@ -225,29 +225,26 @@ class ClasswiseHeads(BaseModel):
         w = transfusion_weights(fisher, self.mask_stats, y, self.crat.mask_tau, top_k=self.crat.top_k, allowed=self._allowed(y))
         return mask_transfusion_loss(logits_all, target, w)
 
-    # -- a training step that refuses non-finite losses ----------------------------------
+    # -- refusing non-finite losses -------------------------------------------------------
 
-    def train_step(self, data, optim_wrapper):
-        """mmengine's train step, stopping before the update if the loss is NaN/inf.
+    def parse_losses(self, losses: dict):
+        """mmengine's loss parsing, raising before any update if the total loss is NaN/inf.
 
-        The optimizer never applies a non-finite step, so the last checkpoint
-        on disk stays the last good state.
+        Both the plain and the DDP train steps call this between the forward
+        pass and the optimizer step, so a non-finite step is never applied and
+        the last checkpoint on disk stays the last good state.
         """
-        with optim_wrapper.optim_context(self):
-            data = self.data_preprocessor(data, True)
-            losses = self._run_forward(data, mode="loss")
-        parsed, log_vars = self.parse_losses(losses)
+        parsed, log_vars = super().parse_losses(losses)
         if not torch.isfinite(parsed):
             from mmengine.logging import MessageHub
 
             step = MessageHub.get_current_instance().get_info("iter", -1)
             parts = ", ".join(f"{k}={float(v):.4g}" for k, v in log_vars.items())
             raise NonFiniteLossError(
-                f"non-finite loss at iteration {step + 1} ({parts}); training stopped, the last checkpoint in the work dir is the last good state: "
-                "lower the learning rate or the CRAT lambdas and resume"
+                f"non-finite loss at iteration {step + 1} ({parts}); training stopped, the last checkpoint in the work dir "
+                "is the last good state: lower the learning rate or the CRAT lambdas and resume"
             )
-        optim_wrapper.update_params(parsed)
-        return log_vars
+        return parsed, log_vars
 
 
 class NonFiniteLossError(UserError):

@@ -39,6 +39,18 @@ def _register_all() -> None:
     allow_mmengine_pickles()
 
 
+def _unique_names(cfg, prefix: str) -> None:
+    """Unique experiment and visualizer names: mmengine keeps them as process-wide
+    singletons, and a second Runner in one process (the demo) must not reuse the
+    first one's (possibly deleted) log directory."""
+    import uuid
+
+    tag = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    cfg.experiment_name = tag
+    if cfg.get("visualizer") is not None:
+        cfg.visualizer["name"] = tag
+
+
 def _atomic_save(obj, path: Path) -> None:
     import torch
 
@@ -80,6 +92,7 @@ def train_detector(
     cfg.resume = resume
     if seed is not None:
         cfg.randomness = dict(seed=seed, deterministic=False)
+    _unique_names(cfg, "train-detector")
     runner = Runner.from_cfg(cfg)
     runner.train()
     model = runner.model.module if hasattr(runner.model, "module") else runner.model
@@ -159,6 +172,7 @@ def evaluate_detector(
     cfg.pop("train_cfg", None)
     cfg.pop("optim_wrapper", None)
     cfg.pop("param_scheduler", None)
+    _unique_names(cfg, "evaluate")
     with tempfile.TemporaryDirectory(prefix="crat-ft-eval-") as tmp:
         cfg.work_dir = tmp
         with trusted_loading(trust_checkpoint):
@@ -309,6 +323,8 @@ def retrain_heads(
     Returns:
         ``work_dir/heads.pth``: retrained layers, Fisher statistics and provenance.
     """
+    import uuid
+
     import torch
     from mmengine.runner import Runner
 
@@ -368,7 +384,7 @@ def retrain_heads(
         launcher="pytorch" if distributed else "none",
         env_cfg=dict(dist_cfg=dict(backend="nccl" if torch.cuda.is_available() else "gloo")),
         default_scope="mmdet",
-        experiment_name=f"retrain-heads-{Path(ft_config).stem}",
+        experiment_name=f"retrain-heads-{Path(ft_config).stem}-{uuid.uuid4().hex[:8]}",
     )
     runner.train()
     model = runner.model.module if hasattr(runner.model, "module") else runner.model

@@ -1,0 +1,193 @@
+"""retrain-heads, resume, DDP statistics, export round trip, configs and guards."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import demo_config_path, run_cli
+from crat_ft.errors import UserError
+from crat_ft.paths import demo_config
+
+
+def _heads_options(iters=6, interval=3):
+    return ["train.max_iters=%d" % iters, "train.checkpoint_interval=%d" % interval, "train.log_interval=1",
+            "train.warmup_iters=2", "sampler.rois_per_batch=64", "sampler.masks_per_batch=8"]
+
+
+@pytest.fixture(scope="module")
+def crat_run(tiny_cache, tmp_path_factory):
+    work = tmp_path_factory.mktemp("crat")
+    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", tiny_cache, "--work-dir", work,
+                "--cfg-options", *_heads_options())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work
+
+
+@pytest.mark.slow
+def test_retrain_writes_heads_with_fisher_statistics(crat_run):
+    ckpt = torch.load(crat_run / "heads.pth", weights_only=True)
+    sd, meta = ckpt["state_dict"], ckpt["meta"]
+    assert sd["fc_reg.weight"].shape == (160, 256) and sd["conv_logits.weight"].shape == (40, 64, 1, 1)
+    assert sd["box_stats.fisher"].shape == (40, 4, 256) and sd["box_stats.seen"].sum() > 3
+    assert sd["mask_stats.fisher"].shape == (40, 64)
+    seen = sd["box_stats.seen"]
+    assert (sd["box_stats.fisher"][~seen] == 0).all() and (sd["box_stats.fisher"][seen].sum((1, 2)) > 0).all()
+    assert meta["crat_ft_stage"] == "heads" and meta["iter"] == 6 and len(meta["class_names"]) == 40
+
+
+@pytest.mark.slow
+def test_resume_ends_identical(crat_run, tiny_cache, tmp_path):
+    """Resuming from the iteration-3 checkpoint ends exactly where the uninterrupted run ended."""
+    work = tmp_path / "resumed"
+    work.mkdir()
+    shutil.copy(crat_run / "iter_3.pth", work / "iter_3.pth")
+    (work / "last_checkpoint").write_text(str(work / "iter_3.pth"))
+    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", tiny_cache, "--work-dir", work, "--resume",
+                "--cfg-options", *_heads_options())
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(crat_run / "heads.pth", weights_only=True)["state_dict"]
+    b = torch.load(work / "heads.pth", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_export_round_trip(crat_run, tiny_cache, tiny_detector, tmp_path):
+    """The merged checkpoint, loaded by mmdet's init_detector, predicts what the retrained heads predict."""
+    from mmdet.apis import init_detector
+
+    from crat_ft.cache import RoIReader
+    from crat_ft.checkpoint import allow_mmengine_pickles
+
+    out = tmp_path / "merged.pth"
+    r = run_cli("export", demo_config_path(), tiny_detector, crat_run / "heads.pth", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    allow_mmengine_pickles()
+    model = init_detector(str(demo_config_path()), str(out), device="cpu")
+    heads = torch.load(crat_run / "heads.pth", weights_only=True)["state_dict"]
+    reader = RoIReader(tiny_cache)
+    rois = reader.read_rois(np.arange(20))
+    x = torch.from_numpy(rois["box_feat"]).float()
+    with torch.no_grad():
+        cls = model.roi_head.bbox_head.fc_cls(x)
+        reg = model.roi_head.bbox_head.fc_reg(x)
+    torch.testing.assert_close(cls, x @ heads["fc_cls.weight"].T + heads["fc_cls.bias"])
+    torch.testing.assert_close(reg, x @ heads["fc_reg.weight"].T + heads["fc_reg.bias"])
+    masks = reader.read_masks(np.arange(min(4, len(reader.mask_roi))))
+    mf = torch.from_numpy(masks["mask_feat"]).float()
+    with torch.no_grad():
+        torch.testing.assert_close(model.roi_head.mask_head.conv_logits(mf), torch.nn.functional.conv2d(mf, heads["conv_logits.weight"], heads["conv_logits.bias"]))
+    # the rest of the detector is untouched
+    det = torch.load(tiny_detector, weights_only=True)["state_dict"]
+    merged = torch.load(out, weights_only=True)["state_dict"]
+    assert torch.equal(det["backbone.conv1.weight"], merged["backbone.conv1.weight"])
+    assert not torch.equal(det["roi_head.bbox_head.fc_reg.weight"], merged["roi_head.bbox_head.fc_reg.weight"])
+
+
+def test_post_hoc_calibration_folds_into_fc_cls():
+    from crat_ft.detector import merge_heads
+
+    g = torch.Generator().manual_seed(0)
+    det = {"roi_head.bbox_head.fc_cls.weight": torch.randn(4, 5, generator=g), "roi_head.bbox_head.fc_cls.bias": torch.zeros(4)}
+    heads = {"state_dict": {"fc_cls.weight": torch.randn(4, 5, generator=g), "fc_cls.bias": torch.ones(4)},
+             "meta": {"class_instance_count": [100, 10, 1]}}
+    m = merge_heads(det, heads, tau_norm=1.0, logit_adjust=1.0)
+    w = m["roi_head.bbox_head.fc_cls.weight"]
+    torch.testing.assert_close(w[:3].norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(w[3], heads["state_dict"]["fc_cls.weight"][3])  # background row untouched
+    prior = torch.tensor([100.0, 10, 1]) / 111
+    torch.testing.assert_close(m["roi_head.bbox_head.fc_cls.bias"][:3], 1 - prior.log())
+    assert m["roi_head.bbox_head.fc_cls.bias"][3] == 1.0
+    assert torch.equal(det["roi_head.bbox_head.fc_cls.bias"], torch.zeros(4))  # input not modified
+
+
+def _ddp_worker(rank, world, port, q):
+    import torch.distributed as dist
+
+    from crat_ft.transfusion import FisherStats
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    stats = FisherStats(3, (2,), momentum=0.5)
+    if rank == 0:
+        stats.update(torch.tensor([[2.0, 0.0]]), torch.tensor([0]))
+    else:
+        stats.update(torch.tensor([[0.0, 4.0]]), torch.tensor([2]))
+    stats.all_reduce()
+    q.put((rank, stats.fisher.clone(), stats.seen.clone()))
+    dist.destroy_process_group()
+
+
+def test_fisher_stats_identical_across_gloo_processes():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (f, s)) for r, f, s in (q.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    (f0, s0), (f1, s1) = results[0], results[1]
+    assert torch.equal(f0, f1) and torch.equal(s0, s1)
+    torch.testing.assert_close(f0, torch.tensor([[0.5, 0.0], [0.0, 0.0], [0.0, 1.0]]))  # mean of the ranks' EMAs
+    assert s0.tolist() == [True, False, True]
+
+
+def test_unknown_ft_config_key_is_an_error(tmp_path):
+    from crat_ft.train import load_ft_config
+
+    bad = tmp_path / "ft.py"
+    bad.write_text("_base_ = ['%s']\ncrat = dict(box_lamda=0.1)\n" % demo_config("crat_synthetic.py"))
+    with pytest.raises(UserError, match=r"crat: unknown key\(s\) \['box_lamda'\]"):
+        load_ft_config(bad)
+    bad.write_text("_base_ = ['%s']\nsampler = dict(stratgy='random')\n" % demo_config("crat_synthetic.py"))
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['stratgy'\] in 'sampler'"):
+        load_ft_config(bad)
+    bad.write_text("_base_ = ['%s']\ntrainer = dict()\n" % demo_config("crat_synthetic.py"))
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['trainer'\]"):
+        load_ft_config(bad)
+    assert load_ft_config(demo_config("baseline_synthetic.py"))["crat"]["enable"] is False
+
+
+def test_non_finite_loss_stops_before_the_update():
+    from crat_ft.heads import ClasswiseHeads, NonFiniteLossError
+    from crat_ft.train import _register_all
+
+    _register_all()
+    heads = ClasswiseHeads(num_classes=3, box_feat_dim=4, mask_channels=0,
+                           bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
+                           loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration \d+ \(loss=nan, loss_cls=1, loss_bbox=nan\)"):
+        heads.parse_losses({"loss_cls": torch.tensor(1.0), "loss_bbox": torch.tensor(float("nan"))})
+
+
+def test_samplers_balance_classes():
+    from crat_ft.sampling import RoIBatchSampler
+
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10 + [3] * 1000)  # 3 = background
+    images = np.arange(2000) // 10
+    kw = dict(labels=labels, roi_images=images, mask_labels=np.zeros(0, int), mask_images=np.zeros(0, int), num_classes=3,
+              rois_per_batch=1000, pos_fraction=0.6, seed=0)
+    rnd = RoIBatchSampler(strategy="random", **kw).batch(0)["rois"]
+    bal = RoIBatchSampler(strategy="class_balanced", **kw).batch(0)["rois"]
+    bil = RoIBatchSampler(strategy="bilevel", **kw).batch(0)["rois"]
+    rfs = RoIBatchSampler(strategy="repeat_factor", **kw).batch(0)["rois"]
+    for idx in (rnd, bal, bil, rfs):
+        assert len(idx) == 1000 and (labels[idx] == 3).sum() == 400
+    count = lambda idx, c: int((labels[idx] == c).sum())
+    assert count(rnd, 2) < 20 and 150 < count(bal, 2) < 250 and 150 < count(bil, 2) < 250
+    assert count(rnd, 2) < count(rfs, 2) < count(bal, 2)
+    again = RoIBatchSampler(strategy="class_balanced", **kw).batch(0)["rois"]
+    assert np.array_equal(bal, again)  # seeded: same stream
+    with pytest.raises(UserError, match="sampler strategy: expected one of"):
+        RoIBatchSampler(strategy="balanced", **kw)
