@@ -13,8 +13,33 @@ import click
 
 from crat_ft.errors import UserError
 
+class _GreedyOption(click.Option):
+    """An option taking every following argument up to the next ``-...``, as argparse's nargs='+'.
+
+    mmdet users write ``--cfg-options a=1 b.c=2``; click options take one value.
+    """
+
+    def add_to_parser(self, parser, ctx):
+        super().add_to_parser(parser, ctx)
+        opt_parser = parser._long_opt.get(self.opts[0])
+        if opt_parser is None:
+            return
+        original = opt_parser.process
+
+        def process(value, state):
+            values = [value]
+            while state.rargs and not state.rargs[0].startswith("-"):
+                values.append(state.rargs.pop(0))
+            for v in values[:-1]:
+                original(v, state)
+            original(values[-1], state)
+
+        opt_parser.process = process
+
+
 CFG_OPTIONS = click.option(
     "--cfg-options",
+    cls=_GreedyOption,
     multiple=True,
     metavar="KEY=VALUE",
     help="Override config keys (mmengine syntax, repeatable or space-separated); unknown keys are an error.",

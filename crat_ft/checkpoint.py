@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 from crat_ft.errors import UserError
@@ -88,12 +89,15 @@ def load_checkpoint_file(path: str | os.PathLike, *, trust: bool = False) -> dic
         with trusted_loading(trust):
             ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as exc:  # torch raises many types for corrupt files
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        msg = str(exc)
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+        if unsafe:
             raise UserError(
-                f"checkpoint {path} contains Python objects outside crat-ft's safe allow-list ({text}); "
+                f"checkpoint {path} contains Python objects outside crat-ft's safe allow-list ({unsafe.group(1)}); "
                 "if you trust this file, rerun with --trust-checkpoint"
             ) from None
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", msg)
+        text = detail.group(1).strip() if detail else (msg.splitlines()[0] if msg else type(exc).__name__)
         raise UserError(f"checkpoint {path} could not be read ({text}); the file is corrupt or truncated: re-download or re-train it") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path}: expected a dict (state_dict or mmengine checkpoint), got {type(ckpt).__name__}")

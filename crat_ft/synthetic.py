@@ -7,8 +7,11 @@ only in colour, so a box regressor or mask predictor trained on a frequent
 in which cross-class transfer (CRAT) can help and be measured.
 
 Training image counts follow a geometric (Zipf-like) long tail over classes,
-arranged so that every shape has classes in every frequency group: the k-th
-most frequent class is shape ``k % n_shapes`` in colour ``k // n_shapes``.
+arranged so that every shape *and* every colour has classes in every
+frequency group: the k-th most frequent class is shape ``s = k % n_shapes``
+in colour ``(k // n_shapes + s) % n_colours``. (Were colour tied to frequency,
+the classes that look most alike to the network — same colour — would all be
+rare together and no head class could help a tail class.)
 Frequency groups use LVIS's thresholds on training image counts (rare 1-10,
 common 11-100, frequent > 100). The validation split is class-balanced so that
 rare-class AP (APr) is measured on enough instances.
@@ -98,7 +101,12 @@ class DemoDataSpec:
 def class_names(num_classes: int) -> list[str]:
     """Class names in frequency order (index 0 = most frequent): ``colour_shape``."""
     colours = list(COLOURS)
-    return [f"{colours[k // len(SHAPES)]}_{SHAPES[k % len(SHAPES)]}" for k in range(num_classes)]
+    n_col = math.ceil(num_classes / len(SHAPES))
+    names = []
+    for k in range(num_classes):
+        shape = k % len(SHAPES)
+        names.append(f"{colours[(k // len(SHAPES) + shape) % n_col]}_{SHAPES[shape]}")
+    return names
 
 
 def train_image_counts(num_classes: int, train_images: int) -> list[int]:

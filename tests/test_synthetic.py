@@ -25,14 +25,21 @@ def test_default_size_has_all_lvis_frequency_groups():
     assert all(a >= b for a, b in zip(counts, counts[1:]))
 
 
-def test_every_shape_spans_frequency_groups():
+def test_every_shape_and_colour_spans_frequency_groups():
     names = class_names(40)
+    assert len(set(names)) == 40
     shapes = {n.split("_", 1)[1] for n in names}
-    assert len(shapes) == 8
+    colours = {n.split("_", 1)[0] for n in names}
+    assert len(shapes) == 8 and len(colours) == 5
     counts = train_image_counts(40, 800)
     for shape in shapes:
         groups = {frequency_group(c) for n, c in zip(names, counts) if n.endswith("_" + shape)}
         assert groups == {"r", "c", "f"}, shape
+    for colour in colours:
+        groups = {frequency_group(c) for n, c in zip(names, counts) if n.startswith(colour + "_")}
+        assert groups == {"r", "c", "f"}, colour
+    for n in (7, 20, 64):
+        assert len(set(class_names(n))) == n
 
 
 def test_same_seed_same_bytes(tmp_path):

@@ -192,7 +192,7 @@ val_evaluator = dict(
     metric=['bbox', 'segm'])
 test_evaluator = val_evaluator
 
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=1200, val_interval=100000)
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=1000, val_interval=100000)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 
@@ -202,7 +202,7 @@ optim_wrapper = dict(
     clip_grad=dict(max_norm=10.0, norm_type=2))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
-    dict(type='MultiStepLR', by_epoch=False, begin=0, end=1200, milestones=[900, 1100], gamma=0.1),
+    dict(type='MultiStepLR', by_epoch=False, begin=0, end=1000, milestones=[750, 920], gamma=0.1),
 ]
 
 default_scope = 'mmdet'
