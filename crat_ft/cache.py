@@ -373,7 +373,9 @@ def build_index(shards: Iterable[str | os.PathLike], out: str | os.PathLike) -> 
             if str(m.get(k)) != str(metas[0].get(k)):
                 raise UserError(f"shard {s} differs from {shards[0]} in {k}; all shards must come from one extract-features run")
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
+    # per-process temporary name: two ranks finishing together may both build
+    # the (identical) index; each renames its own complete file into place
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     rewrite = {"rois/mask_index", "masks/roi_index", "images/roi_start", "images/mask_start"}
     with h5py.File(tmp, "w") as dst:
         for k, v in metas[0].items():

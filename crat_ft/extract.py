@@ -197,6 +197,7 @@ class Extractor:
             raise UserError(f"{type(head).__name__} has separate cls/reg branches, so there is no single fc feature; use --box-level roi")
         self.tap = FeatureTap(self.model)
         self.rcnn_cfg = self.model.train_cfg.rcnn
+        self.add_gt = bool(self.rcnn_cfg.get("sampler", {}).get("add_gt_as_proposals", True))
         self.proposal_cfg = self.model.train_cfg.get("rpn_proposal", self.model.test_cfg.rpn)
         self.with_mask = bool(self.model.roi_head.with_mask)
 
@@ -227,17 +228,19 @@ class Extractor:
                 gt = sample.gt_instances
                 img_id = int(sample.metainfo["img_id"])
                 rng = np.random.default_rng([self.policy.seed, img_id, view])
-                priors = torch.cat([gt.bboxes.tensor if hasattr(gt.bboxes, "tensor") else gt.bboxes, proposals[i].bboxes])
+                gt_boxes_t = gt.bboxes.tensor if hasattr(gt.bboxes, "tensor") else gt.bboxes
+                device = gt_boxes_t.device
+                # gt boxes as proposals, as mmdet's sampler does with add_gt_as_proposals
+                ng = len(gt) if self.add_gt else 0
+                priors = torch.cat([gt_boxes_t[:ng], proposals[i].bboxes])
                 assign = roi_head.bbox_assigner.assign(InstanceData(priors=priors), gt, sample.get("ignored_instances", None))
-                ng = len(gt)
                 gt_inds = assign.gt_inds.clone()
                 ious = assign.max_overlaps.clone()
-                # gt boxes as proposals, as mmdet's sampler (add_gt_as_proposals) does
-                gt_inds[:ng] = torch.arange(1, ng + 1)
+                gt_inds[:ng] = torch.arange(1, ng + 1, device=device)
                 ious[:ng] = 1.0
                 gt_labels = gt.labels.cpu().numpy()
                 rows, mask_rows = select_rois(gt_inds.cpu().numpy(), gt_labels, self.instance_count, self.policy, rng)
-                rows_t = torch.as_tensor(rows, dtype=torch.long)
+                rows_t = torch.as_tensor(rows, dtype=torch.long, device=device)
                 boxes = priors[rows_t]
                 gidx = gt_inds[rows_t] - 1
                 rois = bbox2roi([boxes])
@@ -245,15 +248,14 @@ class Extractor:
                 bbox_out = roi_head._bbox_forward(feats_i, rois)
                 box_feat = self.tap.box_in if self.box_level == "fc" else bbox_out["bbox_feats"]
                 num_classes = roi_head.bbox_head.num_classes
-                label = torch.full((len(rows),), num_classes, dtype=torch.long)
+                label = torch.full((len(rows),), num_classes, dtype=torch.long, device=device)
                 pos = gidx >= 0
                 label[pos] = gt.labels[gidx[pos]]
-                gt_boxes_t = gt.bboxes.tensor if hasattr(gt.bboxes, "tensor") else gt.bboxes
-                gt_box = torch.zeros(len(rows), 4)
+                gt_box = torch.zeros(len(rows), 4, device=device)
                 gt_box[pos] = gt_boxes_t[gidx[pos]].float()
                 m = len(mask_rows)
                 if self.with_mask and m:
-                    mrows_t = torch.as_tensor(mask_rows, dtype=torch.long)
+                    mrows_t = torch.as_tensor(mask_rows, dtype=torch.long, device=device)
                     mboxes = boxes[mrows_t]
                     mask_out = roi_head._mask_forward(feats_i, bbox2roi([mboxes]))
                     mask_feat = self.tap.mask_in if self.mask_level == "logits" else mask_out["mask_feats"]
@@ -271,9 +273,9 @@ class Extractor:
                         scale_factor=scale,
                         box=boxes.cpu().numpy().astype(np.float32),
                         gt_index=gidx.cpu().numpy().astype(np.int32),
-                        label=label.numpy().astype(np.int32),
+                        label=label.cpu().numpy().astype(np.int32),
                         iou=ious[rows_t].cpu().numpy().astype(np.float32),
-                        gt_box=gt_box.numpy(),
+                        gt_box=gt_box.cpu().numpy(),
                         box_feat=box_feat.reshape(len(rows), *self.box_shape()).cpu().numpy().astype(np.float16),
                         mask_rows=mask_rows,
                         mask_feat=mask_feat_np,
@@ -399,6 +401,8 @@ def extract_features(
     _register_all()
     cfg = _prepare_cfg(config, cfg_options, data_root, ("train_dataloader",))
     model, sha = build_frozen_detector(cfg, str(checkpoint), trust_checkpoint=trust_checkpoint)
+    if torch.cuda.is_available():
+        model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     ds_cfg = _base_dataset_cfg(cfg).copy()
     ds_cfg["pipeline"] = extraction_pipeline(ds_cfg.get("pipeline", []), flip=False)
     dataset = DATASETS.build(ds_cfg)

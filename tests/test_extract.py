@@ -202,3 +202,76 @@ def test_packed_masks_round_trip():
     m = np.random.default_rng(0).random((3, 28, 28)) > 0.5
     np.testing.assert_array_equal(unpack_masks(pack_masks(m), 28), m)
     assert pack_masks(np.zeros((0, 28, 28), bool)).shape == (0, 98)
+
+
+def _mmdet_lvis_config():
+    from pathlib import Path
+
+    import mmdet
+
+    path = Path(mmdet.__file__).parent / ".mim" / "configs" / "lvis" / "mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1.py"
+    if not path.is_file():
+        pytest.skip("mmdet's packaged configs are not installed")
+    return path
+
+
+def test_mmdet_real_lvis_config(tiny_data, tmp_path):
+    """mmdet's own LVIS v1 Mask R-CNN (random weights): a clear class-count error on 40-class data,
+    and a working extraction once the data carries LVIS's 1203 categories."""
+    import json
+
+    from mmdet.registry import MODELS
+
+    from crat_ft.config import load_config
+    from crat_ft.train import _register_all
+
+    _register_all()
+    config = _mmdet_lvis_config()
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)  # random weights; init_weights() not called: nothing is downloaded
+    ckpt = tmp_path / "r50_random.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, ckpt)
+
+    r = run_cli("extract-features", config, ckpt, "--out", tmp_path / "c40", "--data-root", tiny_data, "--max-images", 1)
+    assert r.returncode == 2
+    assert "model.roi_head.bbox_head.num_classes=1203 but" in r.stderr and "has 40 categories" in r.stderr
+
+    # the same images re-labelled into a 1203-category LVIS file
+    root = tmp_path / "lvis1203"
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").symlink_to(tiny_data / "train2017")
+    doc = json.loads((tiny_data / "annotations" / "lvis_v1_train.json").read_text())
+    extra = [{"id": i, "name": f"pad_{i}", "frequency": "r", "image_count": 0, "instance_count": 0, "synset": f"pad_{i}.n.01",
+              "synonyms": [], "def": ""} for i in range(41, 1204)]
+    doc["categories"] += extra
+    (root / "annotations" / "lvis_v1_train.json").write_text(json.dumps(doc))
+    r = run_cli("extract-features", config, ckpt, "--out", tmp_path / "c1203", "--data-root", root, "--max-images", 2, "--batch-size", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reader = RoIReader(tmp_path / "c1203" / "index.h5")
+    assert reader.meta["box_shape"] == [1024] and reader.meta["mask_shape"] == [256, 28, 28]
+    assert reader.num_classes == 1203 and len(reader.image_ids) == 2
+
+
+def test_dry_run_projects_size_and_writes_nothing(tiny_data, tiny_detector, tmp_path):
+    r = run_cli("extract-features", demo_config_path(), tiny_detector, "--out", tmp_path / "c", "--data-root", tiny_data, "--dry-run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "projected for 40 images, 40 classes" in r.stdout
+    assert "box features 0.5 KiB (level fc (256,))" in r.stdout and "mask features 98.0 KiB" in r.stdout
+    total = float(r.stdout.split("total")[1].split("GiB")[0])
+    bound = float(r.stdout.split("upper bound from the caps:")[1].split("GiB")[0])
+    assert 0 < total <= bound
+    assert not (tmp_path / "c").exists()
+
+
+def test_project_size_caps():
+    from crat_ft.extract import project_size
+
+    counts = np.array([1, 10, 100000])
+    p = project_size(n_images=10, instance_count=counts, policy=RoIPolicy(box_pos_per_class=50, mask_pos_per_class=5, neg_per_image=2),
+                     pos_per_gt=4, neg_per_image=2, box_bytes=100, mask_bytes=1000, mask_size=28)
+    # positives: min(50, 4), min(50, 40), min(50, 400000) -> 94; masks: 4 + 5 + 5
+    assert p["parts"]["box features (positives)"] == 94 * (100 + 56)
+    assert p["parts"]["mask features"] == 14 * (1000 + 8)
+    assert p["parts"]["box features (negatives)"] == 20 * (100 + 56)
+    assert p["bound"] >= p["total"]

@@ -170,7 +170,7 @@ train_dataloader = dict(
         filter_cfg=dict(filter_empty_gt=True, min_size=4),
         pipeline=train_pipeline,
         backend_args=backend_args))
-val_dataloader = dict(
+test_dataloader = dict(
     batch_size=4,
     num_workers=0,
     persistent_workers=False,
@@ -184,16 +184,17 @@ val_dataloader = dict(
         test_mode=True,
         pipeline=test_pipeline,
         backend_args=backend_args))
-test_dataloader = val_dataloader
-
-val_evaluator = dict(
+test_evaluator = dict(
     type='CratLVISMetric',
     ann_file=data_root + 'annotations/lvis_v1_val.json',
     metric=['bbox', 'segm'])
-test_evaluator = val_evaluator
 
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=1000, val_interval=100000)
-val_cfg = dict(type='ValLoop')
+# No validation during stage-1 training (mmengine would run it at the last
+# iteration); `crat-ft evaluate` runs the test loop on the val split.
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=900)
+val_dataloader = None
+val_evaluator = None
+val_cfg = None
 test_cfg = dict(type='TestLoop')
 
 optim_wrapper = dict(
@@ -202,7 +203,7 @@ optim_wrapper = dict(
     clip_grad=dict(max_norm=10.0, norm_type=2))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
-    dict(type='MultiStepLR', by_epoch=False, begin=0, end=1000, milestones=[750, 920], gamma=0.1),
+    dict(type='MultiStepLR', by_epoch=False, begin=0, end=900, milestones=[680, 830], gamma=0.1),
 ]
 
 default_scope = 'mmdet'
