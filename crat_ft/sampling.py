@@ -16,6 +16,12 @@ Strategies for positives (C foreground classes; background label = C):
   ``r_i = max_{c in i} max(1, sqrt(t / f_c))``, f_c the fraction of images
   containing c (t = 1e-3).
 
+Masks are drawn in groups of up to ``mask_group`` rows that are adjacent in
+the cache (same image, same class — usually the same object): the strategy
+picks the group's first mask, and a group is one read. Mask features are
+~100 KiB per row, so this block-level draw is what keeps random batches near
+sequential read speed (DESIGN §6); ``mask_group=1`` draws masks one by one.
+
 Every step's draw is seeded by ``(seed, epoch, step)``, so the stream is the
 same whatever the number of DataLoader workers and after a resume.
 """
@@ -37,6 +43,7 @@ class _Draw:
         if strategy not in STRATEGIES:
             raise UserError(f"sampler strategy: expected one of {STRATEGIES}, got {strategy!r}")
         self.strategy = strategy
+        self.labels, self.images = labels, images
         pos = np.nonzero(labels < num_classes)[0]
         self.pos = pos
         if len(pos) == 0:
@@ -47,6 +54,11 @@ class _Draw:
         for c in np.unique(pl):
             self.by_class[int(c)] = pos[order][pl[order] == c]
         self.classes = np.array(sorted(self.by_class))
+        # flat per-class tables for a vectorised class-balanced draw
+        self._flat = np.concatenate([self.by_class[int(c)] for c in self.classes])
+        sizes = np.array([len(self.by_class[int(c)]) for c in self.classes])
+        self._start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self._size = sizes
         if strategy == "bilevel":
             self.by_class_image = {}
             for c, idx in self.by_class.items():
@@ -72,16 +84,35 @@ class _Draw:
             return rng.choice(self.pos, size=k, replace=len(self.pos) < k)
         if self.strategy == "repeat_factor":
             return rng.choice(self.pos, size=k, replace=True, p=self.p)
+        if self.strategy == "class_balanced":
+            ci = rng.integers(len(self.classes), size=k)
+            return self._flat[self._start[ci] + (rng.random(k) * self._size[ci]).astype(np.int64)]
         classes = rng.choice(self.classes, size=k, replace=True)
         out = np.empty(k, np.int64)
-        for j, c in enumerate(classes):
-            if self.strategy == "class_balanced":
-                members = self.by_class[int(c)]
-            else:
-                groups = self.by_class_image[int(c)]
-                members = groups[int(rng.integers(len(groups)))]
+        for j, c in enumerate(classes):  # bilevel: class, then image, then RoI
+            groups = self.by_class_image[int(c)]
+            members = groups[int(rng.integers(len(groups)))]
             out[j] = members[int(rng.integers(len(members)))]
         return out
+
+
+    def grouped(self, rng: np.random.Generator, k: int, group: int) -> np.ndarray:
+        """``k`` items as runs of up to ``group`` adjacent items sharing image and label."""
+        if group <= 1 or k == 0 or len(self.pos) == 0:
+            return self(rng, k)
+        out: list[int] = []
+        n = len(self.labels)
+        while len(out) < k:
+            for a in self(rng, -(-(k - len(out)) // group)):
+                a = int(a)
+                run = [a]
+                while len(run) < group and a + len(run) < n:
+                    b = a + len(run)
+                    if self.labels[b] != self.labels[a] or self.images[b] != self.images[a]:
+                        break
+                    run.append(b)
+                out.extend(run)
+        return np.asarray(out[:k], np.int64)
 
 
 class RoIBatchSampler(torch.utils.data.Sampler):
@@ -98,6 +129,7 @@ class RoIBatchSampler(torch.utils.data.Sampler):
         rois_per_batch: N per step.
         pos_fraction: share of positives among the N.
         masks_per_batch: M per step.
+        mask_group: masks drawn as runs of up to this many adjacent cache rows.
         steps_per_epoch: steps in one pass (default: N_rois / rois_per_batch).
         seed: the stream's seed.
         rfs_t: repeat-factor threshold.
@@ -116,6 +148,7 @@ class RoIBatchSampler(torch.utils.data.Sampler):
         rois_per_batch: int = 512,
         pos_fraction: float = 0.25,
         masks_per_batch: int = 32,
+        mask_group: int = 4,
         steps_per_epoch: int | None = None,
         seed: int = 0,
         rfs_t: float = 1e-3,
@@ -127,6 +160,7 @@ class RoIBatchSampler(torch.utils.data.Sampler):
         self.num_pos = int(round(rois_per_batch * pos_fraction))
         self.num_neg = rois_per_batch - self.num_pos
         self.masks_per_batch = masks_per_batch if len(mask_labels) else 0
+        self.mask_group = mask_group
         self.draw_pos = _Draw(labels, roi_images, num_classes, strategy, rfs_t)
         self.draw_mask = _Draw(mask_labels, mask_images, num_classes, mask_strategy or strategy, rfs_t)
         self.neg = np.nonzero(labels == num_classes)[0]
@@ -146,7 +180,7 @@ class RoIBatchSampler(torch.utils.data.Sampler):
         rng = np.random.default_rng([self.seed, self.epoch, step])
         pos = self.draw_pos(rng, self.num_pos)
         neg = rng.choice(self.neg, size=self.num_neg, replace=len(self.neg) < self.num_neg) if len(self.neg) and self.num_neg else np.zeros(0, np.int64)
-        masks = self.draw_mask(rng, self.masks_per_batch)
+        masks = self.draw_mask.grouped(rng, self.masks_per_batch, self.mask_group)
         return {"rois": np.concatenate([pos, neg]).astype(np.int64), "masks": masks.astype(np.int64)}
 
     def __iter__(self):

@@ -207,6 +207,7 @@ FT_SECTIONS = {
         "rois_per_batch": 512,
         "pos_fraction": 0.25,
         "masks_per_batch": 32,
+        "mask_group": 4,
         "rfs_t": 1e-3,
     },
     "train": {
@@ -270,6 +271,7 @@ class _CacheLoader:
             rois_per_batch=sampler_cfg["rois_per_batch"],
             pos_fraction=sampler_cfg["pos_fraction"],
             masks_per_batch=sampler_cfg["masks_per_batch"],
+            mask_group=sampler_cfg["mask_group"],
             seed=seed * 1000 + rank,
             rfs_t=sampler_cfg["rfs_t"],
         )

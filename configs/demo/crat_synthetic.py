@@ -31,6 +31,7 @@ sampler = dict(
     rois_per_batch=256,
     pos_fraction=0.5,
     masks_per_batch=32,
+    mask_group=4,  # masks drawn as runs of up to 4 adjacent cache rows (one read)
     rfs_t=1e-3)
 
 train = dict(

@@ -35,6 +35,7 @@ sampler = dict(
     rois_per_batch=512,
     pos_fraction=0.25,
     masks_per_batch=32,
+    mask_group=4,  # masks drawn as runs of up to 4 adjacent cache rows (one read)
     rfs_t=1e-3)
 
 # per GPU; 8 GPUs see 8 different streams (the sampler seed includes the rank)
