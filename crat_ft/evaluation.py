@@ -19,7 +19,6 @@ evaluated in chunks with bounded memory and merged exactly
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections import defaultdict
@@ -131,20 +130,31 @@ def _federated(results: list[dict], gt_doc: dict, iou_type: str) -> list[dict]:
         keep[img["id"]].update(img.get("neg_category_ids", []))
     for ann in gt_doc["annotations"]:
         keep[ann["image_id"]].add(ann["category_id"])
-    drop = "segmentation" if iou_type == "bbox" else None
-    return [
-        {k: v for k, v in d.items() if k != drop}
-        for d in results
-        if d["category_id"] in keep[d["image_id"]]
-    ]
+    out = []
+    for d in results:
+        if d["category_id"] in keep[d["image_id"]]:
+            d = dict(d)  # evaluation adds fields; the caller's dicts stay as they were
+            if iou_type == "bbox":
+                d.pop("segmentation", None)
+            out.append(d)
+    return out
 
 
 def _gt_api(gt_doc: dict):
-    """faster-coco-eval's index of the ground truth (a private deep copy: evaluation annotates it)."""
+    """faster-coco-eval's index of the ground truth.
+
+    Evaluation adds fields to the annotation dicts (``ignore``, RLEs), so it
+    gets shallow copies of them; nested values are only read.
+    """
     from faster_coco_eval import COCO
 
     gt = COCO()
-    gt.dataset = copy.deepcopy(gt_doc)
+    gt.dataset = {
+        **gt_doc,
+        "images": [dict(i) for i in gt_doc["images"]],
+        "annotations": [dict(a) for a in gt_doc["annotations"]],
+        "categories": [dict(c) for c in gt_doc["categories"]],
+    }
     gt.createIndex()
     return gt
 
