@@ -23,6 +23,8 @@ def main() -> None:
     ap.add_argument("--work-dir", default="work_dirs/demo")
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for both variants (1: robust on a shared machine, where OpenMP spin-waits distort timings)")
     args = ap.parse_args()
     work = Path(args.work_dir)
     detector, data = work / "stage1" / "detector.pth", work / "data"
@@ -38,8 +40,8 @@ def main() -> None:
     from crat_ft.paths import demo_config
     from crat_ft.train import _prepare_cfg, _register_all
 
+    torch.set_num_threads(args.threads)
     _register_all()
-    torch.set_num_threads(torch.get_num_threads())
     config = demo_config()
     cfg = _prepare_cfg(config, (), data, ("train_dataloader", "test_dataloader"))
     model, _ = build_frozen_detector(cfg, str(detector))

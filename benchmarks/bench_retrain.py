@@ -28,6 +28,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work-dir", default="work_dirs/demo")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for both variants (1: robust on a shared machine, where OpenMP spin-waits distort timings)")
     args = ap.parse_args()
     work = Path(args.work_dir)
     cache, detector, data = work / "cache" / "index.h5", work / "stage1" / "detector.pth", work / "data"
@@ -45,6 +47,7 @@ def main() -> None:
     from crat_ft.paths import demo_config
     from crat_ft.train import _CacheLoader, _prepare_cfg, _register_all, build_heads, load_ft_config
 
+    torch.set_num_threads(args.threads)
     _register_all()
     ft = load_ft_config(demo_config("crat_synthetic.py"))
     reader = RoIReader(cache)
