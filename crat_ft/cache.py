@@ -164,7 +164,10 @@ class CacheWriter:
         for name, (shape, dtype) in specs.items():
             # features are chunked along the RoI axis; small chunks for big rows
             big = name.endswith("feat")
-            rows = max(1, min(ROI_CHUNK, (1 << 20) // max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize))) if big else 4096
+            row_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            # one mask feature (~100-400 KiB) per chunk: a random mask is then
+            # one direct chunk read, with no partial-chunk or selection overhead
+            rows = 1 if name == "masks/feat" else (max(1, min(ROI_CHUNK, (1 << 20) // max(1, row_bytes))) if big else 4096)
             self.f.create_dataset(
                 name,
                 shape=(0, *shape),
@@ -583,16 +586,33 @@ class RoIReader:
             out[sel] = data[index[sel] - s]
         return out
 
-    def _gather_rows(self, key: str, index: np.ndarray) -> np.ndarray:
-        """Rows ``index`` of a dataset of large rows: one read per run of adjacent rows.
+    def _direct_row(self, key: str, row: int, out: np.ndarray) -> bool:
+        """Read one row stored as its own uncompressed chunk straight into ``out``; False if not possible."""
+        offs = self._offsets[key.split("/")[0]]
+        k = int(np.searchsorted(offs, row, side="right") - 1)
+        ds = self._dataset(k, key)
+        if ds.chunks is None or ds.chunks[0] != 1 or ds.compression is not None:
+            return False
+        _, raw = ds.id.read_direct_chunk((row - int(offs[k]),) + (0,) * (ds.ndim - 1))
+        out[...] = np.frombuffer(raw, dtype=ds.dtype).reshape(out.shape)
+        return True
 
-        Mask features are ~100 KiB per row; reading an image block for one
-        mask would read ~10x more bytes, and h5py's fancy indexing is slower still.
+    def _gather_rows(self, key: str, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` of a dataset of large rows.
+
+        Mask features are ~100 KiB per row and stored one per chunk: each row
+        is one direct chunk read (reading its image block instead would read
+        ~10x more bytes, and h5py's fancy indexing is slower still). Other
+        layouts are read with one call per run of adjacent rows.
         """
         if key in self._mem:
             return self._mem[key][index]
         ds = self._dataset(0, key)
         out = np.empty((len(index), *ds.shape[1:]), ds.dtype)
+        if len(index) and self._direct_row(key, int(index[0]), out[0]):
+            for j in range(1, len(index)):
+                self._direct_row(key, int(index[j]), out[j])
+            return out
         order = np.argsort(index, kind="stable")
         sorted_idx = index[order]
         breaks = np.nonzero(np.diff(sorted_idx) > 1)[0] + 1
