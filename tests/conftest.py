@@ -37,9 +37,6 @@ def run_cli(*args, cwd=None, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run(crat_ft_exe() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
-DEMO_CONFIG = None
-
-
 def demo_config_path() -> Path:
     from crat_ft.paths import demo_config
 
