@@ -34,6 +34,7 @@ from crat_ft.transfusion import (
 )
 
 FISHER_MODES = ("sample", "reference")
+MASK_WEIGHTS = ("mask", "box")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class CratConfig:
     fisher: str = "sample"
     top_k: int | None = None
     frequency_gate: bool = False
+    # "mask": mask transfusion weights from the mask Fisher statistics (DESIGN §4.3);
+    # "box": from the box statistics and the box Fisher of the mask's RoI, as the reference does
+    mask_weights: str = "mask"
 
     @classmethod
     def from_dict(cls, d: dict | None, source: str = "crat") -> "CratConfig":
@@ -58,6 +62,8 @@ class CratConfig:
         if unknown:
             raise UserError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
         cfg = cls(**d)
+        if cfg.mask_weights not in MASK_WEIGHTS:
+            raise UserError(f"{source}.mask_weights: expected one of {MASK_WEIGHTS}, got {cfg.mask_weights!r}")
         if cfg.fisher not in FISHER_MODES:
             raise UserError(f"{source}.fisher: expected one of {FISHER_MODES}, got {cfg.fisher!r}")
         for name in ("box_tau", "mask_tau"):
@@ -149,9 +155,28 @@ class ClasswiseHeads(BaseModel):
 
     # -- forward -----------------------------------------------------------------------
 
-    def forward(self, box_feat: Tensor, box: Tensor, gt_box: Tensor, label: Tensor, mask_feat: Tensor, mask_target: Tensor, mask_label: Tensor, mode: str = "loss"):
+    def forward(
+        self,
+        box_feat: Tensor,
+        box: Tensor,
+        gt_box: Tensor,
+        label: Tensor,
+        mask_feat: Tensor,
+        mask_target: Tensor,
+        mask_label: Tensor,
+        mask_box_feat: Tensor | None = None,
+        mask_box: Tensor | None = None,
+        mask_gt_box: Tensor | None = None,
+        mode: str = "loss",
+    ):
+        """Batch fields as :class:`crat_ft.sampling.CachedBatchDataset` yields them.
+
+        ``mask_box_feat`` (M, D), ``mask_box``/``mask_gt_box`` (M, 4) are the box
+        fields of the masks' RoIs (used by ``crat.mask_weights='box'``).
+        """
         if mode == "loss":
-            return self.loss(box_feat, box, gt_box, label, mask_feat, mask_target, mask_label)
+            mask_box_fields = (mask_box_feat, mask_box, mask_gt_box)
+            return self.loss(box_feat, box, gt_box, label, mask_feat, mask_target, mask_label, mask_box_fields)
         if mode in ("predict", "tensor"):
             return self.predict(box_feat, mask_feat)
         raise ValueError(f"mode should be 'loss', 'predict' or 'tensor', but got {mode!r}")
@@ -163,7 +188,7 @@ class ClasswiseHeads(BaseModel):
             out["mask_logits"] = self.conv_logits(mask_feat)
         return out
 
-    def loss(self, box_feat, box, gt_box, label, mask_feat, mask_target, mask_label) -> dict:
+    def loss(self, box_feat, box, gt_box, label, mask_feat, mask_target, mask_label, mask_box_fields=(None, None, None)) -> dict:
         c = self.num_classes
         n = label.shape[0]
         cls_score = self.fc_cls(box_feat)
@@ -193,7 +218,9 @@ class ClasswiseHeads(BaseModel):
                 own = logits_all.sum() * 0.0
             losses["loss_mask"] = self.loss_mask_weight * own
             if self.crat.enable:
-                losses["loss_mask_trans"] = self.crat.mask_lambda * self._mask_transfusion(mask_feat, logits_all, z_own, mask_target, mask_label)
+                losses["loss_mask_trans"] = self.crat.mask_lambda * self._mask_transfusion(
+                    mask_feat, logits_all, z_own, mask_target, mask_label, mask_box_fields
+                )
         return losses
 
     def _allowed(self, labels: Tensor) -> Tensor | None:
@@ -213,7 +240,18 @@ class ClasswiseHeads(BaseModel):
         w = transfusion_weights(fisher, self.box_stats, y, self.crat.box_tau, top_k=self.crat.top_k, allowed=self._allowed(y))
         return box_transfusion_loss(pred_all, target, w)
 
-    def _mask_transfusion(self, feats, logits_all, z_own, target, y) -> Tensor:
+    def _mask_transfusion(self, feats, logits_all, z_own, target, y, mask_box_fields) -> Tensor:
+        if self.crat.mask_weights == "box":
+            x, box, gt_box = mask_box_fields
+            if x is None:
+                raise UserError("crat.mask_weights='box' needs the box fields of the mask RoIs; use crat-ft's CachedBatchDataset")
+            with torch.no_grad():
+                m = y.shape[0]
+                pred_own = self.fc_reg(x).view(m, self.num_classes, 4)[torch.arange(m, device=y.device), y]
+                fisher = box_sample_fisher(x, pred_own, self.bbox_coder.encode(box, gt_box) if m else box.new_zeros(0, 4))
+            # the box statistics were updated by this step's box branch
+            w = transfusion_weights(fisher, self.box_stats, y, self.crat.box_tau, top_k=self.crat.top_k, allowed=self._allowed(y))
+            return mask_transfusion_loss(logits_all, target, w)
         if self.crat.fisher == "reference":
             s2 = target.shape[-1] * target.shape[-2]
             grads = torch.einsum("pij,pkij->pk", torch.sigmoid(z_own.detach()) - target, feats.detach()) / s2

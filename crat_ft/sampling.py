@@ -204,7 +204,11 @@ class CachedBatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: dict) -> dict:
         rois = self.reader.read_rois(item["rois"])
         masks = self.reader.read_masks(item["masks"])
+        mask_rois = self.reader.read_rois(self.reader.mask_roi[item["masks"]])
         return {
+            "mask_box_feat": torch.from_numpy(mask_rois["box_feat"]).float(),
+            "mask_box": torch.from_numpy(mask_rois["box"]),
+            "mask_gt_box": torch.from_numpy(mask_rois["gt_box"]),
             "box_feat": torch.from_numpy(rois["box_feat"]).float(),
             "box": torch.from_numpy(rois["box"]),
             "gt_box": torch.from_numpy(rois["gt_box"]),

@@ -191,3 +191,30 @@ def test_samplers_balance_classes():
     assert np.array_equal(bal, again)  # seeded: same stream
     with pytest.raises(UserError, match="sampler strategy: expected one of"):
         RoIBatchSampler(strategy="balanced", **kw)
+
+
+def test_mask_weights_from_box_statistics():
+    """crat.mask_weights='box': mask transfusion weighted by the box Fisher of the masks' RoIs (the reference's choice)."""
+    from crat_ft.heads import ClasswiseHeads, CratConfig
+    from crat_ft.train import _register_all
+
+    _register_all()
+    g = torch.Generator().manual_seed(0)
+    kw = dict(num_classes=3, box_feat_dim=6, mask_channels=4,
+              bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
+              loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0))
+    boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 8, 9], [0, 0, 4, 4]])
+    batch = dict(box_feat=torch.rand(4, 6, generator=g), box=boxes, gt_box=boxes + 1, label=torch.tensor([0, 1, 2, 3]),
+                 mask_feat=torch.rand(2, 4, 5, 5, generator=g), mask_target=(torch.rand(2, 5, 5, generator=g) > 0.5).float(),
+                 mask_label=torch.tensor([0, 2]), mask_box_feat=torch.rand(2, 6, generator=g), mask_box=boxes[:2], mask_gt_box=boxes[:2] + 1)
+    heads = ClasswiseHeads(crat=CratConfig(mask_weights="box"), **kw)
+    losses = heads(**batch, mode="loss")
+    assert losses["loss_mask_trans"] > 0 and torch.isfinite(losses["loss_mask_trans"])
+    assert heads.mask_stats.seen.sum() == 0  # the mask statistics are not used
+    losses["loss_mask_trans"].backward()
+    assert heads.conv_logits.weight.grad[1].abs().sum() > 0  # class 1 (no mask sample) receives signal
+    with pytest.raises(UserError, match=r"mask_weights: expected one of \('mask', 'box'\), got 'both'"):
+        CratConfig.from_dict({"mask_weights": "both"})
+    batch.pop("mask_box_feat")
+    with pytest.raises(UserError, match="needs the box fields of the mask RoIs"):
+        heads(**batch, mode="loss")
