@@ -27,7 +27,11 @@ crat = dict(
     momentum=0.01,
     fisher='sample',
     top_k=None,
-    frequency_gate=False)
+    frequency_gate=False,
+    # 'box': mask transfusion weighted by the box Fisher of the mask's RoI, as the
+    # reference does; on the demo it beats the mask statistics ('mask', the code
+    # default): segm APr +0.2 vs -0.3 mean over 3 seeds
+    mask_weights='box')
 
 sampler = dict(
     strategy='class_balanced',
