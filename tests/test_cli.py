@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY_TRAIN_OPTIONS, demo_config_path, run_cli
+from conftest import demo_config_path, run_cli
 from crat_ft.evaluation import METRIC_KEYS
 
 

@@ -1,6 +1,5 @@
 """retrain-heads, resume, DDP statistics, export round trip, configs and guards."""
 
-import json
 import shutil
 
 import numpy as np
