@@ -275,3 +275,21 @@ def test_project_size_caps():
     assert p["parts"]["mask features"] == 14 * (1000 + 8)
     assert p["parts"]["box features (negatives)"] == 20 * (100 + 56)
     assert p["bound"] >= p["total"]
+
+
+def test_reader_works_in_dataloader_workers(tiny_cache):
+    """Each worker opens its own file handle: batches with 2 workers equal those read in-process."""
+    from crat_ft.sampling import CachedBatchDataset, RoIBatchSampler
+
+    reader = RoIReader(tiny_cache, box_memory_bytes=0)  # every read goes to HDF5
+    sampler = RoIBatchSampler(labels=reader.labels, roi_images=reader.roi_image, mask_labels=reader.mask_labels,
+                              mask_images=reader.roi_image[reader.mask_roi], num_classes=reader.num_classes,
+                              rois_per_batch=32, masks_per_batch=4, steps_per_epoch=4)
+    reader.read_rois(np.arange(3))  # a handle opened in the parent must not leak into the workers
+    ds = CachedBatchDataset(reader)
+    serial = list(torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0))
+    parallel = list(torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=2))
+    assert len(serial) == len(parallel) == 4
+    for a, b in zip(serial, parallel):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
