@@ -217,3 +217,33 @@ def test_mask_weights_from_box_statistics():
     batch.pop("mask_box_feat")
     with pytest.raises(UserError, match="needs the box fields of the mask RoIs"):
         heads(**batch, mode="loss")
+
+
+@pytest.mark.parametrize("loss_cls, width", [
+    (dict(type="EQLV2Loss", num_classes=3), 4),
+    (dict(type="SeesawLoss", num_classes=3, loss_weight=1.0), 5),
+])
+def test_mmdet_rebalanced_classifier_losses(loss_cls, width):
+    """EQLv2 and Seesaw come from mmdet; Seesaw's extra objectness channel needs a re-initialised classifier."""
+    from crat_ft.heads import ClasswiseHeads, CratConfig
+    from crat_ft.train import _register_all
+
+    _register_all()
+    g = torch.Generator().manual_seed(0)
+    heads = ClasswiseHeads(num_classes=3, box_feat_dim=6, mask_channels=0, loss_cls=loss_cls, crat=CratConfig(enable=False),
+                           bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
+                           reinit_cls=width == 5)
+    assert heads.fc_cls.out_features == width
+    boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 8, 9], [0, 0, 4, 4]])
+    losses = heads(box_feat=torch.rand(4, 6, generator=g), box=boxes, gt_box=boxes + 1, label=torch.tensor([0, 1, 2, 3]),
+                   mask_feat=torch.zeros(0, 1, 2, 2), mask_target=torch.zeros(0, 2, 2), mask_label=torch.zeros(0, dtype=torch.long), mode="loss")
+    cls_parts = [k for k in losses if k.startswith("loss_cls")]
+    assert cls_parts and all(torch.isfinite(losses[k]) and losses[k] > 0 for k in cls_parts)
+    det = {"roi_head.bbox_head.fc_cls.weight": torch.zeros(4, 6), "roi_head.bbox_head.fc_cls.bias": torch.zeros(4),
+           "roi_head.bbox_head.fc_reg.weight": torch.zeros(12, 6), "roi_head.bbox_head.fc_reg.bias": torch.zeros(12)}
+    if width == 5:
+        heads.reinit_cls = False
+        from crat_ft.detector import CLASSWISE_LAYERS
+
+        with pytest.raises(UserError, match=r"fc_cls.weight has shape \(4, 6\) in the checkpoint but the retrained head needs \(5, 6\)"):
+            heads.load_from_detector(det, CLASSWISE_LAYERS)
