@@ -45,7 +45,7 @@ def measure(reader, args, label: str) -> None:
 
     sampler = RoIBatchSampler(
         labels=reader.labels, roi_images=reader.roi_image, mask_labels=reader.mask_labels,
-        mask_images=reader.roi_image[reader.mask_roi], num_classes=reader.num_classes, strategy="class_balanced",
+        mask_images=reader.mask_image, num_classes=reader.num_classes, strategy="class_balanced",
         rois_per_batch=args.rois_per_batch, masks_per_batch=args.masks_per_batch, pos_fraction=0.5, mask_group=args.mask_group,
     )
     n_rois, n_masks = len(reader.labels), len(reader.mask_roi)

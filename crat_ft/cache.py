@@ -527,7 +527,8 @@ class RoIReader:
             self._shard_paths = [self.path]
             n_rois, n_masks = [len(self.labels)], [len(self.mask_roi)]
         self._offsets = {"rois": np.concatenate([[0], np.cumsum(n_rois)]), "masks": np.concatenate([[0], np.cumsum(n_masks)])}
-        self.mask_labels = self.labels[self.mask_roi] if len(self.mask_roi) else np.zeros(0, np.int32)
+        self.mask_labels = self.labels[self.mask_roi]
+        self.mask_image = self.roi_image[self.mask_roi]
         # image (block) of each RoI and each mask
         self.roi_block = np.repeat(np.arange(len(self.image_ids)), self.roi_count)
         self.mask_block = np.repeat(np.arange(len(self.image_ids)), self.mask_count)

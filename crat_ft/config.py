@@ -33,8 +33,8 @@ def parse_cfg_options(options: Iterable[str]) -> dict:
     return parsed
 
 
-def _check_key(cfg, key: str, source: str) -> None:
-    node = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+def _check_key(tree: dict, key: str, source: str) -> None:
+    node = tree
     walked = []
     for part in key.split("."):
         if isinstance(node, (list, tuple)):
@@ -77,8 +77,9 @@ def load_config(path: str | os.PathLike, cfg_options: Iterable[str] | dict | Non
         raise UserError(f"config {path} could not be parsed ({first}); fix the file") from None
     if cfg_options:
         options = parse_cfg_options(cfg_options) if not isinstance(cfg_options, dict) else dict(cfg_options)
+        tree = cfg.to_dict()
         for key in options:
-            _check_key(cfg, key, str(path))
+            _check_key(tree, key, str(path))
         cfg.merge_from_dict(options)
     return cfg
 

@@ -560,20 +560,20 @@ def dry_run(config, checkpoint, *, sample_images: int = 8, policy: RoIPolicy = R
         path = extract_features(config, checkpoint, tmp, policy=probe, max_images=sample_images, progress=False, **kwargs)
         reader = RoIReader(path)
         meta = reader.meta
-    from crat_ft.train import _prepare_cfg
-
-    cfg = _prepare_cfg(config, kwargs.get("cfg_options", ()), kwargs.get("data_root"), ("train_dataloader",))
-    cats = _categories(cfg)
-    from crat_ft.config import ann_file_of
+    from crat_ft.config import ann_file_of, load_config, set_data_root
     from crat_ft.evaluation import load_lvis_json
 
+    # the sample extraction above validated config and data; only the annotation path is needed here
+    cfg = load_config(config, kwargs.get("cfg_options", ()))
+    if kwargs.get("data_root") is not None:
+        set_data_root(cfg, kwargs["data_root"])
     doc = load_lvis_json(ann_file_of(_base_dataset_cfg(cfg)))
     sample_ids = set(reader.image_ids.tolist())
     n_gt = sum(1 for a in doc["annotations"] if a["image_id"] in sample_ids)
     c = reader.num_classes
     pos_per_gt = float((reader.labels < c).sum()) / max(1, n_gt)
     neg_per_image = float((reader.labels == c).sum()) / max(1, len(reader.image_ids))
-    counts = np.array([int(x.get("instance_count", 0)) for x in cats], float)
+    counts = np.array(meta["class_instance_count"], float)
     box_bytes = int(np.prod(meta["box_shape"])) * 2
     mask_bytes = int(np.prod(meta["mask_shape"])) * 2 if int(meta["mask_size"]) else 0
     proj = project_size(

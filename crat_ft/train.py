@@ -264,7 +264,7 @@ class _CacheLoader:
             labels=reader.labels,
             roi_images=reader.roi_image,
             mask_labels=reader.mask_labels,
-            mask_images=reader.roi_image[reader.mask_roi] if len(reader.mask_roi) else reader.mask_labels,
+            mask_images=reader.mask_image,
             num_classes=reader.num_classes,
             strategy=sampler_cfg["strategy"],
             mask_strategy=sampler_cfg["mask_strategy"],

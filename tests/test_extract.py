@@ -283,7 +283,7 @@ def test_reader_works_in_dataloader_workers(tiny_cache):
 
     reader = RoIReader(tiny_cache, box_memory_bytes=0)  # every read goes to HDF5
     sampler = RoIBatchSampler(labels=reader.labels, roi_images=reader.roi_image, mask_labels=reader.mask_labels,
-                              mask_images=reader.roi_image[reader.mask_roi], num_classes=reader.num_classes,
+                              mask_images=reader.mask_image, num_classes=reader.num_classes,
                               rois_per_batch=32, masks_per_batch=4, steps_per_epoch=4)
     reader.read_rois(np.arange(3))  # a handle opened in the parent must not leak into the workers
     ds = CachedBatchDataset(reader)
