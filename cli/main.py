@@ -218,8 +218,10 @@ def export(config, checkpoint, heads, out, tau_norm, logit_adjust, trust_checkpo
     """Merge retrained HEADS into CHECKPOINT: an ordinary mmdet checkpoint."""
     from crat_ft.detector import export_checkpoint
 
-    path = export_checkpoint(config, checkpoint, heads, out, tau_norm=tau_norm, logit_adjust=logit_adjust, trust_checkpoint=trust_checkpoint)
+    path, cfg_path = export_checkpoint(config, checkpoint, heads, out, tau_norm=tau_norm, logit_adjust=logit_adjust, trust_checkpoint=trust_checkpoint)
     click.echo(f"merged checkpoint: {path}")
+    if cfg_path:
+        click.echo(f"config for it: {cfg_path} (the heads were retrained with another classifier loss than {config} names; use this config with the checkpoint)")
 
 
 @cli.command("fisher-neighbors")

@@ -126,8 +126,12 @@ def merge_heads(
     *,
     tau_norm: float | None = None,
     logit_adjust: float | None = None,
+    classifier_width_changes: bool = False,
 ) -> dict:
     """The detector's state dict with the retrained class-wise layers merged in.
+
+    Trunks retrained from a ``roi``-level cache (heads keys ``box_trunk.*``,
+    ``mask_trunk.*``) go back under the bbox/mask head.
 
     Post-hoc classifier calibration is folded into ``fc_cls`` so the result is
     an ordinary mmdet checkpoint:
@@ -139,6 +143,9 @@ def merge_heads(
     Args:
         detector_state: the original detector's state dict.
         heads_ckpt: a ``heads.pth`` dict (``state_dict`` + ``meta``).
+        classifier_width_changes: the retrained classifier loss needs another
+            ``fc_cls`` width (Seesaw, group softmax) and the caller writes a
+            config to match.
 
     Returns:
         A new state dict (the input is not modified).
@@ -147,18 +154,22 @@ def merge_heads(
 
     heads = heads_ckpt["state_dict"]
     merged = dict(detector_state)
-    for name, prefix in CLASSWISE_LAYERS.items():
-        for p in ("weight", "bias"):
-            key = f"{name}.{p}"
-            if key not in heads:
-                continue
-            target = f"{prefix}.{p}"
-            if target in merged and merged[target].shape != heads[key].shape:
+    pairs = [(f"{name}.{p}", f"{prefix}.{p}") for name, prefix in CLASSWISE_LAYERS.items() for p in ("weight", "bias")]
+    for trunk, layer in (("box_trunk", "fc_cls"), ("mask_trunk", "conv_logits")):
+        parent = CLASSWISE_LAYERS[layer].rsplit(".", 1)[0]
+        pairs += [(k, parent + k[len(trunk) :]) for k in heads if k.startswith(trunk + ".")]
+    for key, target in pairs:
+        if key not in heads:
+            continue
+        if target not in merged:
+            raise UserError(f"retrained {key} has no counterpart {target} in the detector checkpoint; export with the checkpoint the cache was made from")
+        if merged[target].shape != heads[key].shape:
+            if not (classifier_width_changes and key.startswith("fc_cls.")):
                 raise UserError(
                     f"retrained {key} has shape {tuple(heads[key].shape)} but the detector's {target} has "
-                    f"{tuple(merged[target].shape)}; export with the detector config whose loss matches the retrained classifier"
+                    f"{tuple(merged[target].shape)}; export with the checkpoint the cache was made from"
                 )
-            merged[target] = heads[key].clone()
+        merged[target] = heads[key].clone()
     w_key, b_key = CLASSWISE_LAYERS["fc_cls"] + ".weight", CLASSWISE_LAYERS["fc_cls"] + ".bias"
     counts = heads_ckpt["meta"].get("class_instance_count")
     c = len(counts) if counts else merged[w_key].shape[0] - 1
@@ -187,10 +198,19 @@ def export_checkpoint(
     tau_norm: float | None = None,
     logit_adjust: float | None = None,
     trust_checkpoint: bool = False,
-) -> str:
+) -> tuple[str, str | None]:
     """Write an ordinary mmdet checkpoint: ``checkpoint`` with the retrained heads merged in.
 
     ``tau_norm``/``logit_adjust`` default to the ``export`` section recorded in the heads file.
+
+    When the heads were retrained with another classifier loss than ``config``
+    names (e.g. group softmax or Seesaw on a softmax-CE detector), the detector
+    config with that loss (and the ``custom_imports`` it needs) is written
+    beside the checkpoint as ``<out stem>.py``: mmdet must use it to build a
+    classifier of the right width and activation.
+
+    Returns:
+        ``(checkpoint path, config path or None)``.
     """
     import os
     from pathlib import Path
@@ -218,7 +238,8 @@ def export_checkpoint(
     exp = meta.get("export", {})
     tau = tau_norm if tau_norm is not None else exp.get("tau_norm")
     la = logit_adjust if logit_adjust is not None else exp.get("logit_adjust")
-    merged = merge_heads(state, hk, tau_norm=tau, logit_adjust=la)
+    new_cfg = _config_for_loss(cfg, meta.get("loss_cls"))
+    merged = merge_heads(state, hk, tau_norm=tau, logit_adjust=la, classifier_width_changes=new_cfg is not None)
     new_meta = {k: v for k, v in (det.get("meta") or {}).items() if isinstance(v, (str, int, float, dict, list, tuple))}
     new_meta["crat_ft"] = {
         "heads": str(heads),
@@ -232,7 +253,40 @@ def export_checkpoint(
         new_meta["dataset_meta"] = {"classes": tuple(meta["class_names"])}
     out_p = Path(out)
     out_p.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path = None
+    if new_cfg is not None:
+        cfg_path = out_p.with_suffix(".py")
+        tmp_cfg = out_p.with_name(f".{out_p.stem}.tmp.py")
+        new_cfg.dump(str(tmp_cfg))
+        new_meta["crat_ft"]["config"] = str(cfg_path)
     tmp = out_p.with_name(f".{out_p.name}.tmp")
     torch.save({"state_dict": merged, "meta": new_meta}, tmp)
+    if cfg_path is not None:
+        os.replace(tmp_cfg, cfg_path)
     os.replace(tmp, out_p)
-    return str(out_p)
+    return str(out_p), (str(cfg_path) if cfg_path is not None else None)
+
+
+def _config_for_loss(cfg, loss_cls: dict | None):
+    """A copy of ``cfg`` whose bbox head uses ``loss_cls``, or None when it already does."""
+    import copy
+
+    head = cfg.model.roi_head.bbox_head
+    if not loss_cls or _plain(head.get("loss_cls")) == _plain(loss_cls):
+        return None
+    new = copy.deepcopy(cfg)
+    new.model.roi_head.bbox_head.loss_cls = dict(loss_cls)
+    if loss_cls.get("type") == "GroupSoftmaxLoss":
+        imports = dict(new.get("custom_imports") or {"imports": [], "allow_failed_imports": False})
+        imports["imports"] = list(imports.get("imports", [])) + ["crat_ft.losses"]
+        new.custom_imports = imports
+    return new
+
+
+def _plain(x):
+    """ConfigDicts/tuples as plain dicts/lists, for comparison."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

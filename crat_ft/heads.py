@@ -8,10 +8,15 @@ mask side.
 
 Layers, initialised from the detector checkpoint (mmdet names):
 ``fc_cls`` (C+1 or loss-specific width, D), ``fc_reg`` (4C, D),
-``conv_logits`` (C, K, 1, 1). Losses: the classifier loss chosen in config
-(mmdet's CrossEntropyLoss, SeesawLoss or EQLV2Loss), the own-class L1 box
-loss and mask BCE as mmdet's heads compute them, and, with CRAT on, the
-transfusion losses of :mod:`crat_ft.transfusion`.
+``conv_logits`` (C, K, 1, 1). With a cache at level ``roi`` the layers before
+them are retrained too: ``box_trunk`` is the detector's bbox head and
+``mask_trunk`` its mask head, built by mmdet and loaded from the checkpoint,
+with their class-wise layers replaced by identities (so they output the
+inputs of ``fc_cls``/``fc_reg`` and of ``conv_logits``). Losses: the
+classifier loss chosen in config (mmdet's CrossEntropyLoss, SeesawLoss or
+EQLV2Loss, or crat-ft's GroupSoftmaxLoss), the own-class L1 box loss and mask
+BCE as mmdet's heads compute them, and, with CRAT on, the transfusion losses
+of :mod:`crat_ft.transfusion`.
 """
 
 from __future__ import annotations
@@ -97,6 +102,10 @@ class ClasswiseHeads(BaseModel):
         crat: CRAT settings.
         class_instance_count: (C,) training instances per class (frequency gate).
         reinit_cls: re-initialise fc_cls instead of loading it (cRT).
+        box_trunk: module mapping cached ``roi`` box features to ``(x_cls, x_reg)``
+            (see :func:`build_trunk`); None for ``fc`` caches.
+        mask_trunk: module mapping cached ``roi`` mask features to the
+            (M, K, S, S) input of conv_logits; None for ``logits`` caches.
     """
 
     def __init__(
@@ -112,6 +121,8 @@ class ClasswiseHeads(BaseModel):
         crat: CratConfig = CratConfig(),
         class_instance_count: list[int] | None = None,
         reinit_cls: bool = False,
+        box_trunk: nn.Module | None = None,
+        mask_trunk: nn.Module | None = None,
     ) -> None:
         super().__init__()
         from mmdet.registry import MODELS, TASK_UTILS
@@ -124,6 +135,8 @@ class ClasswiseHeads(BaseModel):
         self.fc_cls = nn.Linear(box_feat_dim, cls_channels)
         self.fc_reg = nn.Linear(box_feat_dim, 4 * num_classes)
         self.conv_logits = nn.Conv2d(mask_channels, num_classes, 1) if mask_channels else None
+        self.box_trunk = box_trunk
+        self.mask_trunk = mask_trunk
         self.bbox_coder = TASK_UTILS.build(bbox_coder)
         self.loss_bbox_weight = loss_bbox_weight
         self.loss_mask_weight = loss_mask_weight
@@ -135,6 +148,11 @@ class ClasswiseHeads(BaseModel):
         self.register_buffer("class_instance_count", counts, persistent=False)
 
     # -- weights in and out ------------------------------------------------------------
+
+    def init_weights(self) -> None:
+        """No-op: every layer comes from the detector checkpoint (or, with
+        ``reinit_cls``, keeps PyTorch's initialisation); mmengine's Runner must
+        not re-initialise the trunks with their mmdet ``init_cfg``."""
 
     def load_from_detector(self, state: dict, prefix: dict[str, str]) -> None:
         """Copy fc_cls/fc_reg/conv_logits from a detector state dict (keys per ``prefix``)."""
@@ -181,24 +199,36 @@ class ClasswiseHeads(BaseModel):
             return self.predict(box_feat, mask_feat)
         raise ValueError(f"mode should be 'loss', 'predict' or 'tensor', but got {mode!r}")
 
+    def box_inputs(self, box_feat: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_cls, x_reg): the inputs of fc_cls and fc_reg for cached box features."""
+        if self.box_trunk is None:
+            return box_feat, box_feat
+        return self.box_trunk(box_feat)
+
+    def mask_inputs(self, mask_feat: Tensor) -> Tensor:
+        """The (M, K, S, S) input of conv_logits for cached mask features."""
+        return mask_feat if self.mask_trunk is None else self.mask_trunk(mask_feat)
+
     def predict(self, box_feat: Tensor, mask_feat: Tensor | None = None) -> dict:
         """Raw head outputs: cls_score (N, C+1), bbox_pred (N, 4C), mask_logits (M, C, S, S)."""
-        out = {"cls_score": self.fc_cls(box_feat), "bbox_pred": self.fc_reg(box_feat)}
+        x_cls, x_reg = self.box_inputs(box_feat)
+        out = {"cls_score": self.fc_cls(x_cls), "bbox_pred": self.fc_reg(x_reg)}
         if self.conv_logits is not None and mask_feat is not None:
-            out["mask_logits"] = self.conv_logits(mask_feat)
+            out["mask_logits"] = self.conv_logits(self.mask_inputs(mask_feat))
         return out
 
     def loss(self, box_feat, box, gt_box, label, mask_feat, mask_target, mask_label, mask_box_fields=(None, None, None)) -> dict:
         c = self.num_classes
         n = label.shape[0]
-        cls_score = self.fc_cls(box_feat)
+        x_cls, x_reg = self.box_inputs(box_feat)
+        cls_score = self.fc_cls(x_cls)
         losses = {"loss_cls": self.loss_cls(cls_score, label, avg_factor=max(n, 1))}
         if isinstance(losses["loss_cls"], dict):  # Seesaw returns its parts
             losses.update(losses.pop("loss_cls"))
 
         pos = label < c
         p = int(pos.sum())
-        x_pos = box_feat[pos]
+        x_pos = x_reg[pos]
         y = label[pos]
         pred_all = self.fc_reg(x_pos).view(p, c, 4)
         target = self.bbox_coder.encode(box[pos], gt_box[pos]) if p else box.new_zeros(0, 4)
@@ -210,6 +240,7 @@ class ClasswiseHeads(BaseModel):
 
         if self.conv_logits is not None:
             m = mask_label.shape[0]
+            mask_feat = self.mask_inputs(mask_feat)
             logits_all = self.conv_logits(mask_feat)
             z_own = logits_all[torch.arange(m, device=mask_label.device), mask_label]
             if m:
@@ -247,6 +278,7 @@ class ClasswiseHeads(BaseModel):
                 raise UserError("crat.mask_weights='box' needs the box fields of the mask RoIs; use crat-ft's CachedBatchDataset")
             with torch.no_grad():
                 m = y.shape[0]
+                x = self.box_inputs(x)[1]
                 pred_own = self.fc_reg(x).view(m, self.num_classes, 4)[torch.arange(m, device=y.device), y]
                 fisher = box_sample_fisher(x, pred_own, self.bbox_coder.encode(box, gt_box) if m else box.new_zeros(0, 4))
             # the box statistics were updated by this step's box branch
@@ -287,3 +319,29 @@ class ClasswiseHeads(BaseModel):
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite."""
+
+
+def build_trunk(head_cfg: dict, detector_state: dict, prefix: str, classwise: tuple[str, ...]) -> nn.Module:
+    """The detector's RoI head ``head_cfg`` built by mmdet, loaded from ``detector_state``
+    (keys under ``prefix``), with its class-wise layers ``classwise`` replaced by
+    identities and its losses removed: it maps pooled RoI features to the
+    inputs of the class-wise layers (ConvFC bbox heads return ``(x_cls, x_reg)``).
+    """
+    from mmdet.registry import MODELS
+
+    head = MODELS.build(head_cfg)
+    sub = {k[len(prefix) + 1 :]: v for k, v in detector_state.items() if k.startswith(prefix + ".")}
+    for name in classwise:
+        setattr(head, name, nn.Identity())
+        sub = {k: v for k, v in sub.items() if not k.startswith(name + ".")}
+    for name in [n for n, _ in head.named_children() if n.startswith("loss_")]:
+        delattr(head, name)
+    sub = {k: v for k, v in sub.items() if not k.startswith("loss_")}
+    missing, unexpected = head.load_state_dict(sub, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"the detector checkpoint does not match its config's {type(head).__name__} under {prefix} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); use the config the checkpoint was trained with"
+        )
+    head.is_init = True
+    return head

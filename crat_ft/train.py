@@ -33,6 +33,7 @@ def _register_all() -> None:
     import mmdet.utils
 
     import crat_ft.evaluation  # noqa: F401  (registers CratLVISMetric)
+    import crat_ft.losses  # noqa: F401  (registers GroupSoftmaxLoss)
     from crat_ft.checkpoint import allow_mmengine_pickles
 
     mmdet.utils.register_all_modules(init_default_scope=True)
@@ -135,9 +136,11 @@ def evaluate_detector(
         from crat_ft.detector import export_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="crat-ft-merged-") as tmp:
-            merged = export_checkpoint(str(config), str(checkpoint), str(heads), str(Path(tmp) / "merged.pth"), trust_checkpoint=trust_checkpoint)
+            merged, merged_cfg = export_checkpoint(
+                str(config), str(checkpoint), str(heads), str(Path(tmp) / "merged.pth"), trust_checkpoint=trust_checkpoint
+            )
             return evaluate_detector(
-                config, merged, out, cfg_options=cfg_options, data_root=data_root, per_class_csv=per_class_csv
+                merged_cfg or config, merged, out, cfg_options=cfg_options, data_root=data_root, per_class_csv=per_class_csv
             )
     from mmengine.runner import Runner
 
@@ -280,32 +283,51 @@ class _CacheLoader:
         )
 
 
+def heads_loss_cls(ft: dict, meta: dict) -> dict:
+    """The classifier loss config of a fine-tune config, completed with what the cache knows."""
+    loss_cls = dict(ft["heads"]["loss_cls"])
+    if loss_cls.get("type") in ("SeesawLoss", "EQLV2Loss", "GroupSoftmaxLoss"):
+        loss_cls.setdefault("num_classes", len(meta["class_names"]))
+    if loss_cls.get("type") == "GroupSoftmaxLoss":
+        loss_cls.setdefault("class_instance_count", [int(n) for n in meta["class_instance_count"]])
+    return loss_cls
+
+
 def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
-    """The :class:`crat_ft.heads.ClasswiseHeads` for a cache, initialised from the detector."""
+    """The :class:`crat_ft.heads.ClasswiseHeads` for a cache, initialised from the detector.
+
+    At cache level ``roi`` (box) or ``roi`` (mask) the detector's bbox/mask head
+    trunks are built and retrained too (see :func:`crat_ft.heads.build_trunk`).
+    """
     from crat_ft.detector import CLASSWISE_LAYERS
-    from crat_ft.heads import ClasswiseHeads, CratConfig
+    from crat_ft.heads import ClasswiseHeads, CratConfig, build_trunk
 
     meta = reader.meta
-    if meta["box_level"] != "fc" or (meta["mask_level"] != "logits" and int(meta["mask_size"])):
-        raise UserError(
-            f"retrain-heads supports caches at box level 'fc' and mask level 'logits', got {meta['box_level']!r}/{meta['mask_level']!r}; "
-            "re-extract with the default levels"
-        )
-    loss_cls = dict(ft["heads"]["loss_cls"])
-    if loss_cls.get("type") in ("SeesawLoss", "EQLV2Loss"):
-        loss_cls.setdefault("num_classes", reader.num_classes)
-    mask_shape = meta["mask_shape"]
+    has_mask = bool(int(meta["mask_size"]))
+    box_trunk = mask_trunk = None
+    roi_cfg = detector_cfg.model.roi_head
+    if meta["box_level"] == "roi":
+        box_trunk = build_trunk(dict(roi_cfg.bbox_head), detector_state, CLASSWISE_LAYERS["fc_cls"].rsplit(".", 1)[0], ("fc_cls", "fc_reg"))
+    if has_mask and meta["mask_level"] == "roi":
+        mask_trunk = build_trunk(dict(roi_cfg.mask_head), detector_state, CLASSWISE_LAYERS["conv_logits"].rsplit(".", 1)[0], ("conv_logits",))
+    # widths of the class-wise layers' inputs, as the checkpoint has them
+    box_dim = int(detector_state[CLASSWISE_LAYERS["fc_reg"] + ".weight"].shape[1])
+    mask_channels = int(detector_state[CLASSWISE_LAYERS["conv_logits"] + ".weight"].shape[1]) if has_mask else 0
+    if box_trunk is None and int(meta["box_shape"][0]) != box_dim:
+        raise UserError(f"the cache's box features have width {meta['box_shape'][0]} but the detector's fc_reg takes {box_dim}; re-extract the cache")
     heads = ClasswiseHeads(
         num_classes=reader.num_classes,
-        box_feat_dim=int(meta["box_shape"][0]),
-        mask_channels=int(mask_shape[0]) if int(meta["mask_size"]) else 0,
+        box_feat_dim=box_dim,
+        mask_channels=mask_channels,
         bbox_coder=dict(detector_cfg.model.roi_head.bbox_head.bbox_coder),
-        loss_cls=loss_cls,
+        loss_cls=heads_loss_cls(ft, meta),
         loss_bbox_weight=ft["heads"]["loss_bbox_weight"],
         loss_mask_weight=ft["heads"]["loss_mask_weight"],
         crat=CratConfig.from_dict(ft["crat"]),
         class_instance_count=meta["class_instance_count"],
         reinit_cls=ft["heads"]["reinit_cls"],
+        box_trunk=box_trunk,
+        mask_trunk=mask_trunk,
     )
     heads.load_from_detector(detector_state, CLASSWISE_LAYERS)
     return heads
@@ -400,6 +422,8 @@ def retrain_heads(
         "class_frequency": reader.meta["class_frequency"],
         "class_instance_count": reader.meta["class_instance_count"],
         "crat": dict(ft["crat"]),
+        "loss_cls": heads_loss_cls(ft, reader.meta),
+        "levels": {"box": reader.meta["box_level"], "mask": reader.meta["mask_level"]},
         "sampler": dict(ft["sampler"]),
         "export": dict(ft["export"]),
         "iter": runner.iter,

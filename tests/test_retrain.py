@@ -1,5 +1,6 @@
 """retrain-heads, resume, DDP statistics, export round trip, configs and guards."""
 
+import json
 import shutil
 
 import numpy as np
@@ -247,3 +248,94 @@ def test_mmdet_rebalanced_classifier_losses(loss_cls, width):
 
         with pytest.raises(UserError, match=r"fc_cls.weight has shape \(4, 6\) in the checkpoint but the retrained head needs \(5, 6\)"):
             heads.load_from_detector(det, CLASSWISE_LAYERS)
+
+
+@pytest.mark.slow
+def test_group_softmax_heads_export_with_their_config(tiny_cache, tiny_detector, tiny_data, tmp_path):
+    """Group softmax: retrain, export writes the config with the loss, mmdet loads both and predicts through it."""
+    from mmdet.apis import inference_detector, init_detector
+
+    from crat_ft.checkpoint import allow_mmengine_pickles
+
+    work = tmp_path / "bags"
+    r = run_cli("retrain-heads", demo_config("crat_bags_synthetic.py"), "--cache", tiny_cache, "--work-dir", work,
+                "--cfg-options", *_heads_options(iters=4, interval=4))
+    assert r.returncode == 0, r.stderr[-3000:]
+    heads = torch.load(work / "heads.pth", weights_only=True)
+    n_groups = len({min(3, len(str(max(int(n), 1))) - 1) for n in heads["meta"]["class_instance_count"]})
+    assert heads["state_dict"]["fc_cls.weight"].shape == (40 + 2 + n_groups, 256)
+    out = tmp_path / "merged.pth"
+    r = run_cli("export", demo_config_path(), tiny_detector, work / "heads.pth", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"config for it: {tmp_path / 'merged.py'}" in r.stdout
+    allow_mmengine_pickles()
+    model = init_detector(str(tmp_path / "merged.py"), str(out), device="cpu")
+    assert type(model.roi_head.bbox_head.loss_cls).__name__ == "GroupSoftmaxLoss"
+    torch.testing.assert_close(model.roi_head.bbox_head.fc_cls.weight, heads["state_dict"]["fc_cls.weight"])
+    image = next((tiny_data / "val2017").iterdir())
+    pred = inference_detector(model, str(image)).pred_instances
+    assert len(pred) > 0 and pred.scores.max() <= 1 and pred.labels.max() < 40
+    # evaluate --heads uses the written config too
+    r = run_cli("evaluate", demo_config_path(), tiny_detector, "--heads", work / "heads.pth", "--data-root", tiny_data,
+                "--out", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) == {"bbox", "segm"} and 0 <= metrics["bbox"]["AP"] <= 1
+    # without that config, mmdet's softmax head cannot take the merged classifier
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        from mmengine.runner import load_checkpoint
+
+        load_checkpoint(init_detector(str(demo_config_path()), device="cpu"), str(out), strict=True)
+
+
+@pytest.fixture(scope="module")
+def roi_cache(tiny_data, tiny_detector, tmp_path_factory):
+    out = tmp_path_factory.mktemp("roi-cache") / "cache"
+    r = run_cli("extract-features", demo_config_path(), tiny_detector, "--out", out, "--data-root", tiny_data,
+                "--max-images", 4, "--box-level", "roi", "--mask-level", "roi")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "index.h5"
+
+
+@pytest.mark.slow
+def test_roi_level_cache_retrains_the_trunks_and_exports_them(roi_cache, tiny_detector, tmp_path):
+    """At level roi the shared fcs and mask convs are retrained too; the export round trip holds for the whole heads."""
+    from mmdet.apis import init_detector
+
+    from crat_ft.cache import RoIReader
+    from crat_ft.checkpoint import allow_mmengine_pickles
+    from crat_ft.train import _register_all, build_heads, load_ft_config
+
+    work = tmp_path / "roi"
+    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", roi_cache, "--work-dir", work,
+                "--cfg-options", *_heads_options(iters=4, interval=4))
+    assert r.returncode == 0, r.stderr[-3000:]
+    sd = torch.load(work / "heads.pth", weights_only=True)["state_dict"]
+    det = torch.load(tiny_detector, weights_only=True)["state_dict"]
+    assert sd["box_trunk.shared_fcs.0.weight"].shape == det["roi_head.bbox_head.shared_fcs.0.weight"].shape
+    assert not torch.equal(sd["box_trunk.shared_fcs.0.weight"], det["roi_head.bbox_head.shared_fcs.0.weight"])  # trained
+    assert not torch.equal(sd["mask_trunk.convs.0.conv.weight"], det["roi_head.mask_head.convs.0.conv.weight"])
+    assert sd["box_stats.seen"].sum() > 0
+
+    out = tmp_path / "merged.pth"
+    r = run_cli("export", demo_config_path(), tiny_detector, work / "heads.pth", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    allow_mmengine_pickles()
+    model = init_detector(str(demo_config_path()), str(out), device="cpu")
+    _register_all()
+    reader = RoIReader(roi_cache)
+    from crat_ft.config import load_config
+
+    heads = build_heads(load_ft_config(demo_config("crat_synthetic.py")), reader, load_config(demo_config_path()), det)
+    heads.load_state_dict(sd)
+    rois = reader.read_rois(np.arange(10))
+    masks = reader.read_masks(np.arange(min(3, len(reader.mask_roi))))
+    x, mf = torch.from_numpy(rois["box_feat"]).float(), torch.from_numpy(masks["mask_feat"]).float()
+    with torch.no_grad():
+        ours = heads.predict(x, mf)
+        cls, reg = model.roi_head.bbox_head(x)
+        logits = model.roi_head.mask_head(mf)
+    assert x.shape[1:] == (64, 7, 7) and mf.shape[1:] == (64, 14, 14)
+    torch.testing.assert_close(cls, ours["cls_score"])
+    torch.testing.assert_close(reg, ours["bbox_pred"])
+    torch.testing.assert_close(logits, ours["mask_logits"])
