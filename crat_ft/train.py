@@ -333,6 +333,22 @@ def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
     return heads
 
 
+def _cpu_ddp(module):
+    """DDP over gloo for CPU-only torchrun launches.
+
+    mmengine's launcher assumes GPUs (it calls ``torch.cuda.set_device`` and
+    gives DDP ``device_ids``); on CPU the process group is initialised here
+    from torchrun's environment and the module wrapped without device ids,
+    which the Runner then takes as is.
+    """
+    import torch.distributed as dist
+    from mmengine.model import MMDistributedDataParallel
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return MMDistributedDataParallel(module=module, broadcast_buffers=False, find_unused_parameters=False)
+
+
 def retrain_heads(
     ft_config: str | os.PathLike,
     cache: str | os.PathLike,
@@ -386,8 +402,11 @@ def retrain_heads(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    model = heads
+    if distributed and not torch.cuda.is_available():
+        model = _cpu_ddp(heads)
     runner = Runner(
-        model=heads,
+        model=model,
         work_dir=str(work_dir),
         train_dataloader=loader,
         train_cfg=dict(by_epoch=False, max_iters=tr["max_iters"], val_interval=10**9),
@@ -410,6 +429,10 @@ def retrain_heads(
         default_scope="mmdet",
         experiment_name=f"retrain-heads-{Path(ft_config).stem}-{uuid.uuid4().hex[:8]}",
     )
+    if distributed:
+        import torch.distributed as dist
+
+        runner.logger.info(f"DDP: world size {runner.world_size}, backend {dist.get_backend()}; Fisher statistics are all-reduced every step")
     runner.train()
     model = runner.model.module if hasattr(runner.model, "module") else runner.model
     out = work_dir / HEADS_FILE

@@ -143,6 +143,43 @@ def test_fisher_stats_identical_across_gloo_processes():
     assert s0.tolist() == [True, False, True]
 
 
+@pytest.mark.slow
+def test_torchrun_ddp_retraining_all_reduces_fisher_statistics(tiny_cache, tmp_path):
+    """Two CPU processes under torchrun (gloo): rank 0 draws the single-process run's batch, and the saved
+    statistics also hold the classes only rank 1 drew."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import crat_ft_exe
+
+    opts = ["train.max_iters=1", "train.checkpoint_interval=1", "train.log_interval=1", "train.warmup_iters=1",
+            "sampler.rois_per_batch=12", "sampler.masks_per_batch=2"]
+    single = tmp_path / "single"
+    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", tiny_cache, "--work-dir", single, "--cfg-options", *opts)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    ddp = tmp_path / "ddp"
+    r = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={port}", *crat_ft_exe(), "retrain-heads",
+                        str(demo_config("crat_synthetic.py")), "--cache", str(tiny_cache), "--work-dir", str(ddp), "--cfg-options", *opts],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    log = next(ddp.glob("*/*.log")).read_text()
+    assert "Distributed training: True" in log and "DDP: world size 2, backend gloo" in log
+    a = torch.load(single / "heads.pth", weights_only=True)["state_dict"]
+    b = torch.load(ddp / "heads.pth", weights_only=True)["state_dict"]
+    seen_single, seen_ddp = a["box_stats.seen"], b["box_stats.seen"]
+    assert (seen_ddp | seen_single).equal(seen_ddp) and seen_ddp.sum() > seen_single.sum()
+    # a class drawn by rank 0 alone keeps half its single-process statistics (rank 1 contributes zeros)
+    ratio = b["box_stats.fisher"][seen_single].sum((1, 2)) / a["box_stats.fisher"][seen_single].sum((1, 2))
+    assert ((ratio - 0.5).abs() < 1e-4).sum() >= 1
+    assert (b["box_stats.fisher"][seen_ddp & ~seen_single].sum((1, 2)) > 0).all()  # rank 1's classes arrived
+
+
 def test_unknown_ft_config_key_is_an_error(tmp_path):
     from crat_ft.train import load_ft_config
 
