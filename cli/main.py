@@ -7,6 +7,7 @@ printed here as one line (``crat-ft: error: ...``) with exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -203,7 +204,8 @@ def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_opti
     from crat_ft.train import retrain_heads as run
 
     path = run(ft_config, cache, work_dir, cfg_options=_split_options(cfg_options), resume=resume, trust_checkpoint=trust_checkpoint)
-    click.echo(f"retrained heads: {path}")
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun only rank 0 writes heads.pth
+        click.echo(f"retrained heads: {path}")
 
 
 @cli.command()
