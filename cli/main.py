@@ -215,15 +215,18 @@ def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_opti
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The merged mmdet checkpoint.")
 @click.option("--tau-norm", type=float, default=None, help="Post-hoc tau-normalisation of the classifier (default: the heads' export setting).")
 @click.option("--logit-adjust", type=float, default=None, help="Post-hoc logit adjustment strength (default: the heads' export setting).")
+@click.option("--combine-original", type=float, default=None,
+              help="Mix in the original classifier's scores with this weight in [0, 1] (SimCal dual head; default: the heads' export setting).")
 @TRUST
-def export(config, checkpoint, heads, out, tau_norm, logit_adjust, trust_checkpoint):
+def export(config, checkpoint, heads, out, tau_norm, logit_adjust, combine_original, trust_checkpoint):
     """Merge retrained HEADS into CHECKPOINT: an ordinary mmdet checkpoint."""
     from crat_ft.detector import export_checkpoint
 
-    path, cfg_path = export_checkpoint(config, checkpoint, heads, out, tau_norm=tau_norm, logit_adjust=logit_adjust, trust_checkpoint=trust_checkpoint)
+    path, cfg_path = export_checkpoint(config, checkpoint, heads, out, tau_norm=tau_norm, logit_adjust=logit_adjust,
+                                       combine_original=combine_original, trust_checkpoint=trust_checkpoint)
     click.echo(f"merged checkpoint: {path}")
     if cfg_path:
-        click.echo(f"config for it: {cfg_path} (the heads were retrained with another classifier loss than {config} names; use this config with the checkpoint)")
+        click.echo(f"config for it: {cfg_path} (its classifier differs from the one {config} builds; use this config with the checkpoint)")
 
 
 @cli.command("fisher-neighbors")

@@ -197,6 +197,7 @@ def export_checkpoint(
     *,
     tau_norm: float | None = None,
     logit_adjust: float | None = None,
+    combine_original: float | None = None,
     trust_checkpoint: bool = False,
 ) -> tuple[str, str | None]:
     """Write an ordinary mmdet checkpoint: ``checkpoint`` with the retrained heads merged in.
@@ -208,6 +209,11 @@ def export_checkpoint(
     config with that loss (and the ``custom_imports`` it needs) is written
     beside the checkpoint as ``<out stem>.py``: mmdet must use it to build a
     classifier of the right width and activation.
+
+    ``combine_original=A`` (default: the heads' ``export`` setting) keeps the
+    detector's original classifier beside the retrained one and predicts with
+    ``(1 - A)·p_retrained + A·p_original`` (SimCal's dual head, crat-ft's
+    ``DualSoftmaxScores``); both must be softmax classifiers of C + 1 outputs.
 
     Returns:
         ``(checkpoint path, config path or None)``.
@@ -238,14 +244,19 @@ def export_checkpoint(
     exp = meta.get("export", {})
     tau = tau_norm if tau_norm is not None else exp.get("tau_norm")
     la = logit_adjust if logit_adjust is not None else exp.get("logit_adjust")
-    new_cfg = _config_for_loss(cfg, meta.get("loss_cls"))
+    combine = combine_original if combine_original is not None else exp.get("combine_original")
+    loss_cls = meta.get("loss_cls")
+    new_cfg = _config_for_loss(cfg, loss_cls)
     merged = merge_heads(state, hk, tau_norm=tau, logit_adjust=la, classifier_width_changes=new_cfg is not None)
+    if combine is not None:
+        merged, new_cfg = _combine_with_original(cfg, state, merged, loss_cls, float(combine), str(heads))
     new_meta = {k: v for k, v in (det.get("meta") or {}).items() if isinstance(v, (str, int, float, dict, list, tuple))}
     new_meta["crat_ft"] = {
         "heads": str(heads),
         "source_checkpoint_sha256": sha,
         "tau_norm": tau,
         "logit_adjust": la,
+        "combine_original": combine,
         "crat": meta.get("crat"),
         "sampler": meta.get("sampler"),
     }
@@ -277,10 +288,42 @@ def _config_for_loss(cfg, loss_cls: dict | None):
     new = copy.deepcopy(cfg)
     new.model.roi_head.bbox_head.loss_cls = dict(loss_cls)
     if loss_cls.get("type") == "GroupSoftmaxLoss":
-        imports = dict(new.get("custom_imports") or {"imports": [], "allow_failed_imports": False})
-        imports["imports"] = list(imports.get("imports", [])) + ["crat_ft.losses"]
-        new.custom_imports = imports
+        _import_crat_losses(new)
     return new
+
+
+def _import_crat_losses(cfg) -> None:
+    """Add ``crat_ft.losses`` to the config's ``custom_imports`` (it registers crat-ft's classifier losses)."""
+    imports = dict(cfg.get("custom_imports") or {"imports": [], "allow_failed_imports": False})
+    if "crat_ft.losses" not in imports.get("imports", []):
+        imports["imports"] = list(imports.get("imports", [])) + ["crat_ft.losses"]
+    cfg.custom_imports = imports
+
+
+def _combine_with_original(cfg, original: dict, merged: dict, loss_cls: dict | None, weight: float, heads: str):
+    """fc_cls of ``merged`` stacked on the original one, and the config predicting with their mixed scores."""
+    import copy
+
+    import torch
+
+    if not 0.0 <= weight <= 1.0:
+        raise UserError(f"--combine-original {weight}: expected a weight in [0, 1] (the original classifier's share of the scores)")
+    key = CLASSWISE_LAYERS["fc_cls"]
+    c = int(original[CLASSWISE_LAYERS["fc_reg"] + ".weight"].shape[0]) // 4
+    softmax = lambda loss: bool(loss) and loss.get("type") == "CrossEntropyLoss" and not loss.get("use_sigmoid", False)
+    det_loss = cfg.model.roi_head.bbox_head.get("loss_cls")
+    if not softmax(loss_cls or det_loss) or not softmax(det_loss) or merged[key + ".weight"].shape[0] != c + 1 or original[key + ".weight"].shape[0] != c + 1:
+        raise UserError(
+            f"--combine-original mixes two softmax classifiers of {c} + 1 outputs, but {heads} or the detector uses another classifier "
+            f"loss ({(loss_cls or {}).get('type')} / {(det_loss or {}).get('type')}); export without --combine-original"
+        )
+    merged = dict(merged)
+    for p in ("weight", "bias"):
+        merged[f"{key}.{p}"] = torch.cat([merged[f"{key}.{p}"], original[f"{key}.{p}"]])
+    new = copy.deepcopy(cfg)
+    new.model.roi_head.bbox_head.loss_cls = dict(type="DualSoftmaxScores", num_classes=c, original_weight=weight)
+    _import_crat_losses(new)
+    return merged, new
 
 
 def _plain(x):

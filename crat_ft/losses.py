@@ -4,7 +4,9 @@ Softmax CE, Seesaw and EQLv2 are mmdet's own (``CrossEntropyLoss``,
 ``SeesawLoss``, ``EQLV2Loss``); this module adds group softmax (BAGS, Li et al.
 2020) as an mmdet-registered loss, so a detector whose config names it (with
 ``custom_imports=dict(imports=['crat_ft.losses'])``) trains, predicts and
-evaluates in plain mmdet.
+evaluates in plain mmdet, and :class:`DualSoftmaxScores`, which mixes the
+retrained and the original classifier's scores at inference (SimCal's dual
+head; written by ``crat-ft export --combine-original``).
 
 Shape legend: ``N`` RoIs, ``C`` foreground classes (background label ``C``),
 ``G`` non-empty foreground groups.
@@ -158,3 +160,64 @@ class GroupSoftmaxLoss(nn.Module):
         acc_objectness = accuracy(cls_score[:, c : c + 2], fg.long())
         acc_classes = accuracy(self.get_activation(cls_score)[fg, :c], labels[fg])
         return {"acc_objectness": acc_objectness, "acc_classes": acc_classes}
+
+
+@MODELS.register_module()
+class DualSoftmaxScores(nn.Module):
+    """Scores of two softmax classifiers mixed, SimCal-style (Wang et al. 2020).
+
+    ``crat-ft export --combine-original A`` stacks the retrained (recalibrated)
+    classifier and the detector's original one into one ``fc_cls`` of
+    ``2(C + 1)`` rows, retrained first, and names this loss in the written
+    config so mmdet predicts with ``p = (1 - A)·softmax(retrained) + A·softmax(original)``.
+
+    As a training loss (end-to-end use) it is the softmax cross-entropy of
+    each half, summed.
+
+    Args:
+        num_classes: C.
+        original_weight: A, the original classifier's share of the scores.
+        loss_weight: multiplier of the loss.
+    """
+
+    custom_cls_channels = True
+    custom_activation = True
+    custom_accuracy = True
+
+    def __init__(self, num_classes: int, original_weight: float = 0.5, loss_weight: float = 1.0) -> None:
+        super().__init__()
+        if not 0.0 <= original_weight <= 1.0:
+            raise ValueError(f"DualSoftmaxScores: original_weight should be in [0, 1], got {original_weight}")
+        self.num_classes = num_classes
+        self.original_weight = float(original_weight)
+        self.loss_weight = loss_weight
+
+    def get_cls_channels(self, num_classes: int) -> int:
+        return 2 * (num_classes + 1)
+
+    def _halves(self, cls_score: Tensor) -> tuple[Tensor, Tensor]:
+        k = self.num_classes + 1
+        return cls_score[:, :k], cls_score[:, k:]
+
+    def forward(self, cls_score, label, weight=None, avg_factor=None, reduction_override=None) -> Tensor:
+        new, orig = self._halves(cls_score)
+        per_sample = F.cross_entropy(new, label, reduction="none") + F.cross_entropy(orig, label, reduction="none")
+        if weight is not None:
+            per_sample = per_sample * weight.float()
+        if (reduction_override or "mean") == "none":
+            return self.loss_weight * per_sample
+        total = per_sample.sum()
+        if (reduction_override or "mean") == "mean":
+            total = total / (avg_factor if avg_factor is not None else max(label.shape[0], 1))
+        return self.loss_weight * total
+
+    def get_activation(self, cls_score: Tensor) -> Tensor:
+        """(N, C + 1) mixed probabilities, background last."""
+        new, orig = self._halves(cls_score)
+        a = self.original_weight
+        return (1 - a) * F.softmax(new, dim=1) + a * F.softmax(orig, dim=1)
+
+    def get_accuracy(self, cls_score: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        from mmdet.models.losses import accuracy
+
+        return {"acc": accuracy(self.get_activation(cls_score), labels)}

@@ -226,7 +226,7 @@ FT_SECTIONS = {
         "num_workers": 0,
         "in_memory": False,
     },
-    "export": {"tau_norm": None, "logit_adjust": None},
+    "export": {"tau_norm": None, "logit_adjust": None, "combine_original": None},
 }
 
 

@@ -108,3 +108,20 @@ def test_mmdet_bbox_head_builds_trains_and_predicts_with_it():
     assert set(losses) >= {"loss_cls", "acc_objectness", "acc_classes"} and torch.isfinite(losses["loss_cls"])
     with pytest.raises(ValueError, match="class_instance_count has 2 entries, num_classes is 6"):
         GroupSoftmaxLoss(6, [1, 2])
+
+
+def test_dual_softmax_scores_mix_the_two_classifiers():
+    from crat_ft.losses import DualSoftmaxScores
+
+    torch.manual_seed(2)
+    dual = DualSoftmaxScores(3, original_weight=0.25)
+    assert dual.get_cls_channels(3) == 8
+    score = torch.randn(5, 8)
+    expect = 0.75 * torch.softmax(score[:, :4], 1) + 0.25 * torch.softmax(score[:, 4:], 1)
+    torch.testing.assert_close(dual.get_activation(score), expect)
+    torch.testing.assert_close(dual.get_activation(score).sum(1), torch.ones(5))
+    label = torch.tensor([0, 1, 2, 3, 3])
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(dual(score, label), ce(score[:, :4], label) + ce(score[:, 4:], label))
+    with pytest.raises(ValueError, match=r"original_weight should be in \[0, 1\], got 1.5"):
+        DualSoftmaxScores(3, original_weight=1.5)

@@ -312,6 +312,9 @@ def test_group_softmax_heads_export_with_their_config(tiny_cache, tiny_detector,
     image = next((tiny_data / "val2017").iterdir())
     pred = inference_detector(model, str(image)).pred_instances
     assert len(pred) > 0 and pred.scores.max() <= 1 and pred.labels.max() < 40
+    r = run_cli("export", demo_config_path(), tiny_detector, work / "heads.pth", "--out", tmp_path / "dual.pth", "--combine-original", 0.5)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "--combine-original mixes two softmax classifiers of 40 + 1 outputs" in r.stderr and not (tmp_path / "dual.pth").exists()
     # evaluate --heads uses the written config too
     r = run_cli("evaluate", demo_config_path(), tiny_detector, "--heads", work / "heads.pth", "--data-root", tiny_data,
                 "--out", tmp_path / "m.json")
@@ -376,3 +379,33 @@ def test_roi_level_cache_retrains_the_trunks_and_exports_them(roi_cache, tiny_de
     torch.testing.assert_close(cls, ours["cls_score"])
     torch.testing.assert_close(reg, ours["bbox_pred"])
     torch.testing.assert_close(logits, ours["mask_logits"])
+
+
+@pytest.mark.slow
+def test_export_combining_the_original_classifier(crat_run, tiny_detector, tiny_data, tmp_path):
+    """--combine-original: both classifiers in one fc_cls, mmdet predicts with the mixed softmax scores."""
+    from mmdet.apis import inference_detector, init_detector
+
+    from crat_ft.checkpoint import allow_mmengine_pickles
+
+    out = tmp_path / "dual.pth"
+    r = run_cli("export", demo_config_path(), tiny_detector, crat_run / "heads.pth", "--out", out, "--combine-original", 0.3)
+    assert r.returncode == 0, r.stderr[-2000:]
+    allow_mmengine_pickles()
+    model = init_detector(str(tmp_path / "dual.py"), str(out), device="cpu")
+    head = model.roi_head.bbox_head
+    heads = torch.load(crat_run / "heads.pth", weights_only=True)["state_dict"]
+    det = torch.load(tiny_detector, weights_only=True)["state_dict"]
+    assert head.fc_cls.weight.shape == (82, 256)
+    torch.testing.assert_close(head.fc_cls.weight[:41], heads["fc_cls.weight"])
+    torch.testing.assert_close(head.fc_cls.weight[41:], det["roi_head.bbox_head.fc_cls.weight"])
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        p = head.loss_cls.get_activation(head.fc_cls(x))
+    expect = 0.7 * torch.softmax(x @ heads["fc_cls.weight"].T + heads["fc_cls.bias"], 1) + \
+        0.3 * torch.softmax(x @ det["roi_head.bbox_head.fc_cls.weight"].T + det["roi_head.bbox_head.fc_cls.bias"], 1)
+    torch.testing.assert_close(p, expect)
+    pred = inference_detector(model, str(next((tiny_data / "val2017").iterdir()))).pred_instances
+    assert len(pred) > 0 and pred.labels.max() < 40
+    r = run_cli("export", demo_config_path(), tiny_detector, crat_run / "heads.pth", "--out", tmp_path / "bad.pth", "--combine-original", 2)
+    assert r.returncode == 2 and "expected a weight in [0, 1]" in r.stderr and not (tmp_path / "bad.pth").exists()

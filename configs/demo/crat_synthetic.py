@@ -51,4 +51,6 @@ train = dict(
     num_workers=0,
     in_memory=True)
 
-export = dict(tau_norm=None, logit_adjust=None)
+# post-hoc, folded in at export: tau-normalisation, logit adjustment, and mixing in
+# the original classifier's scores with this weight (SimCal's dual head)
+export = dict(tau_norm=None, logit_adjust=None, combine_original=None)

@@ -56,4 +56,6 @@ train = dict(
     num_workers=4,
     in_memory=False)
 
-export = dict(tau_norm=None, logit_adjust=None)
+# post-hoc, folded in at export: tau-normalisation, logit adjustment, and mixing in
+# the original classifier's scores with this weight (SimCal's dual head)
+export = dict(tau_norm=None, logit_adjust=None, combine_original=None)
