@@ -264,17 +264,20 @@ def export_checkpoint(
         new_meta["dataset_meta"] = {"classes": tuple(meta["class_names"])}
     out_p = Path(out)
     out_p.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path = None
-    if new_cfg is not None:
-        cfg_path = out_p.with_suffix(".py")
-        tmp_cfg = out_p.with_name(f".{out_p.stem}.tmp.py")
-        new_cfg.dump(str(tmp_cfg))
-        new_meta["crat_ft"]["config"] = str(cfg_path)
+    cfg_path = out_p.with_suffix(".py") if new_cfg is not None else None
+    tmp_cfg = out_p.with_name(f".{out_p.stem}.tmp.py")
     tmp = out_p.with_name(f".{out_p.name}.tmp")
-    torch.save({"state_dict": merged, "meta": new_meta}, tmp)
-    if cfg_path is not None:
-        os.replace(tmp_cfg, cfg_path)
-    os.replace(tmp, out_p)
+    try:
+        if cfg_path is not None:
+            new_cfg.dump(str(tmp_cfg))
+            new_meta["crat_ft"]["config"] = str(cfg_path)
+        torch.save({"state_dict": merged, "meta": new_meta}, tmp)
+        if cfg_path is not None:
+            os.replace(tmp_cfg, cfg_path)
+        os.replace(tmp, out_p)
+    finally:  # nothing half-written is left behind (e.g. disk full)
+        tmp_cfg.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return str(out_p), (str(cfg_path) if cfg_path is not None else None)
 
 

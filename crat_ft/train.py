@@ -33,7 +33,7 @@ def _register_all() -> None:
     import mmdet.utils
 
     import crat_ft.evaluation  # noqa: F401  (registers CratLVISMetric)
-    import crat_ft.losses  # noqa: F401  (registers GroupSoftmaxLoss)
+    import crat_ft.losses  # noqa: F401  (registers GroupSoftmaxLoss, DualSoftmaxScores)
     from crat_ft.checkpoint import allow_mmengine_pickles
 
     mmdet.utils.register_all_modules(init_default_scope=True)
@@ -296,8 +296,8 @@ def heads_loss_cls(ft: dict, meta: dict) -> dict:
 def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
     """The :class:`crat_ft.heads.ClasswiseHeads` for a cache, initialised from the detector.
 
-    At cache level ``roi`` (box) or ``roi`` (mask) the detector's bbox/mask head
-    trunks are built and retrained too (see :func:`crat_ft.heads.build_trunk`).
+    From a cache at box level ``roi`` (mask level ``roi``) the detector's bbox
+    (mask) head trunk is built and retrained too (see :func:`crat_ft.heads.build_trunk`).
     """
     from crat_ft.detector import CLASSWISE_LAYERS
     from crat_ft.heads import ClasswiseHeads, CratConfig, build_trunk
@@ -315,6 +315,10 @@ def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
     mask_channels = int(detector_state[CLASSWISE_LAYERS["conv_logits"] + ".weight"].shape[1]) if has_mask else 0
     if box_trunk is None and int(meta["box_shape"][0]) != box_dim:
         raise UserError(f"the cache's box features have width {meta['box_shape'][0]} but the detector's fc_reg takes {box_dim}; re-extract the cache")
+    if mask_trunk is None and has_mask and int(meta["mask_shape"][0]) != mask_channels:
+        raise UserError(
+            f"the cache's mask features have {meta['mask_shape'][0]} channels but the detector's conv_logits takes {mask_channels}; re-extract the cache"
+        )
     heads = ClasswiseHeads(
         num_classes=reader.num_classes,
         box_feat_dim=box_dim,
