@@ -283,30 +283,30 @@ def export_checkpoint(
 
 def _config_for_loss(cfg, loss_cls: dict | None):
     """A copy of ``cfg`` whose bbox head uses ``loss_cls``, or None when it already does."""
-    import copy
-
     head = cfg.model.roi_head.bbox_head
     if not loss_cls or _plain(head.get("loss_cls")) == _plain(loss_cls):
         return None
+    return _with_loss(cfg, loss_cls)
+
+
+def _with_loss(cfg, loss_cls: dict):
+    """A copy of ``cfg`` whose bbox head uses ``loss_cls``; crat-ft's own losses get ``crat_ft.losses`` in ``custom_imports``."""
+    import copy
+
+    from crat_ft.losses import CRAT_LOSSES
+
     new = copy.deepcopy(cfg)
     new.model.roi_head.bbox_head.loss_cls = dict(loss_cls)
-    if loss_cls.get("type") == "GroupSoftmaxLoss":
-        _import_crat_losses(new)
+    if loss_cls.get("type") in CRAT_LOSSES:
+        imports = dict(new.get("custom_imports") or {"imports": [], "allow_failed_imports": False})
+        if "crat_ft.losses" not in imports.get("imports", []):
+            imports["imports"] = list(imports.get("imports", [])) + ["crat_ft.losses"]
+        new.custom_imports = imports
     return new
-
-
-def _import_crat_losses(cfg) -> None:
-    """Add ``crat_ft.losses`` to the config's ``custom_imports`` (it registers crat-ft's classifier losses)."""
-    imports = dict(cfg.get("custom_imports") or {"imports": [], "allow_failed_imports": False})
-    if "crat_ft.losses" not in imports.get("imports", []):
-        imports["imports"] = list(imports.get("imports", [])) + ["crat_ft.losses"]
-    cfg.custom_imports = imports
 
 
 def _combine_with_original(cfg, original: dict, merged: dict, loss_cls: dict | None, weight: float, heads: str):
     """fc_cls of ``merged`` stacked on the original one, and the config predicting with their mixed scores."""
-    import copy
-
     import torch
 
     if not 0.0 <= weight <= 1.0:
@@ -323,10 +323,7 @@ def _combine_with_original(cfg, original: dict, merged: dict, loss_cls: dict | N
     merged = dict(merged)
     for p in ("weight", "bias"):
         merged[f"{key}.{p}"] = torch.cat([merged[f"{key}.{p}"], original[f"{key}.{p}"]])
-    new = copy.deepcopy(cfg)
-    new.model.roi_head.bbox_head.loss_cls = dict(type="DualSoftmaxScores", num_classes=c, original_weight=weight)
-    _import_crat_losses(new)
-    return merged, new
+    return merged, _with_loss(cfg, dict(type="DualSoftmaxScores", num_classes=c, original_weight=weight))
 
 
 def _plain(x):

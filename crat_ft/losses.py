@@ -43,6 +43,19 @@ from mmdet.registry import MODELS
 from torch import Tensor, nn
 
 DEFAULT_GROUP_BOUNDS = (10, 100, 1000)
+CRAT_LOSSES = ("GroupSoftmaxLoss", "DualSoftmaxScores")  # registered below; configs naming them import this module
+
+
+def _reduce(per_sample: Tensor, weight: Tensor | None, reduction: str, avg_factor: float | None) -> Tensor:
+    """mmdet's loss reduction of per-sample losses: optional weights, then 'none', 'sum' or 'mean' over ``avg_factor`` (default N)."""
+    if weight is not None:
+        per_sample = per_sample * weight.float()
+    if reduction == "none":
+        return per_sample
+    total = per_sample.sum()
+    if reduction == "mean":
+        total = total / (avg_factor if avg_factor is not None else max(per_sample.shape[0], 1))
+    return total
 
 
 def class_groups(class_instance_count: Sequence[int], group_bounds: Sequence[int] = DEFAULT_GROUP_BOUNDS) -> list[list[int]]:
@@ -121,24 +134,17 @@ class GroupSoftmaxLoss(nn.Module):
         """Sum over groups of the (weighted) group cross-entropies."""
         c = self.num_classes
         reduction = reduction_override or self.reduction
-        n = label.shape[0]
-        sample_w = cls_score.new_ones(n) if weight is None else weight.float()
         fg = label < c
-        per_sample = F.cross_entropy(cls_score[:, c : c + 2], fg.long(), reduction="none") * sample_w
+        per_sample = F.cross_entropy(cls_score[:, c : c + 2], fg.long(), reduction="none")
         label_fg = label.clamp(max=c - 1)
         for j in range(len(self.groups)):
             own = fg & (self.group_of[label_fg] == j)
             target = torch.where(own, self.pos_in_group[label_fg], torch.full_like(label, len(self.groups[j])))
             n_own, n_others = float(own.sum()), float((~own).sum())
             others_w = min(1.0, self.others_ratio * max(n_own, 1.0) / n_others) if n_others else 1.0
-            gw = torch.where(own, torch.ones_like(sample_w), torch.full_like(sample_w, others_w))
-            per_sample = per_sample + F.cross_entropy(self._group_logits(cls_score, j), target, reduction="none") * gw * sample_w
-        if reduction == "none":
-            return self.loss_weight * per_sample
-        total = per_sample.sum()
-        if reduction == "mean":
-            total = total / (avg_factor if avg_factor is not None else max(n, 1))
-        return self.loss_weight * total
+            gw = torch.where(own, 1.0, others_w)
+            per_sample = per_sample + F.cross_entropy(self._group_logits(cls_score, j), target, reduction="none") * gw
+        return self.loss_weight * _reduce(per_sample, weight, reduction, avg_factor)
 
     def get_activation(self, cls_score: Tensor) -> Tensor:
         """(N, C + 1) probabilities, background last, as mmdet's bbox head expects."""
@@ -202,14 +208,7 @@ class DualSoftmaxScores(nn.Module):
     def forward(self, cls_score, label, weight=None, avg_factor=None, reduction_override=None) -> Tensor:
         new, orig = self._halves(cls_score)
         per_sample = F.cross_entropy(new, label, reduction="none") + F.cross_entropy(orig, label, reduction="none")
-        if weight is not None:
-            per_sample = per_sample * weight.float()
-        if (reduction_override or "mean") == "none":
-            return self.loss_weight * per_sample
-        total = per_sample.sum()
-        if (reduction_override or "mean") == "mean":
-            total = total / (avg_factor if avg_factor is not None else max(label.shape[0], 1))
-        return self.loss_weight * total
+        return self.loss_weight * _reduce(per_sample, weight, reduction_override or "mean", avg_factor)
 
     def get_activation(self, cls_score: Tensor) -> Tensor:
         """(N, C + 1) mixed probabilities, background last."""
