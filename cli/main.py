@@ -14,6 +14,10 @@ import click
 
 from crat_ft.errors import UserError
 
+COUNT = click.IntRange(min=0)
+POSITIVE = click.IntRange(min=1)
+
+
 class _GreedyOption(click.Option):
     """An option taking every following argument up to the next ``-...``, as argparse's nargs='+'.
 
@@ -61,8 +65,28 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            click.echo(f"crat-ft: error: {exc}", err=True)
-            sys.exit(2)
+            _fail(str(exc), getattr(exc, "exit_code", 2))
+        except OSError as exc:
+            from crat_ft.files import storage_error
+
+            err = storage_error(exc, getattr(exc, "filename", None) or "an output file")
+            if err is None:
+                raise
+            _fail(str(err), err.exit_code)
+
+
+def _fail(message: str, code: int) -> None:
+    """Print one line and exit with ``code``.
+
+    After a storage fault (code 1) the process ends with ``os._exit``: HDF5's
+    exit handler would otherwise retry the failed writes and can crash.
+    """
+    click.echo(f"crat-ft: error: {message}", err=True)
+    if code != 1:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,8 +110,8 @@ def env():
 @cli.command("make-demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed of every random choice (same seed, same bytes).")
-@click.option("--train-images", default=800, show_default=True)
-@click.option("--val-images", default=200, show_default=True)
+@click.option("--train-images", default=800, show_default=True, type=POSITIVE)
+@click.option("--val-images", default=200, show_default=True, type=POSITIVE)
 @click.option("--classes", default=40, show_default=True, help="Number of shape x colour classes (2..64).")
 def make_demo_data(out, seed, train_images, val_images, classes):
     """Write the synthetic long-tailed LVIS-v1-format dataset to OUT."""
@@ -146,24 +170,26 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, trust_che
 @click.option("--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's).")
 @click.option("--box-level", type=click.Choice(["fc", "roi"]), default="fc", show_default=True)
 @click.option("--mask-level", type=click.Choice(["logits", "roi"]), default="logits", show_default=True)
-@click.option("--max-pos-per-image", default=64, show_default=True)
-@click.option("--neg-per-image", default=16, show_default=True)
-@click.option("--box-pos-per-class", default=2000, show_default=True, help="Expected cached positives per class (rare classes keep all).")
-@click.option("--mask-pos-per-class", default=64, show_default=True, help="Expected cached mask features per class.")
+@click.option("--max-pos-per-image", default=64, show_default=True, type=COUNT)
+@click.option("--neg-per-image", default=16, show_default=True, type=COUNT)
+@click.option("--box-pos-per-class", default=2000, show_default=True, type=COUNT, help="Expected cached positives per class (rare classes keep all).")
+@click.option("--mask-pos-per-class", default=64, show_default=True, type=COUNT, help="Expected cached mask features per class.")
 @click.option("--flip", is_flag=True, help="Also cache the horizontally flipped view.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--shard", default=None, metavar="I/N", help="Extract shard I of N (default: torchrun RANK/WORLD_SIZE).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction, skipping finished images.")
-@click.option("--batch-size", default=4, show_default=True)
+@click.option("--batch-size", default=4, show_default=True, type=POSITIVE)
 @click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True)
-@click.option("--max-images", type=int, default=None, help="Only the first N images (smoke tests).")
-@click.option("--segment-images", default=32, show_default=True, help="Images per resumable segment file.")
+@click.option("--max-images", type=POSITIVE, default=None, help="Only the first N images (smoke tests).")
+@click.option("--segment-images", default=32, show_default=True, type=POSITIVE, help="Images per resumable segment file.")
 @click.option("--dry-run", is_flag=True, help="Measure a few images and print the projected cache size.")
+@click.option("--skip-space-check", is_flag=True,
+              help="Do not stop when the free space looks too small for the projected cache (measured after the first segment).")
 @TRUST
 @CFG_OPTIONS
 def extract_features(config, checkpoint, out, data_root, box_level, mask_level, max_pos_per_image, neg_per_image,
                      box_pos_per_class, mask_pos_per_class, flip, seed, shard, resume, batch_size, compression,
-                     max_images, segment_images, dry_run, trust_checkpoint, cfg_options):
+                     max_images, segment_images, dry_run, skip_space_check, trust_checkpoint, cfg_options):
     """Cache a frozen detector's RoI features for the training split to HDF5."""
     from crat_ft.extract import RoIPolicy, dry_run as run_dry, extract_features as run
 
@@ -175,7 +201,8 @@ def extract_features(config, checkpoint, out, data_root, box_level, mask_level, 
     if dry_run:
         click.echo(run_dry(config, checkpoint, **kwargs))
         return
-    path = run(config, checkpoint, out, shard=shard, resume=resume, max_images=max_images, segment_images=segment_images, **kwargs)
+    path = run(config, checkpoint, out, shard=shard, resume=resume, max_images=max_images, segment_images=segment_images,
+               space_check=not skip_space_check, **kwargs)
     click.echo(f"feature cache: {path}")
 
 
@@ -213,17 +240,21 @@ def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_opti
 @click.argument("checkpoint", type=click.Path())
 @click.argument("heads", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The merged mmdet checkpoint.")
-@click.option("--tau-norm", type=float, default=None, help="Post-hoc tau-normalisation of the classifier (default: the heads' export setting).")
-@click.option("--logit-adjust", type=float, default=None, help="Post-hoc logit adjustment strength (default: the heads' export setting).")
+@click.option("--tau-norm", type=click.FloatRange(min=0), default=None,
+              help="Post-hoc tau-normalisation of the classifier (default: the heads' export setting).")
+@click.option("--logit-adjust", type=click.FloatRange(min=0), default=None,
+              help="Post-hoc logit adjustment strength (default: the heads' export setting).")
 @click.option("--combine-original", type=float, default=None,
               help="Mix in the original classifier's scores with this weight in [0, 1] (SimCal dual head; default: the heads' export setting).")
 @TRUST
-def export(config, checkpoint, heads, out, tau_norm, logit_adjust, combine_original, trust_checkpoint):
+@CFG_OPTIONS
+def export(config, checkpoint, heads, out, tau_norm, logit_adjust, combine_original, trust_checkpoint, cfg_options):
     """Merge retrained HEADS into CHECKPOINT: an ordinary mmdet checkpoint."""
     from crat_ft.detector import export_checkpoint
 
     path, cfg_path = export_checkpoint(config, checkpoint, heads, out, tau_norm=tau_norm, logit_adjust=logit_adjust,
-                                       combine_original=combine_original, trust_checkpoint=trust_checkpoint)
+                                       combine_original=combine_original, trust_checkpoint=trust_checkpoint,
+                                       cfg_options=_split_options(cfg_options))
     click.echo(f"merged checkpoint: {path}")
     if cfg_path:
         click.echo(f"config for it: {cfg_path} (its classifier differs from the one {config} builds; use this config with the checkpoint)")
@@ -232,7 +263,7 @@ def export(config, checkpoint, heads, out, tau_norm, logit_adjust, combine_origi
 @cli.command("fisher-neighbors")
 @click.argument("heads", type=click.Path())
 @click.option("--class", "class_name", default=None, help="One class (default: every rare class).")
-@click.option("--top", default=5, show_default=True)
+@click.option("--top", default=5, show_default=True, type=POSITIVE)
 @click.option("--branch", type=click.Choice(["box", "mask"]), default="box", show_default=True)
 def fisher_neighbors(heads, class_name, top, branch):
     """Top-K Fisher neighbours of classes, from a heads file's statistics."""
@@ -244,8 +275,8 @@ def fisher_neighbors(heads, class_name, top, branch):
 @cli.command()
 @click.option("--work-dir", default="work_dirs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
-@click.option("--detector-iters", type=int, default=None, help="Stage-1 training iterations (default: the config's).")
-@click.option("--heads-iters", type=int, default=None, help="retrain-heads iterations (default: the fine-tune configs').")
+@click.option("--detector-iters", type=POSITIVE, default=None, help="Stage-1 training iterations (default: the config's).")
+@click.option("--heads-iters", type=POSITIVE, default=None, help="retrain-heads iterations (default: the fine-tune configs').")
 def demo(work_dir, seed, detector_iters, heads_iters):
     """Run the whole pipeline on the embedded synthetic long-tailed benchmark (CPU)."""
     from crat_ft.demo import run_demo

@@ -30,6 +30,7 @@ never accepted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ import numpy as np
 
 import crat_ft
 from crat_ft.errors import UserError
+from crat_ft.files import QuietFinalizerFaults, atomic_path, storage_error, storage_errors, temp_name
 
 FORMAT_NAME = "crat-ft-roi-cache"
 FORMAT_VERSION = 1
@@ -107,7 +109,7 @@ def unpack_masks(packed: np.ndarray, size: int) -> np.ndarray:
 
 
 class CacheWriter:
-    """Append image blocks to one HDF5 cache file, written under ``<path>.tmp``.
+    """Append image blocks to one HDF5 cache file, written under a temporary name.
 
     Usage::
 
@@ -129,7 +131,7 @@ class CacheWriter:
         compression: str | None = None,
     ) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = temp_name(self.path)
         self.attrs = attrs
         self.box_shape = tuple(box_shape)
         self.mask_shape = tuple(mask_shape)
@@ -138,9 +140,21 @@ class CacheWriter:
         self.n_rois = self.n_masks = self.n_images = 0
 
     def __enter__(self) -> "CacheWriter":
+        self._quiet = QuietFinalizerFaults().__enter__()
+        try:
+            with storage_errors(self.path):
+                self._create()
+        except BaseException as err:
+            self._discard()
+            self._quiet.__exit__(type(err), err, None)
+            raise
+        return self
+
+    def _create(self) -> None:
         import h5py
 
         self.f = h5py.File(self.tmp, "w")
+        self._ds = {}  # one handle per dataset: fewer h5py objects to finalise
         s = int(self.attrs["mask_size"])
         specs = {
             "rois/image_id": ((), np.int64),
@@ -168,7 +182,7 @@ class CacheWriter:
             # one mask feature (~100-400 KiB) per chunk: a random mask is then
             # one direct chunk read, with no partial-chunk or selection overhead
             rows = 1 if name == "masks/feat" else (max(1, min(ROI_CHUNK, (1 << 20) // max(1, row_bytes))) if big else 4096)
-            self.f.create_dataset(
+            self._ds[name] = self.f.create_dataset(
                 name,
                 shape=(0, *shape),
                 maxshape=(None, *shape),
@@ -179,10 +193,9 @@ class CacheWriter:
         for k, v in self.attrs.items():
             self.f.attrs[k] = v
         self.f.attrs["complete"] = False
-        return self
 
     def _extend(self, name: str, data: np.ndarray) -> None:
-        ds = self.f[name]
+        ds = self._ds[name]
         n = ds.shape[0]
         ds.resize(n + len(data), axis=0)
         if len(data):
@@ -238,15 +251,42 @@ class CacheWriter:
         self.n_rois += nr
         self.n_masks += nm
 
+    def _discard(self) -> None:
+        """Close (ignoring the errors of a failing disk) and delete the temporary file."""
+        self._ds = {}
+        if self.f is not None:
+            with contextlib.suppress(Exception):
+                self.f.close()
+            self.f = None
+        self.tmp.unlink(missing_ok=True)
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.f.attrs["complete"] = True
-            self.f.attrs["num_images"] = self.n_images
-            self.f.close()
-            os.replace(self.tmp, self.path)
-        else:
-            self.f.close()
-            self.tmp.unlink(missing_ok=True)
+        try:
+            self._finish(exc_type, exc)
+        except BaseException as err:
+            self._quiet.__exit__(type(err), err, None)
+            raise
+        self._quiet.__exit__(None, None, None)
+
+    def _finish(self, exc_type, exc) -> None:
+        """Rename the complete file into place, or discard it (raising storage faults as one line)."""
+        if exc_type is not None:
+            self._discard()
+            err = storage_error(exc, self.path) if isinstance(exc, Exception) else None
+            if err is not None:
+                raise err from None
+            return
+        try:
+            with storage_errors(self.path):
+                self.f.attrs["complete"] = True
+                self.f.attrs["num_images"] = self.n_images
+                self._ds = {}
+                self.f.close()
+                self.f = None
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
 
 
 # --------------------------------------------------------------------------- validation and reading
@@ -369,18 +409,17 @@ def build_index(shards: Iterable[str | os.PathLike], out: str | os.PathLike) -> 
     metas, sizes = [], []
     for s in shards:
         with open_cache(s) as f:
-            metas.append({k: f.attrs[k] for k in f.attrs if k not in ("complete", "num_images", "shard")})
+            metas.append({k: f.attrs[k] for k in f.attrs if k not in ("complete", "num_images", "shard", "run_settings")})
             sizes.append({g + "/" + n: f[g + "/" + n].shape[0] for g, fs in (("rois", ROI_FIELDS), ("masks", MASK_FIELDS), ("images", IMAGE_FIELDS)) for n in fs})
     for s, m in zip(shards[1:], metas[1:]):
         for k in ("checkpoint_sha256", "config_hash", "policy", "box_level", "mask_level", "class_names"):
             if str(m.get(k)) != str(metas[0].get(k)):
                 raise UserError(f"shard {s} differs from {shards[0]} in {k}; all shards must come from one extract-features run")
     out = Path(out)
-    # per-process temporary name: two ranks finishing together may both build
-    # the (identical) index; each renames its own complete file into place
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    # per-process temporary name (atomic_path): two ranks finishing together may
+    # both build the (identical) index; each renames its own complete file into place
     rewrite = {"rois/mask_index", "masks/roi_index", "images/roi_start", "images/mask_start"}
-    with h5py.File(tmp, "w") as dst:
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as dst:
         for k, v in metas[0].items():
             dst.attrs[k] = v
         with h5py.File(shards[0], "r") as f0:
@@ -417,7 +456,6 @@ def build_index(shards: Iterable[str | os.PathLike], out: str | os.PathLike) -> 
         dst.attrs["complete"] = True
         dst.attrs["num_images"] = sum(sz["images/image_id"] for sz in sizes)
         dst.attrs["shards"] = json.dumps([os.path.relpath(s, out.parent) for s in shards])
-    os.replace(tmp, out)
     return out
 
 

@@ -1,103 +1,202 @@
-"""Safe loading of mmdet/mmengine checkpoints under torch >= 2.6.
+"""Safe loading of mmdet/mmengine checkpoints.
 
-torch >= 2.6 loads with ``weights_only=True`` by default, and mmengine 0.10.7
-calls ``torch.load`` without the argument. A checkpoint saved by mmengine's
-Runner holds more than tensors (the message hub's ``HistoryBuffer`` objects,
-numpy arrays and scalars in its meta), so ``init_detector`` and Runner resume
-fail on the project's own checkpoints. We keep the safe loader and allow-list
-exactly the known mmengine and numpy types (:func:`allow_mmengine_pickles`);
-arbitrary pickles are loaded only when the user opts in with
-``--trust-checkpoint`` (:func:`trusted_loading`), since unpickling can run
-arbitrary code.
+A checkpoint is a pickle, and unpickling can call any function the file names.
+torch's ``weights_only`` loader refuses everything but tensors and plain data,
+which is too strict for what mmengine's Runner saves: its message hub holds
+``HistoryBuffer`` objects, pickled with ``getattr(HistoryBuffer, "min")`` for
+their statistics methods, and its meta holds numpy arrays and scalars. Adding
+``builtins.getattr`` to torch's allow-list would be wrong: ``getattr`` reaches
+``getattr.__self__`` (the builtins module), hence ``open``, ``eval`` and
+everything else, and torch's allow-listed ``_rebuild_from_type_v2`` calls
+whatever it is given.
+
+So crat-ft unpickles with its own restricted unpickler (:class:`SafeUnpickler`,
+passed to ``torch.load`` as the pickle module). It resolves only the globals
+in :func:`safe_globals`: torch's own ``weights_only`` allow-list (tensor
+rebuild functions, dtypes, ``OrderedDict``...), numpy arrays, dtypes and
+scalars, and ``HistoryBuffer``. ``getattr`` is replaced by a function that
+accepts exactly ``getattr(HistoryBuffer, <statistics method>)`` and nothing
+else, so every callable a file can reach is a data constructor.
+
+Arbitrary pickles are loaded only when the user opts in with
+``--trust-checkpoint`` (:func:`trusted_loading`). :func:`allow_mmengine_pickles`
+makes mmengine's own checkpoint loading (``Runner`` resume, ``load_from``,
+``init_detector``) go through the same loader.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import io
 import os
-import re
+import pickle
 from pathlib import Path
 
 from crat_ft.errors import UserError
 
-_TRUST_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+# HistoryBuffer's built-in statistics methods: the only attributes the safe getattr returns
+HISTORY_BUFFER_METHODS = ("min", "max", "current", "mean")
+_HISTORY_BUFFER = "mmengine.logging.history_buffer.HistoryBuffer"
+# Python 2 module names that pickle protocol 2 writes (torch.save's default protocol)
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+_TRUSTED = contextvars.ContextVar("crat_ft_trusted_checkpoints", default=False)
 
 
-def _known_safe_globals() -> list:
-    import numpy as np
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle names a global outside the allow-list, or uses ``getattr`` beyond HistoryBuffer's methods."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+def _history_buffer_getattr(obj, name, *default):
+    """``getattr`` as HistoryBuffer pickles need it: ``getattr(HistoryBuffer, "min")`` and nothing else."""
     from mmengine.logging.history_buffer import HistoryBuffer
 
-    # HistoryBuffer pickles its statistics methods as getattr(HistoryBuffer, "min"):
-    # getattr only fetches attributes; the safe unpickler still refuses to
-    # call anything that is not allow-listed, so this opens no code path.
-    safe = [HistoryBuffer, getattr, np.ndarray, np.dtype, np.core.multiarray._reconstruct, np.core.multiarray.scalar]
-    # numpy >= 1.25 pickles dtypes as instances of numpy.dtypes.*DType classes
-    dtypes = getattr(np, "dtypes", None)
+    if obj is HistoryBuffer and name in HISTORY_BUFFER_METHODS and not default:
+        return getattr(HistoryBuffer, name)
+    shown = "getattr" if obj is _history_buffer_getattr else getattr(obj, "__qualname__", None) or type(obj).__name__
+    raise UnsafePickleError(f"getattr({shown}, {name!r}{', ...' if default else ''})")
+
+
+def safe_globals() -> dict:
+    """``"module.name" -> object`` of every global a checkpoint may name without ``--trust-checkpoint``."""
+    import numpy as np
+    from mmengine.logging.history_buffer import HistoryBuffer
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed = dict(_get_allowed_globals())
+    numpy_core = np.core.multiarray
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[f"{mod}._reconstruct"] = numpy_core._reconstruct
+        allowed[f"{mod}.scalar"] = numpy_core.scalar
+    allowed["numpy.ndarray"] = np.ndarray
+    allowed["numpy.dtype"] = np.dtype
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes as numpy.dtypes.*DType
     if dtypes is not None:
-        safe += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
-    safe += [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1")]
-    return safe
+        for n in dir(dtypes):
+            if n.endswith("DType"):
+                allowed[f"numpy.dtypes.{n}"] = getattr(dtypes, n)
+    allowed[_HISTORY_BUFFER] = HistoryBuffer
+    for name in HISTORY_BUFFER_METHODS:  # protocol >= 4 names methods by qualified name
+        allowed[f"{_HISTORY_BUFFER}.{name}"] = getattr(HistoryBuffer, name)
+    allowed["builtins.getattr"] = _history_buffer_getattr
+    return allowed
 
 
-def allow_mmengine_pickles() -> None:
-    """Allow-list mmengine's and numpy's checkpoint types for ``torch.load(weights_only=True)``.
+class SafeUnpickler(pickle.Unpickler):
+    """A pickle unpickler that resolves only the globals of :func:`safe_globals`."""
 
-    Idempotent. Affects only what the safe loader accepts; it never enables
-    arbitrary unpickling.
-    """
+    _allowed: dict | None = None
+
+    def find_class(self, module: str, name: str):
+        module = _PY2_MODULES.get(module, module)
+        if SafeUnpickler._allowed is None:
+            SafeUnpickler._allowed = safe_globals()
+        found = SafeUnpickler._allowed.get(f"{module}.{name}")
+        if found is None:
+            raise UnsafePickleError(f"{module}.{name}")
+        return found
+
+
+class _SafePickleModule:
+    """What ``torch.load(pickle_module=...)`` needs of a pickle module, restricted."""
+
+    __name__ = "crat_ft.checkpoint.safe_pickle"
+    Unpickler = SafeUnpickler
+
+    @staticmethod
+    def load(file, **kwargs):
+        return SafeUnpickler(file, **kwargs).load()
+
+    @staticmethod
+    def loads(data: bytes, **kwargs):
+        return SafeUnpickler(io.BytesIO(data), **kwargs).load()
+
+
+safe_pickle = _SafePickleModule()
+
+
+def safe_torch_load(f, map_location="cpu"):
+    """``torch.load`` of a file or file object through :class:`SafeUnpickler` (no trust needed)."""
     import torch
 
-    if hasattr(torch.serialization, "add_safe_globals"):
-        torch.serialization.add_safe_globals(_known_safe_globals())
+    return torch.load(f, map_location=map_location, weights_only=False, pickle_module=safe_pickle)
 
 
 @contextlib.contextmanager
 def trusted_loading(trust: bool):
-    """Within this context, ``torch.load`` unpickles anything if ``trust`` is set.
+    """Within this context, checkpoints loaded through mmengine unpickle anything if ``trust`` is set.
 
     Use only for checkpoints the user vouches for (``--trust-checkpoint``).
     """
-    if not trust:
-        yield
-        return
-    old = os.environ.get(_TRUST_ENV)
-    os.environ[_TRUST_ENV] = "1"
+    token = _TRUSTED.set(bool(trust))
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(_TRUST_ENV, None)
-        else:
-            os.environ[_TRUST_ENV] = old
+        _TRUSTED.reset(token)
 
 
-def load_checkpoint_file(path: str | os.PathLike, *, trust: bool = False) -> dict:
-    """Load a checkpoint dict on the CPU, safely unless ``trust``.
+def _mmengine_local_loader(filename, map_location=None):
+    return load_checkpoint_file(os.path.expanduser(filename), trust=_TRUSTED.get(), map_location=map_location)
+
+
+def allow_mmengine_pickles() -> None:
+    """Make mmengine load local checkpoints with crat-ft's loader (safe unless :func:`trusted_loading`).
+
+    Registers :func:`load_checkpoint_file` as mmengine's loader for local
+    paths (``CheckpointLoader`` scheme ``''``; URLs keep mmengine's loaders),
+    so ``Runner`` resume, ``load_from`` and ``init_detector`` read Runner
+    checkpoints without opening arbitrary unpickling. Idempotent.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    CheckpointLoader.register_scheme(prefixes="", loader=_mmengine_local_loader, force=True)
+
+
+def load_checkpoint_file(
+    path: str | os.PathLike,
+    *,
+    trust: bool = False,
+    map_location="cpu",
+    trust_hint: bool = True,
+) -> dict:
+    """Load a checkpoint dict, safely unless ``trust``.
+
+    Args:
+        path: the file.
+        trust: unpickle anything (the user vouched for the file).
+        map_location: as ``torch.load``'s.
+        trust_hint: whether the error for an unsafe file suggests
+            ``--trust-checkpoint`` (False for files that are never trusted,
+            such as heads files).
 
     Raises:
         UserError: missing file, unreadable or truncated file, or a file that
-            needs unpickling beyond the allow-list (the message says to pass
-            ``--trust-checkpoint`` if the file is trusted).
+            needs unpickling beyond the allow-list.
     """
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; check the path or train one with `crat-ft train-detector`")
-    allow_mmengine_pickles()
     try:
-        with trusted_loading(trust):
-            ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
+        if trust:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            ckpt = safe_torch_load(path, map_location=map_location)
+    except UnsafePickleError as exc:
+        fix = (
+            "if you trust this file, rerun with --trust-checkpoint"
+            if trust_hint
+            else "files written by crat-ft hold only tensors and plain data: use the file crat-ft wrote"
+        )
+        raise UserError(f"checkpoint {path} contains Python objects outside crat-ft's safe allow-list ({exc.what}); {fix}") from None
     except Exception as exc:  # torch raises many types for corrupt files
         msg = str(exc)
-        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
-        if unsafe:
-            raise UserError(
-                f"checkpoint {path} contains Python objects outside crat-ft's safe allow-list ({unsafe.group(1)}); "
-                "if you trust this file, rerun with --trust-checkpoint"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error: \s*(.+)", msg)
-        text = detail.group(1).strip() if detail else (msg.splitlines()[0] if msg else type(exc).__name__)
+        text = msg.splitlines()[0] if msg else type(exc).__name__
         raise UserError(f"checkpoint {path} could not be read ({text}); the file is corrupt or truncated: re-download or re-train it") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path}: expected a dict (state_dict or mmengine checkpoint), got {type(ckpt).__name__}")

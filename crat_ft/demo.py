@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from crat_ft.evaluation import format_table
+from crat_ft.files import atomic_write_text
 from crat_ft.paths import demo_config
 from crat_ft.synthetic import DemoDataSpec, make_demo_data
 from crat_ft.train import DETECTOR_FILE, HEADS_FILE, evaluate_detector, retrain_heads, train_detector
@@ -127,10 +128,7 @@ def run_demo(
     plot_fisher_embedding(crat_heads, work_dir / "fisher_embedding.png")
     (work_dir / "rare_fisher_neighbors.txt").write_text(fisher_neighbors(crat_heads, top=5) + "\n")
 
-    tmp = work_dir / ".summary.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, work_dir / "summary.json")
+    atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=2))
     print(delta_table(summary))
     _say(f"total {time.time() - t_start:.0f} s; summary {work_dir / 'summary.json'}, plots and rare_fisher_neighbors.txt in {work_dir}")
     return summary

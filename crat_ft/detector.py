@@ -199,6 +199,7 @@ def export_checkpoint(
     logit_adjust: float | None = None,
     combine_original: float | None = None,
     trust_checkpoint: bool = False,
+    cfg_options=(),
 ) -> tuple[str, str | None]:
     """Write an ordinary mmdet checkpoint: ``checkpoint`` with the retrained heads merged in.
 
@@ -215,23 +216,39 @@ def export_checkpoint(
     ``(1 - A)·p_retrained + A·p_original`` (SimCal's dual head, crat-ft's
     ``DualSoftmaxScores``); both must be softmax classifiers of C + 1 outputs.
 
+    ``cfg_options`` override keys of ``config`` (as ``--cfg-options``); a
+    written config includes them.
+
+    ``out`` is locked against a second export to it, its directory checked for
+    writability before any checkpoint is read, and both files are renamed into
+    place only when complete.
+
     Returns:
         ``(checkpoint path, config path or None)``.
     """
-    import os
     from pathlib import Path
 
-    import torch
+    from crat_ft.files import RunLock, check_writable_dir, clean_stale_temps, temp_pattern
 
+    out_p = Path(out)
+    check_writable_dir(out_p.parent, "the directory of --out")
+    with RunLock(out_p.with_name(f".{out_p.name}.lock"), f"--out {out_p}"):
+        clean_stale_temps(out_p.parent, temp_pattern(out_p))  # also the config's: same stem
+        return _export_locked(config, checkpoint, heads, out_p, tau_norm=tau_norm, logit_adjust=logit_adjust,
+                              combine_original=combine_original, trust_checkpoint=trust_checkpoint, cfg_options=cfg_options)
+
+
+def _export_locked(config, checkpoint, heads, out_p, *, tau_norm, logit_adjust, combine_original, trust_checkpoint, cfg_options):
     from crat_ft.cache import sha256_file
     from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
     from crat_ft.config import load_config
+    from crat_ft.files import atomic_path, atomic_torch_save
 
-    cfg = load_config(config)
+    cfg = load_config(config, cfg_options)
     det = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
     state = state_dict_of(det)
     check_checkpoint_classes(cfg, state, checkpoint)
-    hk = load_checkpoint_file(heads)
+    hk = load_checkpoint_file(heads, trust_hint=False)  # heads files are never trusted: crat-ft writes only plain data
     meta = hk.get("meta", {})
     if meta.get("crat_ft_stage") != "heads":
         raise UserError(f"{heads} is not a crat-ft heads file (written by `crat-ft retrain-heads` as heads.pth)")
@@ -262,22 +279,12 @@ def export_checkpoint(
     }
     if "class_names" in meta:
         new_meta["dataset_meta"] = {"classes": tuple(meta["class_names"])}
-    out_p = Path(out)
-    out_p.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = out_p.with_suffix(".py") if new_cfg is not None else None
-    tmp_cfg = out_p.with_name(f".{out_p.stem}.tmp.py")
-    tmp = out_p.with_name(f".{out_p.name}.tmp")
-    try:
-        if cfg_path is not None:
+    if cfg_path is not None:  # the config first: a checkpoint that needs it never appears without it
+        new_meta["crat_ft"]["config"] = str(cfg_path)
+        with atomic_path(cfg_path) as tmp_cfg:
             new_cfg.dump(str(tmp_cfg))
-            new_meta["crat_ft"]["config"] = str(cfg_path)
-        torch.save({"state_dict": merged, "meta": new_meta}, tmp)
-        if cfg_path is not None:
-            os.replace(tmp_cfg, cfg_path)
-        os.replace(tmp, out_p)
-    finally:  # nothing half-written is left behind (e.g. disk full)
-        tmp_cfg.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+    atomic_torch_save({"state_dict": merged, "meta": new_meta}, out_p)
     return str(out_p), (str(cfg_path) if cfg_path is not None else None)
 
 

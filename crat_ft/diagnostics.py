@@ -19,7 +19,7 @@ GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 def _load_heads(path: str | os.PathLike) -> dict:
     from crat_ft.checkpoint import load_checkpoint_file
 
-    ckpt = load_checkpoint_file(path)
+    ckpt = load_checkpoint_file(path, trust_hint=False)
     if ckpt.get("meta", {}).get("crat_ft_stage") != "heads":
         raise UserError(f"{path} is not a crat-ft heads file (written by `crat-ft retrain-heads` as heads.pth)")
     return ckpt

@@ -268,9 +268,9 @@ def write_per_class_csv(path: str | os.PathLike, categories: list[dict], per_cla
     """Per-class CSV: class, frequency group, training instances, bbox AP, segm AP (atomic write)."""
     import csv
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    from crat_ft.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "frequency", "train_instances", "bbox_AP", "segm_AP"])
         for c in categories:
@@ -279,7 +279,6 @@ def write_per_class_csv(path: str | os.PathLike, categories: list[dict], per_cla
                 ap = per_class.get(iou, {}).get(c["id"])
                 row.append("" if ap is None else f"{ap:.6f}")
             w.writerow(row)
-    os.replace(tmp, path)
 
 
 def _register_metric():

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from crat_ft.cache import config_hash
 from crat_ft.errors import UserError
 
 BOX_LEVELS = ("fc", "roi")
@@ -349,6 +350,50 @@ def shard_name(i: int, n: int) -> str:
     return f"shard-{i:05d}-of-{n:05d}.h5"
 
 
+SETTINGS_FILE = "run.json"
+SPACE_MARGIN = 1.1
+
+
+def run_settings(*, cfg, sha: str, policy: RoIPolicy, box_level: str, mask_level: str, segment_images: int,
+                 batch_size: int, compression: str | None, rank: int, world: int, image_ids: list[int],
+                 max_images: int | None) -> dict:
+    """Everything that decides the bytes of one shard: a resume must match all of it."""
+    ds = _base_dataset_cfg(cfg)
+    ds_plain = ds.to_dict() if hasattr(ds, "to_dict") else dict(ds)
+    return {
+        "checkpoint_sha256": sha,
+        "config_hash": config_hash(_model_cfg_text(cfg)),
+        "dataset_hash": config_hash(json.dumps(ds_plain, sort_keys=True, default=str)),
+        "policy": asdict(policy),
+        "box_level": box_level,
+        "mask_level": mask_level,
+        "segment_images": segment_images,
+        "batch_size": batch_size,
+        "compression": compression,
+        "shard": f"{rank}/{world}",
+        "max_images": max_images,
+        "num_images": len(image_ids),
+        "image_ids_hash": config_hash(json.dumps(image_ids)),
+    }
+
+
+def check_same_settings(recorded: dict | None, current: dict, where: Path, out: Path) -> None:
+    """Refuse to resume when any setting of the recorded run differs from this one."""
+    start_over = f"rerun with the recorded settings, or delete {out} (or choose a new --out) to start over"
+    if recorded is None:
+        raise UserError(f"--resume: {where} records no run settings (an older crat-ft wrote it); {start_over}")
+    for key, value in current.items():
+        if recorded.get(key) != value:
+            raise UserError(
+                f"--resume: {where} was made with {key}={json.dumps(recorded.get(key), default=str)}, "
+                f"this run has {key}={json.dumps(value, default=str)}; {start_over}"
+            )
+
+
+def _model_cfg_text(cfg) -> str:
+    return json.dumps(cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model), sort_keys=True, default=str)
+
+
 def extract_features(
     config: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -362,70 +407,142 @@ def extract_features(
     shard: str | None = None,
     resume: bool = False,
     batch_size: int = 4,
-    num_workers: int = 0,
     segment_images: int = 32,
     compression: str | None = None,
     max_images: int | None = None,
     trust_checkpoint: bool = False,
     progress: bool = True,
+    space_check: bool = True,
 ) -> Path:
     """Extract the cache of the config's training split into directory ``out``.
+
+    Steps: check the output and settings (cheap) → build the frozen detector
+    → extract segments of images (each an atomic file; finished ones are kept
+    for ``--resume``) → merge them into this shard's file → build the index
+    once every shard exists. The shard is locked against a second run; a
+    resume is accepted only when every setting in :func:`run_settings` matches.
 
     Returns:
         ``out/index.h5`` once every shard exists (the merged virtual index),
         else this shard's file.
     """
-    import torch
-    from mmdet.registry import DATASETS
-    from mmengine.dataset import pseudo_collate
-
-    from crat_ft.cache import CacheWriter, base_attrs, build_index, open_cache
-    from crat_ft.detector import build_frozen_detector
-    from crat_ft.train import _prepare_cfg, _register_all
+    from crat_ft.files import RunLock, check_writable_dir
 
     policy.validate()
+    for name, value, low in (("--batch-size", batch_size, 1), ("--segment-images", segment_images, 1), ("--max-images", max_images, 1)):
+        if value is not None and value < low:
+            raise UserError(f"{name}: expected >= {low}, got {value}")
     if compression not in (None, "lzf", "gzip"):
         raise UserError(f"--compression: expected none, lzf or gzip, got {compression!r}")
     rank, world = parse_shard(shard)
-    out = Path(out)
+    out = check_writable_dir(out, "--out")
     shard_path = out / shard_name(rank, world)
+    with RunLock(out / f".{shard_path.stem}.lock", f"--out {out} (shard {rank}/{world})"):
+        return _extract_locked(
+            config, checkpoint, out, shard_path, rank=rank, world=world, cfg_options=cfg_options, data_root=data_root,
+            policy=policy, box_level=box_level, mask_level=mask_level, resume=resume, batch_size=batch_size,
+            segment_images=segment_images, compression=compression, max_images=max_images,
+            trust_checkpoint=trust_checkpoint, progress=progress, space_check=space_check,
+        )
+
+
+def _extract_locked(config, checkpoint, out: Path, shard_path: Path, *, rank, world, cfg_options, data_root, policy,
+                    box_level, mask_level, resume, batch_size, segment_images, compression, max_images,
+                    trust_checkpoint, progress, space_check) -> Path:
+    from mmdet.registry import DATASETS
+
+    from crat_ft.cache import cache_meta, open_cache, sha256_file
+    from crat_ft.files import atomic_write_text, clean_stale_temps, temp_pattern
+    from crat_ft.train import _prepare_cfg, _register_all
+
     seg_dir = out / ".segments" / shard_path.stem
-    if shard_path.exists():
-        if resume:
-            open_cache(shard_path).close()
-            return _finish_index(out, world, shard_path, build_index)
+    # what killed runs left: an index or shard being written, a segment being written
+    for path in (out / INDEX_FILE, shard_path):
+        clean_stale_temps(out, temp_pattern(path))
+    clean_stale_temps(seg_dir)
+    if shard_path.exists() and not resume:
         raise UserError(f"{shard_path} already exists; pass --resume to reuse it or choose a new --out")
     if seg_dir.exists() and any(seg_dir.iterdir()) and not resume:
         raise UserError(f"{out} holds an unfinished extraction; pass --resume to continue it or delete {out}")
 
     _register_all()
     cfg = _prepare_cfg(config, cfg_options, data_root, ("train_dataloader",))
-    model, sha = build_frozen_detector(cfg, str(checkpoint), trust_checkpoint=trust_checkpoint)
-    if torch.cuda.is_available():
-        model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    if not Path(checkpoint).is_file():
+        raise UserError(f"checkpoint {checkpoint} does not exist; check the path or train one with `crat-ft train-detector`")
+    sha = sha256_file(checkpoint)
     ds_cfg = _base_dataset_cfg(cfg).copy()
     ds_cfg["pipeline"] = extraction_pipeline(ds_cfg.get("pipeline", []), flip=False)
     dataset = DATASETS.build(ds_cfg)
-    doc_cats = _categories(cfg)
-    names = [c["name"] for c in doc_cats]
-    freq = [c["frequency"] for c in doc_cats]
-    counts = np.array([int(c.get("instance_count", 0)) for c in doc_cats])
-    extractor = Extractor(model, policy, counts, box_level, mask_level)
+    n_total = len(dataset) if max_images is None else min(len(dataset), max_images)
+    mine = list(range(rank, n_total, world))
+    settings = run_settings(
+        cfg=cfg, sha=sha, policy=policy, box_level=box_level, mask_level=mask_level, segment_images=segment_images,
+        batch_size=batch_size, compression=compression, rank=rank, world=world, max_images=max_images,
+        image_ids=[int(dataset.get_data_info(k)["img_id"]) for k in mine],
+    )
+    if shard_path.exists():  # --resume of a finished shard
+        with open_cache(shard_path) as f:
+            recorded = cache_meta(f).get("run_settings")
+        check_same_settings(json.loads(recorded) if recorded else None, settings, shard_path, out)
+        _remove_segments(out, seg_dir)  # left by a run killed right after the shard's rename
+        return _finish_index(out, world, shard_path)
+    if seg_dir.exists() and any(seg_dir.iterdir()):
+        settings_file = seg_dir / SETTINGS_FILE
+        recorded = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+        if recorded is None and not any(seg_dir.glob("seg-*.h5")):
+            _remove_segments(out, seg_dir)  # killed before anything was recorded: nothing to keep
+        else:
+            check_same_settings(recorded, settings, seg_dir, out)
+    seg_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(seg_dir / SETTINGS_FILE, json.dumps(settings, sort_keys=True))
 
+    extractor, attrs = _build_extractor(cfg, config, checkpoint, policy, box_level, mask_level, trust_checkpoint, settings)
     views = [0, 1] if policy.flip else [0]
     datasets = [dataset]
     if policy.flip:
         flip_cfg = ds_cfg.copy()
         flip_cfg["pipeline"] = extraction_pipeline(_base_dataset_cfg(cfg).get("pipeline", []), flip=True)
         datasets.append(DATASETS.build(flip_cfg))
-    n_total = len(dataset) if max_images is None else min(len(dataset), max_images)
-    mine = list(range(rank, n_total, world))
     segments = [mine[j : j + segment_images] for j in range(0, len(mine), segment_images)]
+    bar = Progress(len(mine) * len(views), f"extract-features shard {rank}/{world}") if progress else None
+    t0 = time.time()
+    space = _SpaceCheck(out, seg_dir, len(segments)) if space_check else None
+    try:
+        for j, seg in enumerate(segments):
+            seg_path = seg_dir / f"seg-{j:06d}.h5"
+            if not _segment_done(seg_path, sha):
+                _write_segment(seg_path, seg, extractor, attrs, views, datasets, batch_size, compression, bar)
+                if space:
+                    space.after_write()
+            elif bar:
+                bar.update(len(seg) * len(views))
+        _merge_segments(shard_path, seg_dir, len(segments), extractor, attrs, compression)
+    finally:
+        extractor.tap.close()
+    _remove_segments(out, seg_dir)
+    if progress:
+        _report_shard(shard_path, rank, world, len(mine) * len(views), len(json.loads(attrs["class_names"])), time.time() - t0)
+    return _finish_index(out, world, shard_path)
+
+
+def _build_extractor(cfg, config, checkpoint, policy, box_level, mask_level, trust_checkpoint, settings):
+    """The frozen detector's :class:`Extractor` and the cache attributes of its files."""
+    import torch
+
+    from crat_ft.cache import base_attrs
+    from crat_ft.detector import build_frozen_detector
+
+    model, sha = build_frozen_detector(cfg, str(checkpoint), trust_checkpoint=trust_checkpoint)
+    if torch.cuda.is_available():
+        model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    doc_cats = _categories(cfg)
+    counts = np.array([int(c.get("instance_count", 0)) for c in doc_cats])
+    extractor = Extractor(model, policy, counts, box_level, mask_level)
     attrs = base_attrs(
-        config_text=json.dumps(cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model), sort_keys=True, default=str),
+        config_text=_model_cfg_text(cfg),
         checkpoint_sha=sha,
-        class_names=names,
-        class_frequency=freq,
+        class_names=[c["name"] for c in doc_cats],
+        class_frequency=[c["frequency"] for c in doc_cats],
         class_instance_count=counts.tolist(),
         policy=asdict(policy),
         box_level=box_level,
@@ -435,56 +552,106 @@ def extract_features(
         mask_size=extractor.mask_size,
         bbox_coder=dict(cfg.model.roi_head.bbox_head.bbox_coder),
     )
-    attrs["shard"] = f"{rank}/{world}"
+    attrs["shard"] = settings["shard"]
+    attrs["run_settings"] = json.dumps(settings, sort_keys=True)
     attrs["config_path"] = str(Path(config).resolve())
     attrs["checkpoint_path"] = str(Path(checkpoint).resolve())
-    seg_dir.mkdir(parents=True, exist_ok=True)
-    for stale in seg_dir.glob("*.tmp"):
-        stale.unlink()
-    bar = Progress(len(mine) * len(views), f"extract-features shard {rank}/{world}") if progress else None
-    t0 = time.time()
-    for j, seg in enumerate(segments):
-        seg_path = seg_dir / f"seg-{j:06d}.h5"
-        if seg_path.exists():
-            try:
-                open_cache(seg_path, checkpoint_sha256=sha).close()
+    return extractor, attrs
+
+
+def _segment_done(seg_path: Path, sha: str) -> bool:
+    """Whether a segment file of an earlier run is complete and valid (an invalid one is removed)."""
+    from crat_ft.cache import open_cache
+
+    if not seg_path.exists():
+        return False
+    try:
+        open_cache(seg_path, checkpoint_sha256=sha).close()
+        return True
+    except UserError:
+        seg_path.unlink()
+        return False
+
+
+def _write_segment(seg_path, seg, extractor, attrs, views, datasets, batch_size, compression, bar) -> None:
+    from mmengine.dataset import pseudo_collate
+
+    from crat_ft.cache import CacheWriter
+
+    with CacheWriter(seg_path, attrs, extractor.box_shape(), extractor.mask_shape(), compression=compression) as w:
+        for view, ds in zip(views, datasets):
+            for b in range(0, len(seg), batch_size):
+                batch = pseudo_collate([ds[k] for k in seg[b : b + batch_size]])
+                for block in extractor(batch, view):
+                    w.append(block)
                 if bar:
-                    bar.update(len(seg) * len(views))
-                continue
-            except UserError:
-                seg_path.unlink()
-        with CacheWriter(seg_path, attrs, extractor.box_shape(), extractor.mask_shape(), compression=compression) as w:
-            for view, ds in zip(views, datasets):
-                for b in range(0, len(seg), batch_size):
-                    batch = pseudo_collate([ds[k] for k in seg[b : b + batch_size]])
-                    for block in extractor(batch, view):
-                        w.append(block)
-                    if bar:
-                        bar.update(min(batch_size, len(seg) - b))
+                    bar.update(min(batch_size, len(seg) - b))
+
+
+def _merge_segments(shard_path, seg_dir, n_segments, extractor, attrs, compression) -> None:
+    from crat_ft.cache import CacheWriter
+
     with CacheWriter(shard_path, attrs, extractor.box_shape(), extractor.mask_shape(), compression=compression) as w:
-        for j in range(len(segments)):
+        for j in range(n_segments):
             w.append_file(seg_dir / f"seg-{j:06d}.h5")
-    shutil.rmtree(seg_dir)
+
+
+class _SpaceCheck:
+    """Stops an extraction early when the disk cannot hold the projected cache.
+
+    After the first segment this run writes, the mean size of the segments on
+    disk projects the ones still to write plus the merged shard file (a copy of
+    all segments, written before they are removed), with a margin of
+    :data:`SPACE_MARGIN`.
+    """
+
+    def __init__(self, out: Path, seg_dir: Path, n_segments: int) -> None:
+        self.out, self.seg_dir, self.n_segments = out, seg_dir, n_segments
+        self.checked = False
+
+    def after_write(self) -> None:
+        from crat_ft.files import StorageError, free_bytes
+
+        if self.checked:
+            return
+        self.checked = True
+        sizes = [p.stat().st_size for p in self.seg_dir.glob("seg-*.h5")]
+        per_segment = sum(sizes) / len(sizes)
+        need = SPACE_MARGIN * per_segment * ((self.n_segments - len(sizes)) + self.n_segments)
+        free = free_bytes(self.out)
+        if need > free:
+            raise StorageError(
+                f"not enough free space in {self.out}: the cache needs about {need / 2**20:.1f} MiB more "
+                f"(projected from {len(sizes)} segment(s), with the merged shard), {free / 2**20:.1f} MiB are free; "
+                "free space or choose another --out and rerun with --resume (or pass --skip-space-check)"
+            )
+
+
+def _remove_segments(out: Path, seg_dir: Path) -> None:
+    shutil.rmtree(seg_dir, ignore_errors=True)
     try:
         (out / ".segments").rmdir()
     except OSError:
         pass
+
+
+def _report_shard(shard_path: Path, rank: int, world: int, n_images: int, n_classes: int, seconds: float) -> None:
+    from crat_ft.cache import open_cache
+
     with open_cache(shard_path) as f:
-        n_rois = f["rois/label"].shape[0]
-        n_pos = int((f["rois/label"][...] < len(names)).sum())
+        labels = f["rois/label"][...]
         n_masks = f["masks/roi_index"].shape[0]
-    if progress:
-        print(
-            f"extract-features: shard {rank}/{world}: {len(mine) * len(views)} images, {n_rois} RoIs, {n_pos} positives, "
-            f"{n_masks} masks, {shard_path.stat().st_size / 2**20:.1f} MiB, {time.time() - t0:.1f} s -> {shard_path}",
-            file=sys.stderr,
-            flush=True,
-        )
-    extractor.tap.close()
-    return _finish_index(out, world, shard_path, build_index)
+    print(
+        f"extract-features: shard {rank}/{world}: {n_images} images, {len(labels)} RoIs, {int((labels < n_classes).sum())} positives, "
+        f"{n_masks} masks, {shard_path.stat().st_size / 2**20:.1f} MiB, {seconds:.1f} s -> {shard_path}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
-def _finish_index(out: Path, world: int, shard_path: Path, build_index) -> Path:
+def _finish_index(out: Path, world: int, shard_path: Path) -> Path:
+    from crat_ft.cache import build_index
+
     shards = [out / shard_name(i, world) for i in range(world)]
     if all(s.exists() for s in shards):
         return build_index(shards, out / INDEX_FILE)
@@ -549,14 +716,14 @@ def project_size(
 
 def dry_run(config, checkpoint, *, sample_images: int = 8, policy: RoIPolicy = RoIPolicy(), **kwargs) -> str:
     """Extract a few images to a temporary directory and print the projected size of the whole cache."""
-    import tempfile
     from dataclasses import replace
 
     from crat_ft.cache import RoIReader
+    from crat_ft.files import owned_tempdir
 
     # measure positives per gt without the per-class quotas
     probe = replace(policy, box_pos_per_class=10**9, mask_pos_per_class=0)
-    with tempfile.TemporaryDirectory(prefix="crat-ft-dry-run-") as tmp:
+    with owned_tempdir("crat-ft-dry-run") as tmp:
         path = extract_features(config, checkpoint, tmp, policy=probe, max_images=sample_images, progress=False, **kwargs)
         reader = RoIReader(path)
         meta = reader.meta

@@ -305,20 +305,20 @@ class ClasswiseHeads(BaseModel):
         the last checkpoint on disk stays the last good state.
         """
         parsed, log_vars = super().parse_losses(losses)
+        self.last_log_vars = log_vars  # named by NonFiniteGuardHook if the gradients are not finite
         if not torch.isfinite(parsed):
             from mmengine.logging import MessageHub
 
+            from crat_ft.hooks import non_finite_advice
+
             step = MessageHub.get_current_instance().get_info("iter", -1)
             parts = ", ".join(f"{k}={float(v):.4g}" for k, v in log_vars.items())
-            raise NonFiniteLossError(
-                f"non-finite loss at iteration {step + 1} ({parts}); training stopped, the last checkpoint in the work dir "
-                "is the last good state: lower the learning rate or the CRAT lambdas and resume"
-            )
+            raise NonFiniteLossError(f"non-finite loss at iteration {step + 1} ({parts}); {non_finite_advice(None)}")
         return parsed, log_vars
 
 
 class NonFiniteLossError(UserError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite (raised before the optimizer step)."""
 
 
 def build_trunk(head_cfg: dict, detector_state: dict, prefix: str, classwise: tuple[str, ...]) -> nn.Module:

@@ -6,13 +6,14 @@ checkpoints, distributed launch and hooks behave as every mmdet user expects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from crat_ft.errors import UserError
+from crat_ft.files import atomic_torch_save
 
 DETECTOR_FILE = "detector.pth"
 
@@ -52,14 +53,6 @@ def _unique_names(cfg, prefix: str) -> None:
         cfg.visualizer["name"] = tag
 
 
-def _atomic_save(obj, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_detector(
     config: str | os.PathLike,
     work_dir: str | os.PathLike,
@@ -85,16 +78,24 @@ def train_detector(
     """
     from mmengine.runner import Runner
 
+    from crat_ft.files import check_writable_dir
+    from crat_ft.hooks import NonFiniteGuardHook
+
     _register_all()
     cfg = _prepare_cfg(config, cfg_options, data_root, ("train_dataloader", "val_dataloader", "test_dataloader"))
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = check_writable_dir(work_dir, "--work-dir")
     cfg.work_dir = str(work_dir)
-    cfg.resume = resume
+    # resume from the newest loadable checkpoint of the work dir; without one, start
+    # afresh (from the config's own load_from, if any)
+    start = resume_point(work_dir) if resume else None
+    cfg.resume = start is not None
+    if start is not None:
+        cfg.load_from = str(start)
     if seed is not None:
         cfg.randomness = dict(seed=seed, deterministic=False)
     _unique_names(cfg, "train-detector")
     runner = Runner.from_cfg(cfg)
+    runner.register_hook(NonFiniteGuardHook(), "VERY_HIGH")
     runner.train()
     model = runner.model.module if hasattr(runner.model, "module") else runner.model
     out = work_dir / DETECTOR_FILE
@@ -104,7 +105,7 @@ def train_detector(
         "iter": runner.iter,
         "cfg": cfg.pretty_text,
     }
-    _atomic_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}, out)
+    atomic_torch_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}, out)
     runner.logger.info(f"final detector weights: {out}")
     return out
 
@@ -127,34 +128,46 @@ def evaluate_detector(
     (``<out stem>_per_class.csv`` unless ``per_class_csv`` is given).
 
     With ``heads``, the retrained class-wise layers are merged into the
-    checkpoint in a temporary file first (nothing is written beside ``out``).
+    checkpoint in a temporary directory first (nothing is written beside
+    ``out``); ``cfg_options`` apply to that merge too.
+
+    The output directories are checked for writability before the model is
+    built; the JSON and the CSV are renamed into place together at the end
+    (a run killed in between leaves a journal that the next run cleans).
 
     Returns:
         The metrics dict written to ``out``.
     """
+    from crat_ft.files import check_writable_dir, clean_stale_temps, owned_tempdir, recover_journal, temp_pattern
+
+    out = Path(out)
+    csv_path = Path(per_class_csv) if per_class_csv else out.with_name(out.stem + "_per_class.csv")
+    for path, what in ((out, "the directory of --out"), (csv_path, "the directory of --per-class-csv")):
+        check_writable_dir(path.parent, what)
+        clean_stale_temps(path.parent, temp_pattern(path))
+    journal = out.with_name(f".{out.name}.commit")
+    recover_journal(journal)
     if heads is not None:
         from crat_ft.detector import export_checkpoint
 
-        with tempfile.TemporaryDirectory(prefix="crat-ft-merged-") as tmp:
+        with owned_tempdir("crat-ft-merged") as tmp:
             merged, merged_cfg = export_checkpoint(
-                str(config), str(checkpoint), str(heads), str(Path(tmp) / "merged.pth"), trust_checkpoint=trust_checkpoint
+                str(config), str(checkpoint), str(heads), str(tmp / "merged.pth"), trust_checkpoint=trust_checkpoint,
+                cfg_options=cfg_options,
             )
             return evaluate_detector(
-                merged_cfg or config, merged, out, cfg_options=cfg_options, data_root=data_root, per_class_csv=per_class_csv
+                merged_cfg or config, merged, out, cfg_options=cfg_options, data_root=data_root, per_class_csv=csv_path
             )
     from mmengine.runner import Runner
 
     from crat_ft.checkpoint import load_checkpoint_file, state_dict_of, trusted_loading
     from crat_ft.detector import check_checkpoint_classes
+    from crat_ft.files import commit_together, storage_errors, temp_name
 
     _register_all()
     cfg = _prepare_cfg(config, cfg_options, data_root, ("test_dataloader",))
     ckpt = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
     check_checkpoint_classes(cfg, state_dict_of(ckpt), str(checkpoint))
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    csv_path = Path(per_class_csv) if per_class_csv else out.with_name(out.stem + "_per_class.csv")
     evaluator = cfg.get("test_evaluator")
     evaluators = evaluator if isinstance(evaluator, list) else [evaluator]
     lvis = [e for e in evaluators if isinstance(e, dict) and e.get("type") == "CratLVISMetric"]
@@ -163,7 +176,7 @@ def evaluate_detector(
             f"config {config}: test_evaluator should be a CratLVISMetric, got {evaluator!r}; "
             "set test_evaluator = dict(type='CratLVISMetric', ann_file=..., metric=['bbox', 'segm'])"
         )
-    lvis[0]["per_class_csv"] = str(csv_path)
+    lvis[0]["per_class_csv"] = str(temp_name(csv_path))
     if not lvis[0].get("ann_file"):
         from crat_ft.config import ann_file_of
 
@@ -176,19 +189,22 @@ def evaluate_detector(
     cfg.pop("optim_wrapper", None)
     cfg.pop("param_scheduler", None)
     _unique_names(cfg, "evaluate")
-    with tempfile.TemporaryDirectory(prefix="crat-ft-eval-") as tmp:
-        cfg.work_dir = tmp
-        with trusted_loading(trust_checkpoint):
-            runner = Runner.from_cfg(cfg)
-            runner.test()
-        from crat_ft.evaluation import CratLVISMetric
+    try:
+        with owned_tempdir("crat-ft-eval") as tmp:
+            cfg.work_dir = str(tmp)
+            with trusted_loading(trust_checkpoint):
+                runner = Runner.from_cfg(cfg)
+                runner.test()
+            from crat_ft.evaluation import CratLVISMetric
 
-        metric = next(m for m in runner.test_evaluator.metrics if isinstance(m, CratLVISMetric))
-        results = metric.last_results["metrics"]
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    with open(tmp_out, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp_out, out)
+            metric = next(m for m in runner.test_evaluator.metrics if isinstance(m, CratLVISMetric))
+            results = metric.last_results["metrics"]
+        with storage_errors(out):
+            temp_name(out).write_text(json.dumps(results, indent=2))
+        commit_together([(temp_name(csv_path), csv_path), (temp_name(out), out)], journal)
+    finally:
+        temp_name(csv_path).unlink(missing_ok=True)
+        temp_name(out).unlink(missing_ok=True)
     return results
 
 
@@ -367,6 +383,41 @@ def retrain_heads(
     Returns:
         ``work_dir/heads.pth``: retrained layers, Fisher statistics and provenance.
     """
+    from crat_ft.files import RunLock, check_writable_dir, clean_stale_temps, temp_pattern
+
+    work_dir = check_writable_dir(work_dir, "--work-dir")
+    rank = int(os.environ.get("RANK", 0))
+    # one run per work dir; under torchrun rank 0 holds the lock for all ranks
+    lock = RunLock(work_dir / ".crat-ft.lock", f"--work-dir {work_dir}") if rank == 0 else contextlib.nullcontext()
+    with lock:
+        clean_stale_temps(work_dir, temp_pattern(work_dir / HEADS_FILE))
+        return _retrain_locked(ft_config, cache, work_dir, rank=rank, cfg_options=cfg_options, resume=resume,
+                               trust_checkpoint=trust_checkpoint)
+
+
+def resume_point(work_dir: Path) -> Path | None:
+    """The newest Runner checkpoint in ``work_dir`` that loads; newer unreadable ones are removed.
+
+    mmengine writes ``iter_N.pth`` in place, so a run killed while saving
+    leaves a truncated file; resuming continues from the one before it.
+    """
+    from crat_ft.checkpoint import load_checkpoint_file
+
+    def iteration(p: Path) -> int:
+        tail = p.stem.split("_")[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    for ckpt in sorted(work_dir.glob("iter_*.pth"), key=iteration, reverse=True):
+        try:
+            load_checkpoint_file(ckpt)
+        except UserError:
+            ckpt.unlink(missing_ok=True)  # every rank looks; one removes it
+            continue
+        return ckpt
+    return None
+
+
+def _retrain_locked(ft_config, cache, work_dir: Path, *, rank: int, cfg_options, resume: bool, trust_checkpoint: bool) -> Path:
     import uuid
 
     import torch
@@ -376,6 +427,7 @@ def retrain_heads(
     from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
     from crat_ft.config import load_config
     from crat_ft.extract import INDEX_FILE
+    from crat_ft.hooks import NonFiniteGuardHook
 
     _register_all()
     ft = load_ft_config(ft_config, cfg_options)
@@ -399,13 +451,11 @@ def retrain_heads(
     detector_cfg = load_config(det_config)
     heads = build_heads(ft, reader, detector_cfg, state_dict_of(ckpt))
 
-    rank = int(os.environ.get("RANK", 0))
     tr = ft["train"]
     loader = _CacheLoader.build(reader, ft["sampler"], tr["seed"], tr["num_workers"], rank)
     milestones = tr["milestones"] or [int(tr["max_iters"] * 0.75)]
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    load_from = resume_point(work_dir) if resume else None
     model = heads
     if distributed and not torch.cuda.is_available():
         model = _cpu_ddp(heads)
@@ -425,9 +475,11 @@ def retrain_heads(
             param_scheduler=dict(type="ParamSchedulerHook"),
             checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=tr["checkpoint_interval"], max_keep_ckpts=2),
         ),
+        custom_hooks=[NonFiniteGuardHook(work_dir=work_dir)],
         log_processor=dict(by_epoch=False, window_size=tr["log_interval"]),
         randomness=dict(seed=tr["seed"]),
-        resume=resume,
+        resume=load_from is not None,
+        load_from=str(load_from) if load_from is not None else None,
         launcher="pytorch" if distributed else "none",
         env_cfg=dict(dist_cfg=dict(backend="nccl" if torch.cuda.is_available() else "gloo")),
         default_scope="mmdet",
@@ -456,5 +508,5 @@ def retrain_heads(
         "iter": runner.iter,
     }
     if rank == 0:
-        _atomic_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}, out)
+        atomic_torch_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}, out)
     return out

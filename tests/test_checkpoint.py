@@ -1,6 +1,7 @@
 """Safe checkpoint loading under torch >= 2.6."""
 
 import argparse
+import re
 
 import numpy as np
 import pytest
@@ -44,3 +45,107 @@ def test_corrupt_and_missing(tmp_path):
         load_checkpoint_file(tmp_path / "cut.pth")
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint_file(tmp_path / "missing.pth")
+
+
+# --------------------------------------------------------------------------- crafted checkpoints
+
+
+class _Call:
+    """Pickles as ``func(*args)``: the REDUCE shapes an attacker writes into a checkpoint."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def _exploits(target):
+    """Known ways past a weights_only-style allow-list, each trying to create ``target``."""
+    import copyreg
+    import os
+
+    from mmengine.logging import HistoryBuffer
+
+    builtins_module = _Call(getattr, getattr, "__self__")
+    open_fn = _Call(getattr, builtins_module, "open")
+    return {
+        # the reported one: getattr reaches builtins.open, torch's _rebuild_from_type_v2 calls it
+        "rebuild_from_type_v2(open)": _Call(torch._tensor._rebuild_from_type_v2, open_fn, torch.Tensor, (str(target), "w"), {}),
+        "getattr(HistoryBuffer.min, __globals__)": _Call(getattr, _Call(getattr, HistoryBuffer, "min"), "__globals__"),
+        "getattr(HistoryBuffer, __init__)": _Call(getattr, HistoryBuffer, "__init__"),
+        "getattr with a default": _Call(getattr, HistoryBuffer, "min", None),
+        "os.system": _Call(os.system, f"touch {target}"),
+        "builtins.eval": _Call(eval, f"open({str(target)!r}, 'w')"),
+        "builtins.exec": _Call(exec, f"open({str(target)!r}, 'w')"),
+        "copyreg._reconstructor": _Call(copyreg._reconstructor, argparse.Namespace, object, None),
+        "torch.load of another file": _Call(torch.load, str(target)),
+        "inside a numpy object array": np.array([_Call(os.system, f"touch {target}")], dtype=object),
+        "inside a tensor's state": _Call(torch._utils._rebuild_parameter_with_state, torch.zeros(1), False, {},
+                                         {"x": _Call(eval, "1")}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_exploits("x")))
+def test_crafted_checkpoints_are_refused_without_side_effects(name, tmp_path):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "meta": {"x": _exploits(target)[name]}}, path)
+    with pytest.raises(UserError) as err:
+        load_checkpoint_file(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert re.fullmatch(r"checkpoint .*evil\.pth contains Python objects outside crat-ft's safe allow-list \(.+\); "
+                        r"if you trust this file, rerun with --trust-checkpoint", msg), msg
+    assert not target.exists()
+
+
+def test_the_reported_exploit_names_the_refused_getattr(tmp_path):
+    target = tmp_path / "pwned"
+    torch.save(_exploits(target)["rebuild_from_type_v2(open)"], tmp_path / "evil.pth")
+    with pytest.raises(UserError, match=r"\(getattr\(getattr, '__self__'\)\)"):
+        load_checkpoint_file(tmp_path / "evil.pth")
+    with pytest.raises(UserError, match=r"files written by crat-ft hold only tensors and plain data"):
+        load_checkpoint_file(tmp_path / "evil.pth", trust_hint=False)
+    assert not target.exists()
+
+
+def test_dotted_global_names_are_not_walked():
+    """Protocol 4 names globals by qualified name; the unpickler must not walk the dots."""
+    from crat_ft.checkpoint import UnsafePickleError, safe_pickle
+
+    def stack_global(module, name):
+        enc = lambda s: b"\x8c" + bytes([len(s)]) + s.encode()  # SHORT_BINUNICODE
+        return b"\x80\x04" + enc(module) + enc(name) + b"\x93."  # STACK_GLOBAL, STOP
+
+    from mmengine.logging import HistoryBuffer
+
+    assert safe_pickle.loads(stack_global("mmengine.logging.history_buffer", "HistoryBuffer.min")) is HistoryBuffer.min
+    for module, name in (("mmengine.logging.history_buffer", "HistoryBuffer.min.__globals__"),
+                         ("builtins", "getattr.__self__"), ("os", "system"), ("torch", "load")):
+        with pytest.raises(UnsafePickleError):
+            safe_pickle.loads(stack_global(module, name))
+
+
+def test_mmengine_loading_goes_through_the_safe_loader(tmp_path):
+    """Runner resume, load_from and init_detector load through mmengine's CheckpointLoader."""
+    from mmengine.logging import HistoryBuffer
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from crat_ft.checkpoint import allow_mmengine_pickles, trusted_loading
+
+    allow_mmengine_pickles()
+    target = tmp_path / "pwned"
+    torch.save({"meta": {"x": _exploits(target)["rebuild_from_type_v2(open)"]}}, tmp_path / "evil.pth")
+    with pytest.raises(UserError, match="outside crat-ft's safe allow-list"):
+        CheckpointLoader.load_checkpoint(str(tmp_path / "evil.pth"))
+    assert not target.exists()
+    buf = HistoryBuffer()
+    buf.update(2.0)
+    torch.save({"message_hub": {"b": buf}, "args": argparse.Namespace(a=1)}, tmp_path / "runner.pth")
+    with pytest.raises(UserError, match=r"\(argparse\.Namespace\)"):
+        CheckpointLoader.load_checkpoint(str(tmp_path / "runner.pth"))
+    with trusted_loading(True):
+        assert CheckpointLoader.load_checkpoint(str(tmp_path / "runner.pth"))["args"].a == 1
+    torch.save({"message_hub": {"b": buf}}, tmp_path / "plain.pth")
+    assert CheckpointLoader.load_checkpoint(str(tmp_path / "plain.pth"))["message_hub"]["b"].mean() == 2.0

@@ -208,6 +208,33 @@ def test_non_finite_loss_stops_before_the_update():
         heads.parse_losses({"loss_cls": torch.tensor(1.0), "loss_bbox": torch.tensor(float("nan"))})
 
 
+def test_non_finite_gradients_and_weights_stop_before_anything_is_applied():
+    """NonFiniteGuardHook: a finite loss with an infinite gradient, then a step that overflows the weights."""
+    from types import SimpleNamespace
+
+    from crat_ft.hooks import NonFiniteError, NonFiniteGuardHook
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    runner = SimpleNamespace(model=model, optim_wrapper=SimpleNamespace(optimizer=optimizer), iter=4, work_dir="runs/w")
+    hook = NonFiniteGuardHook()
+    hook.before_train(runner)
+    before = model.weight.detach().clone()
+    model.weight.grad = torch.full_like(model.weight, float("inf"))
+    model.bias.grad = torch.zeros_like(model.bias)
+    with pytest.raises(NonFiniteError, match=r"^non-finite gradient at iteration 5 \(weight\); the step was not applied and "
+                                             r"the newest iter_\*\.pth in runs/w holds the last finite weights; lower the learning rate"):
+        optimizer.step()
+    assert torch.equal(model.weight.detach(), before)
+    model.weight.grad = torch.full_like(model.weight, 3e38)  # finite, but the step overflows float32
+    with torch.no_grad():
+        model.weight.fill_(-3e38)
+    with pytest.raises(NonFiniteError, match=r"^non-finite weights after the optimizer step at iteration 5 \(weight\)"):
+        optimizer.step()
+    hook.after_train(runner)
+    optimizer.step()  # hooks removed: no check any more
+
+
 def test_samplers_balance_classes():
     from crat_ft.sampling import RoIBatchSampler
 
