@@ -1,4 +1,4 @@
-"""Cache reads: random-access training batches vs sequential reads (DESIGN §9, target >= 0.5x).
+"""Cache reads: random-access training batches vs sequential reads (docs/architecture.md#performance-targets: >= 0.5x).
 
 Uses a finished demo run's cache (``crat-ft demo``). Reads the same number of
 RoIs (and masks) both ways from the HDF5 file (not from RAM): sequential
@@ -44,9 +44,16 @@ def measure(reader, args, label: str) -> None:
     from crat_ft.sampling import RoIBatchSampler
 
     sampler = RoIBatchSampler(
-        labels=reader.labels, roi_images=reader.roi_image, mask_labels=reader.mask_labels,
-        mask_images=reader.mask_image, num_classes=reader.num_classes, strategy="class_balanced",
-        rois_per_batch=args.rois_per_batch, masks_per_batch=args.masks_per_batch, pos_fraction=0.5, mask_group=args.mask_group,
+        labels=reader.labels,
+        roi_images=reader.roi_image,
+        mask_labels=reader.mask_labels,
+        mask_images=reader.mask_image,
+        num_classes=reader.num_classes,
+        strategy="class_balanced",
+        rois_per_batch=args.rois_per_batch,
+        masks_per_batch=args.masks_per_batch,
+        pos_fraction=0.5,
+        mask_group=args.mask_group,
     )
     n_rois, n_masks = len(reader.labels), len(reader.mask_roi)
 
@@ -73,7 +80,9 @@ def measure(reader, args, label: str) -> None:
         random()
         t_rand = min(t_rand, time.perf_counter() - t0)
     rois = args.batches * args.rois_per_batch
-    print(f"{label}: {n_rois} RoIs, {n_masks} masks; {args.batches} batches of {args.rois_per_batch} RoIs + {args.masks_per_batch} masks")
+    print(
+        f"{label}: {n_rois} RoIs, {n_masks} masks; {args.batches} batches of {args.rois_per_batch} RoIs + {args.masks_per_batch} masks"
+    )
     print(f"  sequential reads: {rois / t_seq:10.0f} RoIs/s")
     print(f"  random batches:   {rois / t_rand:10.0f} RoIs/s")
     print(f"  random / sequential throughput: {t_seq / t_rand:.2f}x (target >= 0.5x)")

@@ -1,4 +1,4 @@
-"""extract-features vs plain mmdet inference on the same images (DESIGN §9), and bytes per image.
+"""extract-features vs plain mmdet inference on the same images (docs/architecture.md#performance-targets), and bytes per image.
 
 Uses a finished demo run (``crat-ft demo``): its detector and training images.
 Times, in this one run, (a) ``model.test_step`` over N training images with
@@ -23,8 +23,12 @@ def main() -> None:
     ap.add_argument("--work-dir", default="work_dirs/demo")
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads for both variants (1: robust on a shared machine, where OpenMP spin-waits distort timings)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for both variants (1: robust on a shared machine, where OpenMP spin-waits distort timings)",
+    )
     args = ap.parse_args()
     work = Path(args.work_dir)
     detector, data = work / "stage1" / "detector.pth", work / "data"
@@ -35,15 +39,16 @@ def main() -> None:
     from mmdet.registry import DATASETS
     from mmengine.dataset import pseudo_collate
 
+    from crat_ft.config import prepare_config
     from crat_ft.detector import build_frozen_detector
     from crat_ft.extract import extract_features
     from crat_ft.paths import demo_config
-    from crat_ft.train import _prepare_cfg, _register_all
+    from crat_ft.registry import register_all
 
     torch.set_num_threads(args.threads)
-    _register_all()
+    register_all()
     config = demo_config()
-    cfg = _prepare_cfg(config, (), data, ("train_dataloader", "test_dataloader"))
+    cfg = prepare_config(config, (), data, ("train_dataloader", "test_dataloader"))
     model, _ = build_frozen_detector(cfg, str(detector))
     ds_cfg = cfg.train_dataloader.dataset.copy()
     ds_cfg["pipeline"] = cfg.test_dataloader.dataset.pipeline
@@ -56,7 +61,9 @@ def main() -> None:
                 model.test_step(pseudo_collate([ds[k] for k in range(b, min(n, b + args.batch_size))]))
 
     def extraction(out, **kw):
-        extract_features(config, detector, out, data_root=data, max_images=n, batch_size=args.batch_size, progress=False, **kw)
+        extract_features(
+            config, detector, out, data_root=data, max_images=n, batch_size=args.batch_size, progress=False, **kw
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         inference()  # warm-up

@@ -31,14 +31,30 @@ def synthetic_gt(n_images: int, n_classes: int, seed: int) -> dict:
         present = rng.choice(n_classes, size=rng.integers(1, 6), replace=False) + 1
         absent = np.setdiff1d(np.arange(1, n_classes + 1), present)
         neg = sorted(int(c) for c in rng.choice(absent, size=min(10, len(absent)), replace=False))
-        images.append({"id": i + 1, "height": 480, "width": 640, "coco_url": f"x/{i}.jpg",
-                       "neg_category_ids": neg, "not_exhaustive_category_ids": [int(present[0])] if rng.random() < 0.1 else []})
+        images.append(
+            {
+                "id": i + 1,
+                "height": 480,
+                "width": 640,
+                "coco_url": f"x/{i}.jpg",
+                "neg_category_ids": neg,
+                "not_exhaustive_category_ids": [int(present[0])] if rng.random() < 0.1 else [],
+            }
+        )
         for c in present:
             for _ in range(rng.integers(1, 4)):
                 w, h = rng.uniform(10, 200, 2)
                 x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
-                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c), "bbox": [x, y, w, h],
-                             "area": w * h, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": i + 1,
+                        "category_id": int(c),
+                        "bbox": [x, y, w, h],
+                        "area": w * h,
+                        "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+                    }
+                )
     return {"images": images, "annotations": anns, "categories": cats}
 
 
@@ -57,7 +73,12 @@ def detections(gt: dict, per_image: int, seed: int) -> list[dict]:
             if anns and k < 3 * len(anns):
                 a = anns[k % len(anns)]
                 x, y, w, h = a["bbox"]
-                box = [x + rng.normal(0, 4), y + rng.normal(0, 4), w * rng.uniform(0.85, 1.15), h * rng.uniform(0.85, 1.15)]
+                box = [
+                    x + rng.normal(0, 4),
+                    y + rng.normal(0, 4),
+                    w * rng.uniform(0.85, 1.15),
+                    h * rng.uniform(0.85, 1.15),
+                ]
                 cat = a["category_id"] if rng.random() < 0.7 else int(rng.integers(1, n_cls + 1))
             else:
                 w, h = rng.uniform(10, 200, 2)
@@ -66,8 +87,15 @@ def detections(gt: dict, per_image: int, seed: int) -> list[dict]:
             x, y, w, h = box
             rle = mask_util.merge(mask_util.frPyObjects([[x, y, x + w, y, x + w, y + h, x, y + h]], 480, 640))
             rle["counts"] = rle["counts"].decode()
-            out.append({"image_id": img["id"], "category_id": cat, "bbox": [float(v) for v in box],
-                        "score": float(rng.random()), "segmentation": rle})
+            out.append(
+                {
+                    "image_id": img["id"],
+                    "category_id": cat,
+                    "bbox": [float(v) for v in box],
+                    "score": float(rng.random()),
+                    "segmentation": rle,
+                }
+            )
     return out
 
 
@@ -109,7 +137,10 @@ def main() -> None:
     print(f"lvis-api LVISEval    (bbox+segm): {t_ref:8.2f} s")
     print(f"speed-up ratio: {t_ref / t_ours:.1f}x (target >= 5x)")
     print(f"max |difference| over {len(METRIC_KEYS)} metrics x 2 iou types: {diff:.2e} (target <= 1e-4)")
-    print(f"bbox AP ours {ours['bbox']['AP']:.4f} ref {ref['bbox']['AP']:.4f}; segm AP ours {ours['segm']['AP']:.4f} ref {ref['segm']['AP']:.4f}")
+    print(
+        f"bbox AP ours {ours['bbox']['AP']:.4f} ref {ref['bbox']['AP']:.4f}; "
+        f"segm AP ours {ours['segm']['AP']:.4f} ref {ref['segm']['AP']:.4f}"
+    )
 
 
 if __name__ == "__main__":

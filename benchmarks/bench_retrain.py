@@ -1,4 +1,6 @@
-"""One epoch of retrain-heads from the cache vs the same epoch forwarding the frozen detector (DESIGN §9, target >= 20x).
+"""One epoch of retrain-heads from the cache vs the same epoch forwarding the frozen detector.
+
+Target (docs/architecture.md#performance-targets): >= 20x.
 
 An epoch over the cache is ``steps = cached RoIs / rois_per_batch`` training
 steps of the CRAT heads (forward, losses, backward, SGD step) on batches read
@@ -38,8 +40,9 @@ def lvis_r50_fixture(work: Path, images: int) -> tuple[Path, Path, Path, Path]:
     import torch
     from mmdet.registry import MODELS
 
+    from crat_ft.cache import INDEX_FILE
     from crat_ft.config import load_config
-    from crat_ft.extract import INDEX_FILE, extract_features
+    from crat_ft.extract import extract_features
 
     config = Path(mmdet.__file__).parent / ".mim" / "configs" / "lvis" / "mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1.py"
     fix = work / "lvis_r50_fixture"
@@ -51,7 +54,16 @@ def lvis_r50_fixture(work: Path, images: int) -> tuple[Path, Path, Path, Path]:
         doc = json.loads((work / "data" / "annotations" / "lvis_v1_train.json").read_text())
         n = len(doc["categories"])
         doc["categories"] += [
-            {"id": i, "name": f"pad_{i}", "frequency": "r", "image_count": 0, "instance_count": 0, "synset": f"pad_{i}.n.01", "synonyms": [], "def": ""}
+            {
+                "id": i,
+                "name": f"pad_{i}",
+                "frequency": "r",
+                "image_count": 0,
+                "instance_count": 0,
+                "synset": f"pad_{i}.n.01",
+                "synonyms": [],
+                "def": "",
+            }
             for i in range(n + 1, 1204)
         ]
         (data / "annotations" / "lvis_v1_train.json").write_text(json.dumps(doc))
@@ -67,11 +79,19 @@ def lvis_r50_fixture(work: Path, images: int) -> tuple[Path, Path, Path, Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work-dir", default="work_dirs/demo")
-    ap.add_argument("--lvis-r50", action="store_true", help="use mmdet's LVIS R50-FPN Mask R-CNN (random weights) instead of the demo detector")
+    ap.add_argument(
+        "--lvis-r50",
+        action="store_true",
+        help="use mmdet's LVIS R50-FPN Mask R-CNN (random weights) instead of the demo detector",
+    )
     ap.add_argument("--steps", type=int, default=20, help="timed cached steps")
     ap.add_argument("--images", type=int, default=8, help="timed image forwards")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads for both sides (1: robust on a shared machine, where OpenMP spin-waits distort timings)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for both sides (1: robust on a shared machine, where OpenMP spin-waits distort timings)",
+    )
     args = ap.parse_args()
     work = Path(args.work_dir)
     if not (work / "stage1" / "detector.pth").is_file():
@@ -83,24 +103,33 @@ def main() -> None:
 
     from crat_ft.cache import RoIReader
     from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
+    from crat_ft.config import base_dataset_cfg, prepare_config
     from crat_ft.detector import build_frozen_detector
-    from crat_ft.extract import Extractor, RoIPolicy, _base_dataset_cfg, extraction_pipeline
+    from crat_ft.extractor import Extractor, extraction_pipeline
+    from crat_ft.ft_config import load_ft_config
     from crat_ft.paths import config_root, demo_config
-    from crat_ft.train import _CacheLoader, _prepare_cfg, _register_all, build_heads, load_ft_config
+    from crat_ft.registry import register_all
+    from crat_ft.retrain import build_cache_loader, build_heads
+    from crat_ft.roi_policy import RoIPolicy
 
     torch.set_num_threads(args.threads)
-    _register_all()
+    register_all()
     if args.lvis_r50:
         det_config, detector, data, cache = lvis_r50_fixture(work, images=24)
         ft = load_ft_config(config_root() / "lvis" / "crat_mask-rcnn_r50_fpn_lvis-v1.py")
     else:
-        det_config, detector, data, cache = demo_config(), work / "stage1" / "detector.pth", work / "data", work / "cache" / "index.h5"
+        det_config, detector, data, cache = (
+            demo_config(),
+            work / "stage1" / "detector.pth",
+            work / "data",
+            work / "cache" / "index.h5",
+        )
         ft = load_ft_config(demo_config("crat_synthetic.py"))
     reader = RoIReader(cache)
-    det_cfg = _prepare_cfg(det_config, (), data, ("train_dataloader",))
+    det_cfg = prepare_config(det_config, (), data, ("train_dataloader",))
     heads = build_heads(ft, reader, det_cfg, state_dict_of(load_checkpoint_file(detector)))
     opt = torch.optim.SGD(heads.parameters(), lr=0.01, momentum=0.9)
-    dataloader = _CacheLoader.build(reader, ft["sampler"], seed=0, num_workers=0)
+    dataloader = build_cache_loader(reader, ft["sampler"], seed=0, num_workers=0)
 
     def endless():
         epoch = 0
@@ -125,7 +154,7 @@ def main() -> None:
     t_step = (time.perf_counter() - t0) / args.steps
 
     model, _ = build_frozen_detector(det_cfg, str(detector))
-    ds_cfg = _base_dataset_cfg(det_cfg).copy()
+    ds_cfg = base_dataset_cfg(det_cfg).copy()
     ds_cfg["pipeline"] = extraction_pipeline(ds_cfg["pipeline"], flip=False)
     ds = DATASETS.build(ds_cfg)
     extractor = Extractor(model, RoIPolicy(**reader.meta["policy"]), np.array(reader.meta["class_instance_count"]))
@@ -140,8 +169,10 @@ def main() -> None:
     epoch_cache = steps * t_step
     epoch_fwd = n_images * t_image + steps * t_step
     name = "mmdet LVIS R50-FPN Mask R-CNN (random weights)" if args.lvis_r50 else "demo Mask R-CNN"
-    print(f"{name}: {n_images} training images, {len(reader.labels)} cached RoIs per epoch of {steps} steps "
-          f"({ft['sampler']['rois_per_batch']} RoIs + {ft['sampler']['masks_per_batch']} masks per step)")
+    print(
+        f"{name}: {n_images} training images, {len(reader.labels)} cached RoIs per epoch of {steps} steps "
+        f"({ft['sampler']['rois_per_batch']} RoIs + {ft['sampler']['masks_per_batch']} masks per step)"
+    )
     print(f"cached step: {1000 * t_step:.1f} ms   frozen-detector forward: {1000 * t_image:.1f} ms per image")
     print(f"epoch from the cache:              {epoch_cache:10.1f} s")
     print(f"epoch forwarding the detector:     {epoch_fwd:10.1f} s")
@@ -151,8 +182,10 @@ def main() -> None:
     policy = reader.meta["policy"]
     rois_max = policy["max_pos_per_image"] + policy["neg_per_image"]
     per_step = ft["sampler"]["rois_per_batch"] / rois_max
-    print(f"at the policy's maximum of {rois_max} RoIs per image ({per_step:.1f} images per step): "
-          f"{(per_step * t_image + t_step) / t_step:.1f}x")
+    print(
+        f"at the policy's maximum of {rois_max} RoIs per image ({per_step:.1f} images per step): "
+        f"{(per_step * t_image + t_step) / t_step:.1f}x"
+    )
 
 
 if __name__ == "__main__":

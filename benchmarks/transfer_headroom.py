@@ -38,7 +38,14 @@ def donor_mean_heads(heads: dict, donors_of: dict[int, list[int]], branches: set
             reg_w[r], reg_b[r] = reg_w[d].mean(0), reg_b[d].mean(0)
         if "mask" in branches:
             mask_w[r], mask_b[r] = mask_w[d].mean(0), mask_b[d].mean(0)
-    sd.update({"fc_reg.weight": reg_w.view(4 * c, -1), "fc_reg.bias": reg_b.view(-1), "conv_logits.weight": mask_w, "conv_logits.bias": mask_b})
+    sd.update(
+        {
+            "fc_reg.weight": reg_w.view(4 * c, -1),
+            "fc_reg.bias": reg_b.view(-1),
+            "conv_logits.weight": mask_w,
+            "conv_logits.bias": mask_b,
+        }
+    )
     return {"state_dict": sd, "meta": heads["meta"]}
 
 
@@ -49,7 +56,7 @@ def main() -> int:
     torch.set_num_threads(1)
 
     from crat_ft.paths import demo_config
-    from crat_ft.train import evaluate_detector
+    from crat_ft.stage1 import evaluate_detector
 
     work = args.work_dir
     heads = torch.load(work / "baseline" / "heads.pth", weights_only=True)
@@ -69,7 +76,13 @@ def main() -> int:
             for branches in ({"box"}, {"mask"}):
                 path = Path(tmp) / f"{kind}-{'-'.join(sorted(branches))}.pth"
                 torch.save(donor_mean_heads(heads, donors[kind], branches), path)
-                m = evaluate_detector(demo_config(), work / "stage1" / "detector.pth", Path(tmp) / "m.json", data_root=work / "data", heads=path)
+                m = evaluate_detector(
+                    demo_config(),
+                    work / "stage1" / "detector.pth",
+                    Path(tmp) / "m.json",
+                    data_root=work / "data",
+                    heads=path,
+                )
                 deltas = " ".join(f"{100 * (m[t][k] - base[t][k]):+9.1f}" for t in ("bbox", "segm") for k in KEYS)
                 print(f"{kind:8s} {'/'.join(sorted(branches)):9s} {deltas}", flush=True)
     return 0

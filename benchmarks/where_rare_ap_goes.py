@@ -40,7 +40,10 @@ def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
     lt = np.maximum(boxes[:, :2], box[:2])
     rb = np.minimum(boxes[:, 2:], box[2:])
     inter = np.clip(rb - lt, 0, None).prod(1)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+
+    def area(b):
+        return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+
     return inter / (area(boxes) + area(box) - inter + 1e-9)
 
 
@@ -78,24 +81,29 @@ def analyse(model, ann_path: Path, image_root: Path, score_thr: float = 0.05) ->
                 inter = np.logical_and(masks[best], m).sum()
                 group["box_iou"].append(float(iou[best]))
                 group["mask_iou"].append(float(inter / max(np.logical_or(masks[best], m).sum(), 1)))
-    return {f: {k: float(np.mean(v)) if v else float("nan") for k, v in s.items()} | {"n": len(s["top1"])} for f, s in stats.items()}
+    return {
+        f: {k: float(np.mean(v)) if v else float("nan") for k, v in s.items()} | {"n": len(s["top1"])}
+        for f, s in stats.items()
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("work_dir", type=Path)
-    ap.add_argument("--heads", nargs="*", default=["baseline", "crat"], help="heads under WORK_DIR to analyse besides stage 1")
+    ap.add_argument(
+        "--heads", nargs="*", default=["baseline", "crat"], help="heads under WORK_DIR to analyse besides stage 1"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     from mmdet.apis import init_detector
 
     from crat_ft.checkpoint import allow_mmengine_pickles
-    from crat_ft.detector import export_checkpoint
+    from crat_ft.export import export_checkpoint
     from crat_ft.paths import demo_config
-    from crat_ft.train import _register_all
+    from crat_ft.registry import register_all
 
-    _register_all()
+    register_all()
     allow_mmengine_pickles()
     work = args.work_dir
     detector = work / "stage1" / "detector.pth"
@@ -104,12 +112,17 @@ def main() -> int:
         for name in ["stage1", *args.heads]:
             ckpt, cfg = str(detector), None
             if name != "stage1":
-                ckpt, cfg = export_checkpoint(str(demo_config()), str(detector), str(work / name / "heads.pth"), f"{tmp}/{name}.pth")
+                ckpt, cfg = export_checkpoint(
+                    str(demo_config()), str(detector), str(work / name / "heads.pth"), f"{tmp}/{name}.pth"
+                )
             model = init_detector(cfg or str(demo_config()), ckpt, device="cpu")
             res = analyse(model, work / "data" / "annotations" / "lvis_v1_val.json", work / "data")
             for f in ("r", "c", "f"):
                 s = res[f]
-                print(f"{name:9s} {f:5s} {s['n']:5d} {s['top1']:6.3f} {s['recall']:6.3f} {s['box_iou']:8.3f} {s['mask_iou']:8.3f}", flush=True)
+                print(
+                    f"{name:9s} {f:5s} {s['n']:5d} {s['top1']:6.3f} {s['recall']:6.3f} {s['box_iou']:8.3f} {s['mask_iou']:8.3f}",
+                    flush=True,
+                )
     return 0
 
 

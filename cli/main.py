@@ -115,7 +115,8 @@ def env():
 @click.option("--classes", default=40, show_default=True, help="Number of shape x colour classes (2..64).")
 def make_demo_data(out, seed, train_images, val_images, classes):
     """Write the synthetic long-tailed LVIS-v1-format dataset to OUT."""
-    from crat_ft.synthetic import DemoDataSpec, make_demo_data as run
+    from crat_ft.synthetic import DemoDataSpec
+    from crat_ft.synthetic import make_demo_data as run
 
     run(out, DemoDataSpec(seed=seed, train_images=train_images, val_images=val_images, classes=classes))
 
@@ -123,13 +124,15 @@ def make_demo_data(out, seed, train_images, val_images, classes):
 @cli.command("train-detector")
 @click.argument("config", type=click.Path())
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False), help="Logs and checkpoints go here.")
-@click.option("--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's).")
+@click.option(
+    "--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's)."
+)
 @click.option("--seed", type=int, default=None, help="Training seed (overrides randomness.seed).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --work-dir.")
 @CFG_OPTIONS
 def train_detector(config, work_dir, data_root, seed, resume, cfg_options):
     """Train an mmdet detector (stage 1) with mmengine's Runner."""
-    from crat_ft.train import train_detector as run
+    from crat_ft.stage1 import train_detector as run
 
     path = run(config, work_dir, cfg_options=_split_options(cfg_options), data_root=data_root, seed=seed, resume=resume)
     click.echo(f"detector weights: {path}")
@@ -138,16 +141,25 @@ def train_detector(config, work_dir, data_root, seed, resume, cfg_options):
 @cli.command()
 @click.argument("config", type=click.Path())
 @click.argument("checkpoint", type=click.Path())
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Metrics JSON: {\"bbox\": {...}, \"segm\": {...}}.")
-@click.option("--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's).")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help='Metrics JSON: {"bbox": {...}, "segm": {...}}.'
+)
+@click.option(
+    "--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's)."
+)
 @click.option("--per-class-csv", type=click.Path(dir_okay=False), default=None, help="Default: <out>_per_class.csv.")
-@click.option("--heads", type=click.Path(), default=None, help="Evaluate CHECKPOINT with these retrained heads merged in (no file written).")
+@click.option(
+    "--heads",
+    type=click.Path(),
+    default=None,
+    help="Evaluate CHECKPOINT with these retrained heads merged in (no file written).",
+)
 @TRUST
 @CFG_OPTIONS
 def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, trust_checkpoint, cfg_options):
     """Evaluate CHECKPOINT on the config's test split with the LVIS v1 protocol."""
     from crat_ft.evaluation import format_table
-    from crat_ft.train import evaluate_detector
+    from crat_ft.stage1 import evaluate_detector
 
     metrics = evaluate_detector(
         config,
@@ -167,13 +179,23 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, trust_che
 @click.argument("config", type=click.Path())
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory (shards + index.h5).")
-@click.option("--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's).")
+@click.option(
+    "--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's)."
+)
 @click.option("--box-level", type=click.Choice(["fc", "roi"]), default="fc", show_default=True)
 @click.option("--mask-level", type=click.Choice(["logits", "roi"]), default="logits", show_default=True)
 @click.option("--max-pos-per-image", default=64, show_default=True, type=COUNT)
 @click.option("--neg-per-image", default=16, show_default=True, type=COUNT)
-@click.option("--box-pos-per-class", default=2000, show_default=True, type=COUNT, help="Expected cached positives per class (rare classes keep all).")
-@click.option("--mask-pos-per-class", default=64, show_default=True, type=COUNT, help="Expected cached mask features per class.")
+@click.option(
+    "--box-pos-per-class",
+    default=2000,
+    show_default=True,
+    type=COUNT,
+    help="Expected cached positives per class (rare classes keep all).",
+)
+@click.option(
+    "--mask-pos-per-class", default=64, show_default=True, type=COUNT, help="Expected cached mask features per class."
+)
 @click.option("--flip", is_flag=True, help="Also cache the horizontally flipped view.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--shard", default=None, metavar="I/N", help="Extract shard I of N (default: torchrun RANK/WORLD_SIZE).")
@@ -181,28 +203,78 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, trust_che
 @click.option("--batch-size", default=4, show_default=True, type=POSITIVE)
 @click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True)
 @click.option("--max-images", type=POSITIVE, default=None, help="Only the first N images (smoke tests).")
-@click.option("--segment-images", default=32, show_default=True, type=POSITIVE, help="Images per resumable segment file.")
+@click.option(
+    "--segment-images", default=32, show_default=True, type=POSITIVE, help="Images per resumable segment file."
+)
 @click.option("--dry-run", is_flag=True, help="Measure a few images and print the projected cache size.")
-@click.option("--skip-space-check", is_flag=True,
-              help="Do not stop when the free space looks too small for the projected cache (measured after the first segment).")
+@click.option(
+    "--skip-space-check",
+    is_flag=True,
+    help="Do not stop when the free space looks too small for the projected cache (measured after the first segment).",
+)
 @TRUST
 @CFG_OPTIONS
-def extract_features(config, checkpoint, out, data_root, box_level, mask_level, max_pos_per_image, neg_per_image,
-                     box_pos_per_class, mask_pos_per_class, flip, seed, shard, resume, batch_size, compression,
-                     max_images, segment_images, dry_run, skip_space_check, trust_checkpoint, cfg_options):
+def extract_features(
+    config,
+    checkpoint,
+    out,
+    data_root,
+    box_level,
+    mask_level,
+    max_pos_per_image,
+    neg_per_image,
+    box_pos_per_class,
+    mask_pos_per_class,
+    flip,
+    seed,
+    shard,
+    resume,
+    batch_size,
+    compression,
+    max_images,
+    segment_images,
+    dry_run,
+    skip_space_check,
+    trust_checkpoint,
+    cfg_options,
+):
     """Cache a frozen detector's RoI features for the training split to HDF5."""
-    from crat_ft.extract import RoIPolicy, dry_run as run_dry, extract_features as run
+    from crat_ft.extract import dry_run as run_dry
+    from crat_ft.extract import extract_features as run
+    from crat_ft.roi_policy import RoIPolicy
 
-    policy = RoIPolicy(max_pos_per_image=max_pos_per_image, neg_per_image=neg_per_image, box_pos_per_class=box_pos_per_class,
-                       mask_pos_per_class=mask_pos_per_class, seed=seed, flip=flip)
-    kwargs = dict(cfg_options=_split_options(cfg_options), data_root=data_root, policy=policy, box_level=box_level,
-                  mask_level=mask_level, batch_size=batch_size, compression=None if compression == "none" else compression,
-                  trust_checkpoint=trust_checkpoint)
+    policy = RoIPolicy(
+        max_pos_per_image=max_pos_per_image,
+        neg_per_image=neg_per_image,
+        box_pos_per_class=box_pos_per_class,
+        mask_pos_per_class=mask_pos_per_class,
+        seed=seed,
+        flip=flip,
+    )
+    kwargs = dict(
+        cfg_options=_split_options(cfg_options),
+        data_root=data_root,
+        policy=policy,
+        box_level=box_level,
+        mask_level=mask_level,
+        batch_size=batch_size,
+        compression=None if compression == "none" else compression,
+        trust_checkpoint=trust_checkpoint,
+    )
     if dry_run:
         click.echo(run_dry(config, checkpoint, **kwargs))
         return
-    path = run(config, checkpoint, out, shard=shard, resume=resume, max_images=max_images, segment_images=segment_images,
-               space_check=not skip_space_check, **kwargs)
+    path = run(
+        config,
+        checkpoint,
+        out,
+        shard=shard,
+        resume=resume,
+        max_images=max_images,
+        segment_images=segment_images,
+        space_check=not skip_space_check,
+        **kwargs,
+    )
     click.echo(f"feature cache: {path}")
 
 
@@ -212,8 +284,7 @@ def inspect_cache(cache):
     """Summarise a feature cache: RoIs, positives per class and group, levels, bytes, provenance."""
     from pathlib import Path
 
-    from crat_ft.cache import summarize
-    from crat_ft.extract import INDEX_FILE
+    from crat_ft.cache import INDEX_FILE, summarize
 
     path = Path(cache)
     click.echo(summarize(path / INDEX_FILE if path.is_dir() else path))
@@ -228,9 +299,16 @@ def inspect_cache(cache):
 @CFG_OPTIONS
 def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_options):
     """Retrain the class-wise layers from the cache (CRAT + rebalanced classifier) with mmengine's Runner."""
-    from crat_ft.train import retrain_heads as run
+    from crat_ft.retrain import retrain_heads as run
 
-    path = run(ft_config, cache, work_dir, cfg_options=_split_options(cfg_options), resume=resume, trust_checkpoint=trust_checkpoint)
+    path = run(
+        ft_config,
+        cache,
+        work_dir,
+        cfg_options=_split_options(cfg_options),
+        resume=resume,
+        trust_checkpoint=trust_checkpoint,
+    )
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun only rank 0 writes heads.pth
         click.echo(f"retrained heads: {path}")
 
@@ -240,24 +318,46 @@ def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_opti
 @click.argument("checkpoint", type=click.Path())
 @click.argument("heads", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The merged mmdet checkpoint.")
-@click.option("--tau-norm", type=click.FloatRange(min=0), default=None,
-              help="Post-hoc tau-normalisation of the classifier (default: the heads' export setting).")
-@click.option("--logit-adjust", type=click.FloatRange(min=0), default=None,
-              help="Post-hoc logit adjustment strength (default: the heads' export setting).")
-@click.option("--combine-original", type=float, default=None,
-              help="Mix in the original classifier's scores with this weight in [0, 1] (SimCal dual head; default: the heads' export setting).")
+@click.option(
+    "--tau-norm",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Post-hoc tau-normalisation of the classifier (default: the heads' export setting).",
+)
+@click.option(
+    "--logit-adjust",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Post-hoc logit adjustment strength (default: the heads' export setting).",
+)
+@click.option(
+    "--combine-original",
+    type=float,
+    default=None,
+    help="Mix in the original classifier's scores with this weight in [0, 1] (SimCal dual head; default: the heads' export setting).",
+)
 @TRUST
 @CFG_OPTIONS
 def export(config, checkpoint, heads, out, tau_norm, logit_adjust, combine_original, trust_checkpoint, cfg_options):
     """Merge retrained HEADS into CHECKPOINT: an ordinary mmdet checkpoint."""
-    from crat_ft.detector import export_checkpoint
+    from crat_ft.export import export_checkpoint
 
-    path, cfg_path = export_checkpoint(config, checkpoint, heads, out, tau_norm=tau_norm, logit_adjust=logit_adjust,
-                                       combine_original=combine_original, trust_checkpoint=trust_checkpoint,
-                                       cfg_options=_split_options(cfg_options))
+    path, cfg_path = export_checkpoint(
+        config,
+        checkpoint,
+        heads,
+        out,
+        tau_norm=tau_norm,
+        logit_adjust=logit_adjust,
+        combine_original=combine_original,
+        trust_checkpoint=trust_checkpoint,
+        cfg_options=_split_options(cfg_options),
+    )
     click.echo(f"merged checkpoint: {path}")
     if cfg_path:
-        click.echo(f"config for it: {cfg_path} (its classifier differs from the one {config} builds; use this config with the checkpoint)")
+        click.echo(
+            f"config for it: {cfg_path} (its classifier differs from the one {config} builds; use this config with the checkpoint)"
+        )
 
 
 @cli.command("fisher-neighbors")
@@ -275,8 +375,12 @@ def fisher_neighbors(heads, class_name, top, branch):
 @cli.command()
 @click.option("--work-dir", default="work_dirs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
-@click.option("--detector-iters", type=POSITIVE, default=None, help="Stage-1 training iterations (default: the config's).")
-@click.option("--heads-iters", type=POSITIVE, default=None, help="retrain-heads iterations (default: the fine-tune configs').")
+@click.option(
+    "--detector-iters", type=POSITIVE, default=None, help="Stage-1 training iterations (default: the config's)."
+)
+@click.option(
+    "--heads-iters", type=POSITIVE, default=None, help="retrain-heads iterations (default: the fine-tune configs')."
+)
 def demo(work_dir, seed, detector_iters, heads_iters):
     """Run the whole pipeline on the embedded synthetic long-tailed benchmark (CPU)."""
     from crat_ft.demo import run_demo

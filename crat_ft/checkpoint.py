@@ -193,17 +193,23 @@ def load_checkpoint_file(
             if trust_hint
             else "files written by crat-ft hold only tensors and plain data: use the file crat-ft wrote"
         )
-        raise UserError(f"checkpoint {path} contains Python objects outside crat-ft's safe allow-list ({exc.what}); {fix}") from None
+        raise UserError(
+            f"checkpoint {path} contains Python objects outside crat-ft's safe allow-list ({exc.what}); {fix}"
+        ) from None
     except Exception as exc:  # torch raises many types for corrupt files
         msg = str(exc)
         text = msg.splitlines()[0] if msg else type(exc).__name__
-        raise UserError(f"checkpoint {path} could not be read ({text}); the file is corrupt or truncated: re-download or re-train it") from None
+        raise UserError(
+            f"checkpoint {path} could not be read ({text}); the file is corrupt or truncated: re-download or re-train it"
+        ) from None
     if not isinstance(ckpt, dict):
-        raise UserError(f"checkpoint {path}: expected a dict (state_dict or mmengine checkpoint), got {type(ckpt).__name__}")
+        raise UserError(
+            f"checkpoint {path}: expected a dict (state_dict or mmengine checkpoint), got {type(ckpt).__name__}"
+        )
     return ckpt
 
 
 def state_dict_of(ckpt: dict) -> dict:
     """The model weights of a checkpoint (mmengine's ``state_dict`` or a bare state dict)."""
     sd = ckpt.get("state_dict", ckpt)
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}

@@ -25,7 +25,9 @@ def parse_cfg_options(options: Iterable[str]) -> dict:
     parsed = {}
     for opt in options:
         if "=" not in opt:
-            raise UserError(f"--cfg-options: expected key=value, got {opt!r}; e.g. --cfg-options train_cfg.max_iters=100")
+            raise UserError(
+                f"--cfg-options: expected key=value, got {opt!r}; e.g. --cfg-options train_cfg.max_iters=100"
+            )
         key, value = opt.split("=", 1)
         if not key:
             raise UserError(f"--cfg-options: empty key in {opt!r}")
@@ -47,7 +49,9 @@ def _check_key(tree: dict, key: str, source: str) -> None:
         elif isinstance(node, dict):
             if part not in node:
                 where = ".".join(walked) or "the top level"
-                raise UserError(f"unknown --cfg-options key {key!r}: {where} of {source} has no key {part!r}; check the spelling")
+                raise UserError(
+                    f"unknown --cfg-options key {key!r}: {where} of {source} has no key {part!r}; check the spelling"
+                )
             node = node[part]
         else:
             raise UserError(f"unknown --cfg-options key {key!r}: {'.'.join(walked)} in {source} is a value, not a dict")
@@ -144,7 +148,7 @@ def sync_dataset_classes(cfg, splits: Iterable[str] = DATALOADERS) -> list[str]:
             different categories, or a model whose ``num_classes`` differs
             from the dataset's number of categories.
     """
-    from crat_ft.evaluation import load_lvis_json
+    from crat_ft.lvis_json import categories_by_id, load_lvis_json
 
     names = None
     for loader, ds in _datasets(cfg):
@@ -152,9 +156,11 @@ def sync_dataset_classes(cfg, splits: Iterable[str] = DATALOADERS) -> list[str]:
             continue
         ann = ann_file_of(ds)
         doc = load_lvis_json(ann)
-        these = [c["name"] for c in sorted(doc["categories"], key=lambda c: c["id"])]
+        these = [c["name"] for c in categories_by_id(doc)]
         if names is not None and these != names:
-            raise UserError(f"{loader}: categories of {ann} differ from the other splits'; all splits must share one category list")
+            raise UserError(
+                f"{loader}: categories of {ann} differ from the other splits'; all splits must share one category list"
+            )
         names = these
         ds["metainfo"] = dict(classes=tuple(these))
         for key, n in head_num_classes(cfg).items():
@@ -164,3 +170,30 @@ def sync_dataset_classes(cfg, splits: Iterable[str] = DATALOADERS) -> list[str]:
                     f"set --cfg-options {' '.join(f'{k}={len(these)}' for k in head_num_classes(cfg))} or use the matching dataset"
                 )
     return names or []
+
+
+def base_dataset_cfg(cfg, loader: str = "train_dataloader"):
+    """The dataset config of a dataloader, unwrapped from ClassBalancedDataset/RepeatDataset wrappers."""
+    ds = cfg[loader].dataset
+    while "dataset" in ds and "ann_file" not in ds:
+        ds = ds.dataset
+    return ds
+
+
+def prepare_config(config, cfg_options=(), data_root=None, splits: Iterable[str] = DATALOADERS):
+    """A detector config as every crat-ft command reads it.
+
+    Loads ``config`` with the validated ``cfg_options``, points its datasets
+    and evaluators at ``data_root`` (if given) and fills the class names of the
+    ``splits`` from their annotation files (checking the model's
+    ``num_classes``).
+    """
+    cfg = load_config(config, cfg_options)
+    if data_root is not None:
+        if not Path(data_root).is_dir():
+            raise UserError(
+                f"--data-root {data_root} does not exist; make it with `crat-ft make-demo-data {data_root}`"
+            )
+        set_data_root(cfg, data_root)
+    sync_dataset_classes(cfg, splits)
+    return cfg

@@ -3,7 +3,7 @@
 Stages, each reused on a rerun when its output exists (outputs are written
 atomically, so an interrupted stage is simply redone):
 
-1. ``data/``: ``make-demo-data`` (DESIGN §8);
+1. ``data/``: ``make-demo-data`` (docs/architecture.md#synthetic-benchmark);
 2. ``stage1/detector.pth``: a tiny Mask R-CNN trained with plain random sampling;
 3. ``cache/index.h5``: its RoI features on the training split;
 4. ``baseline/heads.pth`` and ``crat/heads.pth``: the class-wise layers retrained
@@ -23,8 +23,9 @@ from pathlib import Path
 from crat_ft.evaluation import format_table
 from crat_ft.files import atomic_write_text
 from crat_ft.paths import demo_config
+from crat_ft.retrain import HEADS_FILE, retrain_heads
+from crat_ft.stage1 import DETECTOR_FILE, evaluate_detector, train_detector
 from crat_ft.synthetic import DemoDataSpec, make_demo_data
-from crat_ft.train import DETECTOR_FILE, HEADS_FILE, evaluate_detector, retrain_heads, train_detector
 
 DELTA_KEYS = ("AP", "APr", "APc", "APf")
 
@@ -53,7 +54,11 @@ def delta_table(summary: dict) -> str:
     """The three-way table with CRAT - baseline deltas, bbox and segm."""
     lines = []
     for iou in ("bbox", "segm"):
-        lines.append(format_table({k: summary[k][iou] for k in ("stage1", "baseline", "crat")}, title=f"\n{iou} (LVIS v1 protocol, %)"))
+        lines.append(
+            format_table(
+                {k: summary[k][iou] for k in ("stage1", "baseline", "crat")}, title=f"\n{iou} (LVIS v1 protocol, %)"
+            )
+        )
         d = {k: 100 * (summary["crat"][iou][k] - summary["baseline"][iou][k]) for k in DELTA_KEYS}
         lines.append("CRAT - baseline: " + "  ".join(f"{k} {v:+.1f}" for k, v in d.items()))
     return "\n".join(lines)
@@ -77,8 +82,16 @@ def run_demo(
     Returns:
         ``{"stage1"|"baseline"|"crat": {"bbox": {...}, "segm": {...}}}``.
     """
-    from crat_ft.diagnostics import fisher_neighbors, plot_ap_change, plot_fisher_embedding, read_per_class_csv
-    from crat_ft.extract import INDEX_FILE, RoIPolicy, extract_features
+    from crat_ft.cache import INDEX_FILE
+    from crat_ft.diagnostics import (
+        fisher_neighbors,
+        plot_ap_change,
+        plot_fisher_embedding,
+        read_per_class_csv,
+    )
+    from crat_ft.extract import extract_features
+    from crat_ft.lvis_json import categories_by_id
+    from crat_ft.roi_policy import RoIPolicy
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -86,18 +99,27 @@ def run_demo(
     config = demo_config()
     t_start = time.time()
 
-    _stage(data / "annotations" / "lvis_v1_val.json", "making the synthetic long-tailed dataset",
-           lambda: make_demo_data(data, DemoDataSpec(seed=seed)))
+    _stage(
+        data / "annotations" / "lvis_v1_val.json",
+        "making the synthetic long-tailed dataset",
+        lambda: make_demo_data(data, DemoDataSpec(seed=seed)),
+    )
 
     detector = work_dir / "stage1" / DETECTOR_FILE
     options = {"train_cfg.max_iters": detector_iters} if detector_iters else {}
-    _stage(detector, f"training the stage-1 detector ({config.name})",
-           lambda: train_detector(config, detector.parent, cfg_options=options, data_root=data, seed=seed))
+    _stage(
+        detector,
+        f"training the stage-1 detector ({config.name})",
+        lambda: train_detector(config, detector.parent, cfg_options=options, data_root=data, seed=seed),
+    )
 
     cache = work_dir / "cache" / INDEX_FILE
     policy = RoIPolicy(seed=seed, mask_pos_per_class=200)
-    _stage(cache, "extracting RoI features of the training split",
-           lambda: extract_features(config, detector, cache.parent, data_root=data, policy=policy, resume=True))
+    _stage(
+        cache,
+        "extracting RoI features of the training split",
+        lambda: extract_features(config, detector, cache.parent, data_root=data, policy=policy, resume=True),
+    )
 
     heads_options = {"train.seed": seed}
     if heads_iters:
@@ -105,18 +127,24 @@ def run_demo(
     for name in ("baseline", "crat"):
         ft = demo_config(f"{name}_synthetic.py")
         out = work_dir / name / HEADS_FILE
-        _stage(out, f"retraining the class-wise heads ({name})",
-               lambda ft=ft, out=out: retrain_heads(ft, cache, out.parent, cfg_options=heads_options))
+        _stage(
+            out,
+            f"retraining the class-wise heads ({name})",
+            lambda ft=ft, out=out: retrain_heads(ft, cache, out.parent, cfg_options=heads_options),
+        )
 
     summary = {}
     for name in ("stage1", "baseline", "crat"):
         metrics_file = work_dir / name / "metrics.json"
         heads = None if name == "stage1" else work_dir / name / HEADS_FILE
-        _stage(metrics_file, f"evaluating {name} (LVIS protocol, val split)",
-               lambda m=metrics_file, h=heads: evaluate_detector(config, detector, m, data_root=data, heads=h))
+        _stage(
+            metrics_file,
+            f"evaluating {name} (LVIS protocol, val split)",
+            lambda m=metrics_file, h=heads: evaluate_detector(config, detector, m, data_root=data, heads=h),
+        )
         summary[name] = _load_json(metrics_file)
 
-    cats = sorted(_load_json(data / "annotations" / "lvis_v1_train.json")["categories"], key=lambda c: c["id"])
+    cats = categories_by_id(_load_json(data / "annotations" / "lvis_v1_train.json"))
     plot_ap_change(
         read_per_class_csv(work_dir / "baseline" / "metrics_per_class.csv"),
         read_per_class_csv(work_dir / "crat" / "metrics_per_class.csv"),
@@ -130,5 +158,7 @@ def run_demo(
 
     atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=2))
     print(delta_table(summary))
-    _say(f"total {time.time() - t_start:.0f} s; summary {work_dir / 'summary.json'}, plots and rare_fisher_neighbors.txt in {work_dir}")
+    _say(
+        f"total {time.time() - t_start:.0f} s; summary {work_dir / 'summary.json'}, plots and rare_fisher_neighbors.txt in {work_dir}"
+    )
     return summary

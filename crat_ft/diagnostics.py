@@ -1,4 +1,4 @@
-"""CRAT diagnostics (DESIGN §4.6): Fisher neighbours, a 2-D embedding, AP-change plots.
+"""CRAT diagnostics (docs/architecture.md#crat-as-implemented): Fisher neighbours, a 2-D embedding, AP-change plots.
 
 Shape legend: ``C`` classes, ``F`` flattened Fisher width (4·D for the box
 branch, K for the mask branch).
@@ -49,7 +49,9 @@ def neighbours(sim: np.ndarray, c: int, top: int) -> list[tuple[int, float]]:
     return [(j, float(row[j])) for j in order[:top]]
 
 
-def fisher_neighbors(heads: str | os.PathLike, *, class_name: str | None = None, top: int = 5, branch: str = "box") -> str:
+def fisher_neighbors(
+    heads: str | os.PathLike, *, class_name: str | None = None, top: int = 5, branch: str = "box"
+) -> str:
     """Text table of Fisher neighbours: one class, or every rare class."""
     ckpt = _load_heads(heads)
     meta, sd = ckpt["meta"], ckpt["state_dict"]
@@ -109,7 +111,9 @@ def plot_fisher_embedding(heads: str | os.PathLike, out_png: str | os.PathLike, 
     plt.close(fig)
 
 
-def plot_ap_change(per_class_a: dict, per_class_b: dict, categories: list[dict], out_png: str | os.PathLike, title: str) -> None:
+def plot_ap_change(
+    per_class_a: dict, per_class_b: dict, categories: list[dict], out_png: str | os.PathLike, title: str
+) -> None:
     """Per-class AP change (b - a) against training instances on a log axis, bbox and segm panels.
 
     Args:
@@ -125,8 +129,11 @@ def plot_ap_change(per_class_a: dict, per_class_b: dict, categories: list[dict],
     for ax, iou in zip(axes, ("bbox", "segm")):
         for g in "fcr":
             cats = [
-                c for c in categories
-                if c["frequency"] == g and per_class_a[iou].get(c["name"], -1) >= 0 and per_class_b[iou].get(c["name"], -1) >= 0
+                c
+                for c in categories
+                if c["frequency"] == g
+                and per_class_a[iou].get(c["name"], -1) >= 0
+                and per_class_b[iou].get(c["name"], -1) >= 0
             ]
             x = [max(1, c.get("instance_count", 1)) for c in cats]
             y = [100 * (per_class_b[iou][c["name"]] - per_class_a[iou][c["name"]]) for c in cats]

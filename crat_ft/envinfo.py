@@ -32,7 +32,12 @@ def collect() -> tuple[list[tuple[str, str]], list[str]]:
         import torch
 
         cuda = torch.cuda.is_available()
-        rows.append(("CUDA available", f"{cuda}" + (f" ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})" if cuda else "")))
+        rows.append(
+            (
+                "CUDA available",
+                f"{cuda}" + (f" ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})" if cuda else ""),
+            )
+        )
     except Exception:
         problems.append("torch is not importable; run `bash scripts/setup.sh`")
     rows.append(("torchvision", _version("torchvision")))
@@ -49,7 +54,9 @@ def collect() -> tuple[list[tuple[str, str]], list[str]]:
         v = _version(name)
         rows.append((name.replace("_", "-"), v))
         if v.startswith("not importable"):
-            problems.append(f"{name} is not importable; run `bash scripts/setup.sh` (or pip install {name.replace('_', '-')})")
+            problems.append(
+                f"{name} is not importable; run `bash scripts/setup.sh` (or pip install {name.replace('_', '-')})"
+            )
     return rows, problems
 
 

@@ -1,4 +1,4 @@
-"""LVIS evaluation (DESIGN §7) on faster-coco-eval, plus the mmdet metric.
+"""LVIS evaluation on faster-coco-eval (see docs/architecture.md#evaluation-protocol).
 
 The LVIS v1 protocol, as lvis-api's ``LVISEval`` implements it:
 
@@ -19,71 +19,19 @@ evaluated in chunks with bounded memory and merged exactly
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from crat_ft.errors import UserError
+from crat_ft.lvis_json import categories_by_id, check_lvis_dict, load_lvis_json
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 IOU_TYPES = ("bbox", "segm")
 _AREA_KEYS = {"APs": "small", "APm": "medium", "APl": "large"}
 _FREQ_KEYS = {"APr": "r", "APc": "c", "APf": "f"}
-
-
-def load_lvis_json(path: str | os.PathLike) -> dict:
-    """Read and check an LVIS-format annotation file.
-
-    Raises:
-        UserError: the file is missing, not JSON, or lacks LVIS fields; the
-            message names the file and the problem.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"annotation file {path} does not exist; check the path (make one with `crat-ft make-demo-data`)")
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"annotation file {path} is not valid JSON ({exc}); regenerate or re-download it") from None
-    check_lvis_dict(doc, str(path))
-    return doc
-
-
-def check_lvis_dict(doc: object, name: str = "annotations") -> None:
-    """Check the LVIS v1 fields that evaluation and mmdet's LVISV1Dataset rely on."""
-    if not isinstance(doc, dict):
-        raise UserError(f"{name}: expected an LVIS JSON object, got {type(doc).__name__}; pass an LVIS v1 annotation file")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(doc.get(key), list):
-            raise UserError(f"{name}: expected a list under '{key}', got {type(doc.get(key)).__name__}; this is not an LVIS v1 annotation file")
-    required = {
-        "categories": ("id", "name", "frequency"),
-        "images": ("id", "height", "width", "neg_category_ids", "not_exhaustive_category_ids"),
-        "annotations": ("id", "image_id", "category_id", "bbox", "area"),
-    }
-    for key, fields in required.items():
-        for i, item in enumerate(doc[key]):
-            missing = [f for f in fields if f not in item]
-            if missing:
-                raise UserError(
-                    f"{name}: {key}[{i}] lacks {', '.join(repr(m) for m in missing)}; "
-                    "LVIS v1 needs them (see DESIGN §8 or `crat-ft make-demo-data`)"
-                )
-    for i, img in enumerate(doc["images"]):
-        if "coco_url" not in img and "file_name" not in img:
-            raise UserError(f"{name}: images[{i}] has neither 'coco_url' nor 'file_name'; LVIS v1 images need 'coco_url'")
-    bad = [c["frequency"] for c in doc["categories"] if c["frequency"] not in ("r", "c", "f")]
-    if bad:
-        raise UserError(f"{name}: category frequency must be 'r', 'c' or 'f', got {bad[0]!r}")
-    cat_ids = {c["id"] for c in doc["categories"]}
-    for i, ann in enumerate(doc["annotations"]):
-        if ann["category_id"] not in cat_ids:
-            raise UserError(f"{name}: annotations[{i}] has category_id {ann['category_id']} not in 'categories'")
 
 
 def top_k_per_image(results: Iterable[dict], max_dets: int) -> list[dict]:
@@ -108,11 +56,18 @@ def _check_results(results: Sequence[dict], iou_type: str, image_ids: set, cat_i
     for i, det in enumerate(results):
         for key in ("image_id", "category_id", "score", field):
             if key not in det:
-                raise UserError(f"results[{i}] lacks {key!r}; LVIS {iou_type} results need image_id, category_id, score and {field}")
+                raise UserError(
+                    f"results[{i}] lacks {key!r}; LVIS {iou_type} results need image_id, category_id, score and {field}"
+                )
         if det["image_id"] not in image_ids:
-            raise UserError(f"results[{i}] has image_id {det['image_id']} not in the ground truth; evaluate against the matching annotation file")
+            raise UserError(
+                f"results[{i}] has image_id {det['image_id']} not in the ground truth; evaluate against the matching annotation file"
+            )
         if det["category_id"] not in cat_ids:
-            raise UserError(f"results[{i}] has category_id {det['category_id']} not in the ground truth categories; the model and dataset classes disagree")
+            raise UserError(
+                f"results[{i}] has category_id {det['category_id']} not in the ground truth categories; "
+                "the model and dataset classes disagree"
+            )
 
 
 def _federated(results: list[dict], gt_doc: dict, iou_type: str) -> list[dict]:
@@ -217,7 +172,7 @@ def lvis_metrics(
     gt_doc = load_lvis_json(gt) if not isinstance(gt, dict) else gt
     if isinstance(gt, dict):
         check_lvis_dict(gt_doc, "gt")
-    cats = sorted(gt_doc["categories"], key=lambda c: c["id"])
+    cats = categories_by_id(gt_doc)
     cat_ids = [c["id"] for c in cats]
     _check_results(results, iou_type, {img["id"] for img in gt_doc["images"]}, set(cat_ids))
     results = _federated(top_k_per_image(results, max_dets), gt_doc, iou_type)
@@ -257,13 +212,6 @@ def format_table(rows: dict[str, dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- mmdet metric
-
-
-def _category_table(doc: dict) -> list[dict]:
-    return sorted(doc["categories"], key=lambda c: c["id"])
-
-
 def write_per_class_csv(path: str | os.PathLike, categories: list[dict], per_class: dict[str, dict]) -> None:
     """Per-class CSV: class, frequency group, training instances, bbox AP, segm AP (atomic write)."""
     import csv
@@ -279,102 +227,3 @@ def write_per_class_csv(path: str | os.PathLike, categories: list[dict], per_cla
                 ap = per_class.get(iou, {}).get(c["id"])
                 row.append("" if ap is None else f"{ap:.6f}")
             w.writerow(row)
-
-
-def _register_metric():
-    from mmdet.registry import METRICS
-    from mmengine.evaluator import BaseMetric
-    from mmengine.logging import MMLogger
-
-    @METRICS.register_module(name="CratLVISMetric", force=True)
-    class CratLVISMetric(BaseMetric):
-        """LVIS v1 bbox/segm metric for mmdet's test loop, on :func:`lvis_metrics`.
-
-        Args:
-            ann_file: the LVIS annotation file of the evaluated split.
-            metric: ``"bbox"``, ``"segm"`` or both.
-            max_dets: detections per image across categories (LVIS: 300).
-            cat_chunk_size: categories per evaluation chunk (bounded memory).
-            per_class_csv: if set, write the per-class AP table there.
-        """
-
-        default_prefix = "lvis"
-
-        def __init__(
-            self,
-            *,
-            ann_file: str,
-            metric: str | Sequence[str] = ("bbox", "segm"),
-            max_dets: int = 300,
-            cat_chunk_size: int | None = None,
-            per_class_csv: str | None = None,
-            collect_device: str = "cpu",
-            prefix: str | None = None,
-        ) -> None:
-            super().__init__(collect_device=collect_device, prefix=prefix)
-            metrics = [metric] if isinstance(metric, str) else list(metric)
-            for m in metrics:
-                if m not in IOU_TYPES:
-                    raise UserError(f"CratLVISMetric.metric: expected items of {IOU_TYPES}, got {m!r}")
-            self.iou_types = metrics
-            self.ann_file = ann_file
-            self.max_dets = max_dets
-            self.cat_chunk_size = cat_chunk_size
-            self.per_class_csv = per_class_csv
-            self._doc = None
-            self.last_results: dict = {}
-
-        @property
-        def doc(self) -> dict:
-            if self._doc is None:
-                self._doc = load_lvis_json(self.ann_file)
-            return self._doc
-
-        def process(self, data_batch, data_samples: Sequence[dict]) -> None:
-            import pycocotools.mask as mask_util
-
-            # one entry per image: mmengine truncates ``results`` to the dataset size
-            cat_ids = [c["id"] for c in _category_table(self.doc)]
-            for sample in data_samples:
-                dets = []
-                pred = sample["pred_instances"]
-                img_id = sample["img_id"]
-                bboxes = pred["bboxes"].cpu().numpy()
-                scores = pred["scores"].cpu().numpy()
-                labels = pred["labels"].cpu().numpy()
-                masks = pred["masks"].cpu().numpy() if "masks" in pred and "segm" in self.iou_types else None
-                for i in range(len(scores)):
-                    x0, y0, x1, y1 = (float(v) for v in bboxes[i])
-                    det = {
-                        "image_id": img_id,
-                        "category_id": cat_ids[int(labels[i])],
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "score": float(scores[i]),
-                    }
-                    if masks is not None:
-                        rle = mask_util.encode(np.asfortranarray(masks[i].astype(np.uint8)))
-                        rle["counts"] = rle["counts"].decode()
-                        det["segmentation"] = rle
-                    dets.append(det)
-                self.results.append(dets)
-
-        def compute_metrics(self, results: list) -> dict:
-            logger = MMLogger.get_current_instance()
-            results = [d for per_image in results for d in per_image]
-            out, per_class = {}, {}
-            for iou in self.iou_types:
-                if iou == "segm" and results and "segmentation" not in results[0]:
-                    raise UserError("segm metric requested but the model predicts no masks; use metric=['bbox']")
-                m = lvis_metrics(self.doc, results, iou, self.max_dets, cat_chunk_size=self.cat_chunk_size, per_class=True)
-                per_class[iou] = m.pop("per_class")
-                out[iou] = m
-            self.last_results = {"metrics": out, "per_class": per_class}
-            logger.info("\n" + format_table(out, title=f"LVIS metrics ({len(results)} detections)"))
-            if self.per_class_csv:
-                write_per_class_csv(self.per_class_csv, _category_table(self.doc), per_class)
-            return {f"{iou}_{k}": v for iou, m in out.items() for k, v in m.items()}
-
-    return CratLVISMetric
-
-
-CratLVISMetric = _register_metric()

@@ -1,4 +1,4 @@
-"""Writing outputs safely: atomic writes, locks, temporary directories, disk faults.
+"""Files: atomic writes, locks, temporary directories, disk faults, file hashes.
 
 Every file crat-ft writes appears complete or not at all: it is written under a
 temporary name that carries the writer's pid (``.<stem>.tmp-<pid><suffix>``) and
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from crat_ft.errors import UserError
+from crat_ft.errors import StorageError, UserError
 
 # errors that mean "the output cannot be written here", whatever wrote it
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
@@ -34,12 +35,6 @@ _STORAGE_PHRASES = (
     (errno.EFBIG, "File too large"),
     (errno.EACCES, "Permission denied"),
 )
-
-
-class StorageError(UserError):
-    """An output could not be written (disk full, read-only, no permission): exit code 1."""
-
-    exit_code = 1
 
 
 def _storage_reason(exc: BaseException) -> str | None:
@@ -108,6 +103,15 @@ def storage_errors(path: str | os.PathLike) -> Iterator[None]:
         if err is None:
             raise
         raise err from None
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes (checkpoints are identified by it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def temp_name(path: Path) -> Path:

@@ -21,60 +21,23 @@ of :mod:`crat_ft.transfusion`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 import torch.nn.functional as F
 from mmengine.model import BaseModel
 from torch import Tensor, nn
 
 from crat_ft.errors import UserError
+from crat_ft.ft_config import CratConfig
 from crat_ft.transfusion import (
     FisherStats,
     box_sample_fisher,
+    box_sample_grad,
     box_transfusion_loss,
     mask_sample_fisher,
+    mask_sample_grad,
     mask_transfusion_loss,
     transfusion_weights,
 )
-
-FISHER_MODES = ("sample", "reference")
-MASK_WEIGHTS = ("mask", "box")
-
-
-@dataclass(frozen=True)
-class CratConfig:
-    """CRAT settings (DESIGN §4); ``enable=False`` is the decoupled baseline."""
-
-    enable: bool = True
-    box_lambda: float = 0.001
-    mask_lambda: float = 0.01
-    box_tau: float = 0.05
-    mask_tau: float = 0.05
-    momentum: float = 0.01
-    fisher: str = "sample"
-    top_k: int | None = None
-    frequency_gate: bool = False
-    # "mask": mask transfusion weights from the mask Fisher statistics (DESIGN §4.3);
-    # "box": from the box statistics and the box Fisher of the mask's RoI, as the reference does
-    mask_weights: str = "mask"
-
-    @classmethod
-    def from_dict(cls, d: dict | None, source: str = "crat") -> "CratConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-        cfg = cls(**d)
-        if cfg.mask_weights not in MASK_WEIGHTS:
-            raise UserError(f"{source}.mask_weights: expected one of {MASK_WEIGHTS}, got {cfg.mask_weights!r}")
-        if cfg.fisher not in FISHER_MODES:
-            raise UserError(f"{source}.fisher: expected one of {FISHER_MODES}, got {cfg.fisher!r}")
-        for name in ("box_tau", "mask_tau"):
-            if getattr(cfg, name) <= 0:
-                raise UserError(f"{source}.{name}: expected > 0, got {getattr(cfg, name)}")
-        return cfg
 
 
 def reference_fisher(labels: Tensor, num_classes: int, grads: Tensor) -> Tensor:
@@ -130,7 +93,9 @@ class ClasswiseHeads(BaseModel):
         self.num_classes = num_classes
         self.loss_cls = MODELS.build(loss_cls)
         cls_channels = (
-            self.loss_cls.get_cls_channels(num_classes) if getattr(self.loss_cls, "custom_cls_channels", False) else num_classes + 1
+            self.loss_cls.get_cls_channels(num_classes)
+            if getattr(self.loss_cls, "custom_cls_channels", False)
+            else num_classes + 1
         )
         self.fc_cls = nn.Linear(box_feat_dim, cls_channels)
         self.fc_reg = nn.Linear(box_feat_dim, 4 * num_classes)
@@ -144,7 +109,9 @@ class ClasswiseHeads(BaseModel):
         self.reinit_cls = reinit_cls
         self.box_stats = FisherStats(num_classes, (4, box_feat_dim), momentum=crat.momentum)
         self.mask_stats = FisherStats(num_classes, (mask_channels,), momentum=crat.momentum) if mask_channels else None
-        counts = torch.as_tensor(class_instance_count if class_instance_count is not None else [1] * num_classes, dtype=torch.float)
+        counts = torch.as_tensor(
+            class_instance_count if class_instance_count is not None else [1] * num_classes, dtype=torch.float
+        )
         self.register_buffer("class_instance_count", counts, persistent=False)
 
     # -- weights in and out ------------------------------------------------------------
@@ -166,7 +133,8 @@ class ClasswiseHeads(BaseModel):
                 if src.shape != dst.shape:
                     raise UserError(
                         f"{prefix[name]}.{p} has shape {tuple(src.shape)} in the checkpoint but the retrained head needs "
-                        f"{tuple(dst.shape)} (classifier loss {type(self.loss_cls).__name__}); set reinit_cls=True or use the detector's loss"
+                        f"{tuple(dst.shape)} (classifier loss {type(self.loss_cls).__name__}); "
+                        "set reinit_cls=True or use the detector's loss"
                     )
                 with torch.no_grad():
                     dst.copy_(src)
@@ -217,7 +185,9 @@ class ClasswiseHeads(BaseModel):
             out["mask_logits"] = self.conv_logits(self.mask_inputs(mask_feat))
         return out
 
-    def loss(self, box_feat, box, gt_box, label, mask_feat, mask_target, mask_label, mask_box_fields=(None, None, None)) -> dict:
+    def loss(
+        self, box_feat, box, gt_box, label, mask_feat, mask_target, mask_label, mask_box_fields=(None, None, None)
+    ) -> dict:
         c = self.num_classes
         n = label.shape[0]
         x_cls, x_reg = self.box_inputs(box_feat)
@@ -236,7 +206,9 @@ class ClasswiseHeads(BaseModel):
         # mmdet's bbox head averages the L1 over every sampled RoI, background included
         losses["loss_bbox"] = self.loss_bbox_weight * (pred_own - target).abs().sum() / max(n, 1)
         if self.crat.enable:
-            losses["loss_box_trans"] = self.crat.box_lambda * self._box_transfusion(x_pos, pred_all, pred_own, target, y)
+            losses["loss_box_trans"] = self.crat.box_lambda * self._box_transfusion(
+                x_pos, pred_all, pred_own, target, y
+            )
 
         if self.conv_logits is not None:
             m = mask_label.shape[0]
@@ -262,37 +234,46 @@ class ClasswiseHeads(BaseModel):
 
     def _box_transfusion(self, x_pos, pred_all, pred_own, target, y) -> Tensor:
         if self.crat.fisher == "reference":
-            grads = torch.sign(pred_own.detach() - target)[:, :, None] * x_pos.detach()[:, None, :]
+            grads = box_sample_grad(x_pos.detach(), pred_own.detach(), target)
             fisher = reference_fisher(y, self.num_classes, grads)
         else:
             fisher = box_sample_fisher(x_pos.detach(), pred_own.detach(), target)
         self.box_stats.update(fisher, y)
         self.box_stats.all_reduce()
-        w = transfusion_weights(fisher, self.box_stats, y, self.crat.box_tau, top_k=self.crat.top_k, allowed=self._allowed(y))
+        w = transfusion_weights(
+            fisher, self.box_stats, y, self.crat.box_tau, top_k=self.crat.top_k, allowed=self._allowed(y)
+        )
         return box_transfusion_loss(pred_all, target, w)
 
     def _mask_transfusion(self, feats, logits_all, z_own, target, y, mask_box_fields) -> Tensor:
         if self.crat.mask_weights == "box":
             x, box, gt_box = mask_box_fields
             if x is None:
-                raise UserError("crat.mask_weights='box' needs the box fields of the mask RoIs; use crat-ft's CachedBatchDataset")
+                raise UserError(
+                    "crat.mask_weights='box' needs the box fields of the mask RoIs; use crat-ft's CachedBatchDataset"
+                )
             with torch.no_grad():
                 m = y.shape[0]
                 x = self.box_inputs(x)[1]
                 pred_own = self.fc_reg(x).view(m, self.num_classes, 4)[torch.arange(m, device=y.device), y]
-                fisher = box_sample_fisher(x, pred_own, self.bbox_coder.encode(box, gt_box) if m else box.new_zeros(0, 4))
+                fisher = box_sample_fisher(
+                    x, pred_own, self.bbox_coder.encode(box, gt_box) if m else box.new_zeros(0, 4)
+                )
             # the box statistics were updated by this step's box branch
-            w = transfusion_weights(fisher, self.box_stats, y, self.crat.box_tau, top_k=self.crat.top_k, allowed=self._allowed(y))
+            w = transfusion_weights(
+                fisher, self.box_stats, y, self.crat.box_tau, top_k=self.crat.top_k, allowed=self._allowed(y)
+            )
             return mask_transfusion_loss(logits_all, target, w)
         if self.crat.fisher == "reference":
-            s2 = target.shape[-1] * target.shape[-2]
-            grads = torch.einsum("pij,pkij->pk", torch.sigmoid(z_own.detach()) - target, feats.detach()) / s2
+            grads = mask_sample_grad(feats.detach(), z_own.detach(), target)
             fisher = reference_fisher(y, self.num_classes, grads)
         else:
             fisher = mask_sample_fisher(feats.detach(), z_own.detach(), target)
         self.mask_stats.update(fisher, y)
         self.mask_stats.all_reduce()
-        w = transfusion_weights(fisher, self.mask_stats, y, self.crat.mask_tau, top_k=self.crat.top_k, allowed=self._allowed(y))
+        w = transfusion_weights(
+            fisher, self.mask_stats, y, self.crat.mask_tau, top_k=self.crat.top_k, allowed=self._allowed(y)
+        )
         return mask_transfusion_loss(logits_all, target, w)
 
     # -- refusing non-finite losses -------------------------------------------------------

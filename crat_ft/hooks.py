@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 
 from crat_ft.errors import UserError
+from crat_ft.runner import unwrap
 
 
 class NonFiniteError(UserError):
@@ -55,13 +55,16 @@ class NonFiniteGuardHook(Hook):
         self._handles: list = []
 
     def before_train(self, runner) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = unwrap(runner.model)
         self._model = model
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._runner = runner
         self.work_dir = self.work_dir or runner.work_dir
         optimizer = runner.optim_wrapper.optimizer
-        self._handles = [optimizer.register_step_pre_hook(self._check_grads), optimizer.register_step_post_hook(self._check_params)]
+        self._handles = [
+            optimizer.register_step_pre_hook(self._check_grads),
+            optimizer.register_step_post_hook(self._check_params),
+        ]
 
     def after_train(self, runner) -> None:
         for h in self._handles:

@@ -1,4 +1,4 @@
-"""Rebalanced classifier losses that mmdet does not ship (DESIGN §5).
+"""Rebalanced classifier losses that mmdet does not ship (docs/architecture.md#rebalanced-classifier).
 
 Softmax CE, Seesaw and EQLv2 are mmdet's own (``CrossEntropyLoss``,
 ``SeesawLoss``, ``EQLV2Loss``); this module adds group softmax (BAGS, Li et al.
@@ -58,7 +58,9 @@ def _reduce(per_sample: Tensor, weight: Tensor | None, reduction: str, avg_facto
     return total
 
 
-def class_groups(class_instance_count: Sequence[int], group_bounds: Sequence[int] = DEFAULT_GROUP_BOUNDS) -> list[list[int]]:
+def class_groups(
+    class_instance_count: Sequence[int], group_bounds: Sequence[int] = DEFAULT_GROUP_BOUNDS
+) -> list[list[int]]:
     """Classes of each non-empty foreground group, groups in increasing count order."""
     bounds = sorted(int(b) for b in group_bounds)
     bins: dict[int, list[int]] = {}
@@ -95,7 +97,9 @@ class GroupSoftmaxLoss(nn.Module):
     ) -> None:
         super().__init__()
         if len(class_instance_count) != num_classes:
-            raise ValueError(f"GroupSoftmaxLoss: class_instance_count has {len(class_instance_count)} entries, num_classes is {num_classes}")
+            raise ValueError(
+                f"GroupSoftmaxLoss: class_instance_count has {len(class_instance_count)} entries, num_classes is {num_classes}"
+            )
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"GroupSoftmaxLoss: reduction should be 'mean', 'sum' or 'none', got {reduction!r}")
         self.num_classes = num_classes

@@ -1,4 +1,4 @@
-"""Samplers over cached RoIs for the decoupled stage (DESIGN §5).
+"""Samplers over cached RoIs for the decoupled stage (docs/architecture.md#rebalanced-classifier).
 
 A sampler yields one item per training step: ``{"rois": (N,) int64, "masks":
 (M,) int64}`` indices into the cache's RoI and mask tables. Of the N RoIs,
@@ -20,7 +20,7 @@ Masks are drawn in groups of up to ``mask_group`` rows that are adjacent in
 the cache (same image, same class — usually the same object): the strategy
 picks the group's first mask, and a group is one read. Mask features are
 ~100 KiB per row, so this block-level draw is what keeps random batches near
-sequential read speed (DESIGN §6); ``mask_group=1`` draws masks one by one.
+sequential read speed (docs/architecture.md#cache-schema); ``mask_group=1`` draws masks one by one.
 
 Every step's draw is seeded by ``(seed, epoch, step)``, so the stream is the
 same whatever the number of DataLoader workers and after a resume.
@@ -94,7 +94,6 @@ class _Draw:
             members = groups[int(rng.integers(len(groups)))]
             out[j] = members[int(rng.integers(len(members)))]
         return out
-
 
     def grouped(self, rng: np.random.Generator, k: int, group: int) -> np.ndarray:
         """``k`` items as runs of up to ``group`` adjacent items sharing image and label."""
@@ -179,7 +178,11 @@ class RoIBatchSampler(torch.utils.data.Sampler):
     def batch(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, step])
         pos = self.draw_pos(rng, self.num_pos)
-        neg = rng.choice(self.neg, size=self.num_neg, replace=len(self.neg) < self.num_neg) if len(self.neg) and self.num_neg else np.zeros(0, np.int64)
+        neg = (
+            rng.choice(self.neg, size=self.num_neg, replace=len(self.neg) < self.num_neg)
+            if len(self.neg) and self.num_neg
+            else np.zeros(0, np.int64)
+        )
         masks = self.draw_mask.grouped(rng, self.masks_per_batch, self.mask_group)
         return {"rois": np.concatenate([pos, neg]).astype(np.int64), "masks": masks.astype(np.int64)}
 

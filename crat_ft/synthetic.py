@@ -1,4 +1,4 @@
-"""The embedded synthetic long-tailed benchmark (DESIGN §8).
+"""The embedded synthetic long-tailed benchmark (docs/architecture.md#synthetic-benchmark).
 
 A class is a *shape* drawn in a *colour*: ``red_star``, ``blue_star``, ... All
 classes of one shape share their geometry (box and mask statistics) and differ
@@ -151,9 +151,25 @@ def _shape_polygon(shape: str, cx: float, cy: float, size: float, angle: float) 
         pts = np.stack([np.cos(t) * rad, np.sin(t) * rad], 1) * r
     elif shape == "cross":
         a, b = 1.0, 0.33
-        pts = np.array(
-            [[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]]
-        ) * r
+        pts = (
+            np.array(
+                [
+                    [-b, -a],
+                    [b, -a],
+                    [b, -b],
+                    [a, -b],
+                    [a, b],
+                    [b, b],
+                    [b, a],
+                    [-b, a],
+                    [-b, b],
+                    [-a, b],
+                    [-a, -b],
+                    [-b, -b],
+                ]
+            )
+            * r
+        )
     elif shape == "halfdisc":
         t = np.linspace(0, math.pi, 17)
         pts = np.stack([np.cos(t), np.sin(t) * 1.0 - 0.4], 1) * r

@@ -1,4 +1,4 @@
-"""CRAT: cross-class gradient transfusing (DESIGN §4). Pure tensor code, no mmdet.
+"""CRAT: cross-class gradient transfusing (docs/architecture.md#crat-as-implemented). Pure tensor code, no mmdet.
 
 Shape legend (fixed throughout this module):
 
@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "box_sample_grad",
     "box_sample_fisher",
+    "mask_sample_grad",
     "mask_sample_fisher",
     "FisherStats",
     "transfusion_weights",
@@ -38,13 +40,29 @@ __all__ = [
 ]
 
 
+def box_sample_grad(feats: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+    """Per-sample gradient of the own-class L1 box loss w.r.t. the own-class regressor slice ``W_y``.
+
+    For the linear layer ``p = W_y x + b_y`` and ``ℓ = Σ |p - t|`` it is the
+    outer product ``r ⊗ x`` with ``r = sign(p - t)``.
+
+    Args:
+        feats: (P, D) inputs of ``fc_reg``.
+        pred: (P, 4) own-class regression outputs ``p_{n, y_n}``.
+        target: (P, 4) encoded regression targets.
+
+    Returns:
+        (P, 4, D), without gradient.
+    """
+    with torch.no_grad():
+        return torch.sign(pred - target)[:, :, None] * feats[:, None, :]
+
+
 def box_sample_fisher(feats: Tensor, pred: Tensor, target: Tensor) -> Tensor:
     """Per-sample diagonal Fisher of the own-class box regressor slice, for an L1 loss.
 
-    For the linear layer ``p = W_y x + b_y`` and ``ℓ = Σ |p - t|``, the gradient
-    w.r.t. ``W_y`` is the outer product ``r ⊗ x`` with ``r = sign(p - t)``, so
-    its square is ``r² ⊗ x²``. The loss scale (avg_factor, loss_weight) is
-    irrelevant: only cosines of these are used.
+    The square of :func:`box_sample_grad`, ``r² ⊗ x²``. The loss scale
+    (avg_factor, loss_weight) is irrelevant: only cosines of these are used.
 
     Args:
         feats: (P, D) inputs of ``fc_reg``.
@@ -54,16 +72,30 @@ def box_sample_fisher(feats: Tensor, pred: Tensor, target: Tensor) -> Tensor:
     Returns:
         (P, 4, D) non-negative, without gradient.
     """
+    return box_sample_grad(feats, pred, target).square()
+
+
+def mask_sample_grad(feats: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+    """Per-sample gradient of the own-class mean pixel BCE w.r.t. the own-class 1x1 conv weights ``w_y``.
+
+    For ``z = w_y · X + b_y`` at every pixel it is ``Σ_pixels (σ(z) - m) X / S²``.
+
+    Args:
+        feats: (P, K, S, S) inputs of ``conv_logits``.
+        logits: (P, S, S) own-class mask logits ``z_{n, y_n}``.
+        target: (P, S, S) binary mask targets.
+
+    Returns:
+        (P, K), without gradient.
+    """
     with torch.no_grad():
-        r2 = torch.sign(pred - target).square()
-        return r2[:, :, None] * feats.square()[:, None, :]
+        s2 = logits.shape[-1] * logits.shape[-2]
+        resid = torch.sigmoid(logits.float()) - target.float()
+        return torch.einsum("pij,pkij->pk", resid, feats.float()) / s2
 
 
 def mask_sample_fisher(feats: Tensor, logits: Tensor, target: Tensor) -> Tensor:
-    """Per-sample diagonal Fisher of the own-class mask predictor slice (1x1 conv weights).
-
-    For ``z = w_y · X + b_y`` at every pixel and the mean pixel BCE, the
-    gradient w.r.t. ``w_y`` is ``Σ_pixels (σ(z) - m) X / S²``.
+    """Per-sample diagonal Fisher of the own-class mask predictor slice: the square of :func:`mask_sample_grad`.
 
     Args:
         feats: (P, K, S, S) inputs of ``conv_logits``.
@@ -73,11 +105,7 @@ def mask_sample_fisher(feats: Tensor, logits: Tensor, target: Tensor) -> Tensor:
     Returns:
         (P, K) non-negative, without gradient.
     """
-    with torch.no_grad():
-        s2 = logits.shape[-1] * logits.shape[-2]
-        resid = torch.sigmoid(logits.float()) - target.float()
-        g = torch.einsum("pij,pkij->pk", resid, feats.float()) / s2
-        return g.square()
+    return mask_sample_grad(feats, logits, target).square()
 
 
 class FisherStats(nn.Module):

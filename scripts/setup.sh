@@ -4,10 +4,10 @@
 # What it does, each step named so a failure says where it failed:
 #   1. creates .venv (Python 3.11) unless it exists
 #   2. installs torch 2.14.1 + torchvision 0.29.1
-#   3. builds mmcv 2.1.0 from source with CPU ops (c++20 patch, see DESIGN §3),
+#   3. builds mmcv 2.1.0 from source with CPU ops (c++20 patch, see docs/architecture.md#environment),
 #      caching the wheel in $CRAT_FT_CACHE (default ~/.cache/crat-ft) keyed by
 #      mmcv, torch, python and platform, so the second set-up takes seconds
-#   4. installs mmengine, mmdet, h5py, click, lvis, faster-coco-eval, pytest
+#   4. installs mmengine, mmdet, h5py, click, lvis, faster-coco-eval, pytest, ruff
 #   5. installs crat-ft itself (`pip install .`; CRAT_FT_EDITABLE=1 for -e)
 #
 # GPU users: install mmcv the OpenMMLab way instead (`mim install mmcv==2.1.0`
@@ -99,8 +99,8 @@ else
     mmcv_ok || { echo "mmcv ops failed to import after install" >&2; false; }
 fi
 
-step "install mmdet 3.3.0, h5py, click, lvis, faster-coco-eval, test tools"
-"${PIP[@]}" install -q "mmdet==3.3.0" h5py click lvis "faster-coco-eval>=1.6" matplotlib pytest "numpy<2"
+step "install mmdet 3.3.0, h5py, click, lvis, faster-coco-eval, test and lint tools"
+"${PIP[@]}" install -q "mmdet==3.3.0" h5py click lvis "faster-coco-eval>=1.6" matplotlib pytest "ruff==0.17.6" "numpy<2"
 
 step "install crat-ft"
 if [[ "${CRAT_FT_EDITABLE:-0}" == "1" ]]; then

@@ -34,7 +34,9 @@ def crat_ft_exe() -> list[str]:
 
 def run_cli(*args, cwd=None, timeout=900) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run(crat_ft_exe() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        crat_ft_exe() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 def demo_config_path() -> Path:
@@ -51,8 +53,18 @@ TINY_TRAIN_OPTIONS = ["train_cfg.max_iters=4", "default_hooks.checkpoint.interva
 def tiny_detector(tiny_data, tmp_path_factory) -> Path:
     """detector.pth of the demo Mask R-CNN trained 4 iterations on the tiny data (through the CLI)."""
     work = tmp_path_factory.mktemp("stage1")
-    r = run_cli("train-detector", demo_config_path(), "--work-dir", work, "--data-root", tiny_data, "--seed", 0,
-                "--cfg-options", *TINY_TRAIN_OPTIONS)
+    r = run_cli(
+        "train-detector",
+        demo_config_path(),
+        "--work-dir",
+        work,
+        "--data-root",
+        tiny_data,
+        "--seed",
+        0,
+        "--cfg-options",
+        *TINY_TRAIN_OPTIONS,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return work / "detector.pth"
 
@@ -61,7 +73,20 @@ def tiny_detector(tiny_data, tmp_path_factory) -> Path:
 def tiny_cache(tiny_data, tiny_detector, tmp_path_factory) -> Path:
     """index.h5 of the tiny detector's features on 12 training images."""
     out = tmp_path_factory.mktemp("cache") / "cache"
-    r = run_cli("extract-features", demo_config_path(), tiny_detector, "--out", out, "--data-root", tiny_data,
-                "--max-images", 12, "--segment-images", 4, "--mask-pos-per-class", 400)
+    r = run_cli(
+        "extract-features",
+        demo_config_path(),
+        tiny_detector,
+        "--out",
+        out,
+        "--data-root",
+        tiny_data,
+        "--max-images",
+        12,
+        "--segment-images",
+        4,
+        "--mask-pos-per-class",
+        400,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "index.h5"

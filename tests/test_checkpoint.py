@@ -17,8 +17,11 @@ def test_mmengine_runner_checkpoint_loads_safely(tmp_path):
 
     buf = HistoryBuffer()
     buf.update(1.5)
-    ckpt = {"meta": {"seed": np.int64(3), "lr": np.float64(0.1)}, "message_hub": {"log_scalars": {"train/lr": buf}},
-            "state_dict": {"module.w": torch.ones(2)}}
+    ckpt = {
+        "meta": {"seed": np.int64(3), "lr": np.float64(0.1)},
+        "message_hub": {"log_scalars": {"train/lr": buf}},
+        "state_dict": {"module.w": torch.ones(2)},
+    }
     torch.save(ckpt, tmp_path / "runner.pth")
     with pytest.raises(Exception):  # plain torch refuses it
         torch.load(tmp_path / "runner.pth", weights_only=True)
@@ -29,7 +32,10 @@ def test_mmengine_runner_checkpoint_loads_safely(tmp_path):
 
 def test_arbitrary_pickles_need_trust(tmp_path):
     torch.save({"args": argparse.Namespace(a=1)}, tmp_path / "unsafe.pth")
-    with pytest.raises(UserError, match=r"outside crat-ft's safe allow-list \(argparse\.Namespace\); if you trust this file, rerun with --trust-checkpoint"):
+    with pytest.raises(
+        UserError,
+        match=r"outside crat-ft's safe allow-list \(argparse\.Namespace\); if you trust this file, rerun with --trust-checkpoint",
+    ):
         load_checkpoint_file(tmp_path / "unsafe.pth")
     assert load_checkpoint_file(tmp_path / "unsafe.pth", trust=True)["args"].a == 1
 
@@ -71,7 +77,9 @@ def _exploits(target):
     open_fn = _Call(getattr, builtins_module, "open")
     return {
         # the reported one: getattr reaches builtins.open, torch's _rebuild_from_type_v2 calls it
-        "rebuild_from_type_v2(open)": _Call(torch._tensor._rebuild_from_type_v2, open_fn, torch.Tensor, (str(target), "w"), {}),
+        "rebuild_from_type_v2(open)": _Call(
+            torch._tensor._rebuild_from_type_v2, open_fn, torch.Tensor, (str(target), "w"), {}
+        ),
         "getattr(HistoryBuffer.min, __globals__)": _Call(getattr, _Call(getattr, HistoryBuffer, "min"), "__globals__"),
         "getattr(HistoryBuffer, __init__)": _Call(getattr, HistoryBuffer, "__init__"),
         "getattr with a default": _Call(getattr, HistoryBuffer, "min", None),
@@ -81,8 +89,9 @@ def _exploits(target):
         "copyreg._reconstructor": _Call(copyreg._reconstructor, argparse.Namespace, object, None),
         "torch.load of another file": _Call(torch.load, str(target)),
         "inside a numpy object array": np.array([_Call(os.system, f"touch {target}")], dtype=object),
-        "inside a tensor's state": _Call(torch._utils._rebuild_parameter_with_state, torch.zeros(1), False, {},
-                                         {"x": _Call(eval, "1")}),
+        "inside a tensor's state": _Call(
+            torch._utils._rebuild_parameter_with_state, torch.zeros(1), False, {}, {"x": _Call(eval, "1")}
+        ),
     }
 
 
@@ -95,8 +104,11 @@ def test_crafted_checkpoints_are_refused_without_side_effects(name, tmp_path):
         load_checkpoint_file(path)
     msg = str(err.value)
     assert "\n" not in msg
-    assert re.fullmatch(r"checkpoint .*evil\.pth contains Python objects outside crat-ft's safe allow-list \(.+\); "
-                        r"if you trust this file, rerun with --trust-checkpoint", msg), msg
+    assert re.fullmatch(
+        r"checkpoint .*evil\.pth contains Python objects outside crat-ft's safe allow-list \(.+\); "
+        r"if you trust this file, rerun with --trust-checkpoint",
+        msg,
+    ), msg
     assert not target.exists()
 
 
@@ -115,14 +127,20 @@ def test_dotted_global_names_are_not_walked():
     from crat_ft.checkpoint import UnsafePickleError, safe_pickle
 
     def stack_global(module, name):
-        enc = lambda s: b"\x8c" + bytes([len(s)]) + s.encode()  # SHORT_BINUNICODE
+        def enc(s):  # SHORT_BINUNICODE
+            return b"\x8c" + bytes([len(s)]) + s.encode()
+
         return b"\x80\x04" + enc(module) + enc(name) + b"\x93."  # STACK_GLOBAL, STOP
 
     from mmengine.logging import HistoryBuffer
 
     assert safe_pickle.loads(stack_global("mmengine.logging.history_buffer", "HistoryBuffer.min")) is HistoryBuffer.min
-    for module, name in (("mmengine.logging.history_buffer", "HistoryBuffer.min.__globals__"),
-                         ("builtins", "getattr.__self__"), ("os", "system"), ("torch", "load")):
+    for module, name in (
+        ("mmengine.logging.history_buffer", "HistoryBuffer.min.__globals__"),
+        ("builtins", "getattr.__self__"),
+        ("os", "system"),
+        ("torch", "load"),
+    ):
         with pytest.raises(UnsafePickleError):
             safe_pickle.loads(stack_global(module, name))
 

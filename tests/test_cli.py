@@ -15,7 +15,7 @@ def _one_line_error(r, pattern):
     import re
 
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("crat-ft: error:")]
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("crat-ft: error:")]
     assert len(lines) == 1, r.stderr[-2000:]
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in r.stderr
@@ -32,8 +32,18 @@ def test_env_reports_stack():
 
 def test_help_lists_every_command():
     r = run_cli("--help")
-    for cmd in ("env", "make-demo-data", "train-detector", "evaluate", "demo", "extract-features", "inspect-cache",
-                "retrain-heads", "export", "fisher-neighbors"):
+    for cmd in (
+        "env",
+        "make-demo-data",
+        "train-detector",
+        "evaluate",
+        "demo",
+        "extract-features",
+        "inspect-cache",
+        "retrain-heads",
+        "export",
+        "fisher-neighbors",
+    ):
         assert cmd in r.stdout
 
 
@@ -43,11 +53,31 @@ def test_plain_pip_install_works_from_any_directory(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     target = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(repo)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(repo),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     code = "import crat_ft.cli.main as m, crat_ft.paths as p; print(m.__file__); print(p.demo_config())"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     cli_file, config = r.stdout.split()
     assert cli_file.startswith(str(target)) and config.startswith(str(target))
@@ -102,13 +132,34 @@ def test_bad_inputs_give_one_line_errors(tiny_data, tiny_detector, tmp_path):
     _one_line_error(r, r"lvis_v1_val\.json is not valid JSON")
 
     # a dataset with other categories than the model
-    r = run_cli("evaluate", cfg, tiny_detector, "--out", tmp_path / "m.json", "--data-root", tiny_data,
-                "--cfg-options", "model.roi_head.bbox_head.num_classes=12")
+    r = run_cli(
+        "evaluate",
+        cfg,
+        tiny_detector,
+        "--out",
+        tmp_path / "m.json",
+        "--data-root",
+        tiny_data,
+        "--cfg-options",
+        "model.roi_head.bbox_head.num_classes=12",
+    )
     _one_line_error(r, r"num_classes=12 but .* has 40 categories")
 
     # an unknown --cfg-options key
-    r = run_cli("train-detector", cfg, "--work-dir", tmp_path / "w", "--data-root", tiny_data, "--cfg-options", "model.roi_head.bbox_hed.num_classes=3")
-    _one_line_error(r, r"unknown --cfg-options key 'model\.roi_head\.bbox_hed\.num_classes': model\.roi_head of .* has no key 'bbox_hed'")
+    r = run_cli(
+        "train-detector",
+        cfg,
+        "--work-dir",
+        tmp_path / "w",
+        "--data-root",
+        tiny_data,
+        "--cfg-options",
+        "model.roi_head.bbox_hed.num_classes=3",
+    )
+    _one_line_error(
+        r,
+        r"unknown --cfg-options key 'model\.roi_head\.bbox_hed\.num_classes': model\.roi_head of .* has no key 'bbox_hed'",
+    )
     assert not (tmp_path / "w" / "detector.pth").exists()
     assert not (tmp_path / "m.json").exists()
 

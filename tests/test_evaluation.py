@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from crat_ft.errors import UserError
-from crat_ft.evaluation import METRIC_KEYS, load_lvis_json, lvis_metrics, top_k_per_image
+from crat_ft.evaluation import METRIC_KEYS, lvis_metrics, top_k_per_image
+from crat_ft.lvis_json import load_lvis_json
 
 # AP of one class with detections TP, FP, TP (scores descending) over 2 gts:
 # interpolated precision 1 up to recall 0.5 (51 of 101 points), 2/3 after (50 points)
@@ -31,15 +32,38 @@ def crafted_gt():
         {"id": 3, "name": "c", "frequency": "r", "image_count": 3, "instance_count": 3},
     ]
     images = [
-        {"id": 1, "height": 100, "width": 100, "coco_url": "x/1.png", "neg_category_ids": [3], "not_exhaustive_category_ids": []},
-        {"id": 2, "height": 100, "width": 100, "coco_url": "x/2.png", "neg_category_ids": [2, 3], "not_exhaustive_category_ids": []},
-        {"id": 3, "height": 100, "width": 100, "coco_url": "x/3.png", "neg_category_ids": [], "not_exhaustive_category_ids": [3]},
+        {
+            "id": 1,
+            "height": 100,
+            "width": 100,
+            "coco_url": "x/1.png",
+            "neg_category_ids": [3],
+            "not_exhaustive_category_ids": [],
+        },
+        {
+            "id": 2,
+            "height": 100,
+            "width": 100,
+            "coco_url": "x/2.png",
+            "neg_category_ids": [2, 3],
+            "not_exhaustive_category_ids": [],
+        },
+        {
+            "id": 3,
+            "height": 100,
+            "width": 100,
+            "coco_url": "x/3.png",
+            "neg_category_ids": [],
+            "not_exhaustive_category_ids": [3],
+        },
     ]
     boxes = [(1, 1, _square(10, 10)), (2, 2, _square(50, 50)), (3, 3, _square(20, 60, 40)), (4, 3, _square(60, 10))]
     anns = []
     for aid, img, b in boxes:
         cat = {1: 1, 2: 1, 3: 2, 4: 3}[aid]
-        anns.append({"id": aid, "image_id": img, "category_id": cat, "bbox": b, "area": b[2] * b[3], "segmentation": _poly(b)})
+        anns.append(
+            {"id": aid, "image_id": img, "category_id": cat, "bbox": b, "area": b[2] * b[3], "segmentation": _poly(b)}
+        )
     return {"images": images, "annotations": anns, "categories": cats}
 
 

@@ -14,7 +14,7 @@ import torch
 from conftest import crat_ft_exe, demo_config_path, run_cli
 from crat_ft.cache import FORMAT_VERSION, RoIReader, open_cache, unpack_masks
 from crat_ft.errors import UserError
-from crat_ft.extract import RoIPolicy, select_rois
+from crat_ft.roi_policy import RoIPolicy, select_rois
 
 pytestmark = pytest.mark.slow
 
@@ -66,14 +66,15 @@ def test_cached_values_equal_detector_computation(tiny_cache, tiny_detector, tin
     from mmdet.structures.mask import mask_target
     from mmengine.dataset import pseudo_collate
 
+    from crat_ft.config import base_dataset_cfg, prepare_config
     from crat_ft.detector import build_frozen_detector
-    from crat_ft.extract import _base_dataset_cfg, extraction_pipeline
-    from crat_ft.train import _prepare_cfg, _register_all
+    from crat_ft.extractor import extraction_pipeline
+    from crat_ft.registry import register_all
 
-    _register_all()
-    cfg = _prepare_cfg(demo_config_path(), (), tiny_data, ("train_dataloader",))
+    register_all()
+    cfg = prepare_config(demo_config_path(), (), tiny_data, ("train_dataloader",))
     model, sha = build_frozen_detector(cfg, str(tiny_detector))
-    ds_cfg = _base_dataset_cfg(cfg).copy()
+    ds_cfg = base_dataset_cfg(cfg).copy()
     ds_cfg["pipeline"] = extraction_pipeline(ds_cfg["pipeline"], flip=False)
     ds = DATASETS.build(ds_cfg)
     reader = RoIReader(tiny_cache, checkpoint_sha256=sha)
@@ -98,7 +99,9 @@ def test_cached_values_equal_detector_computation(tiny_cache, tiny_detector, tin
         gt_index = h5py.File(tiny_cache)["rois/gt_index"][rows[0] : rows[-1] + 1]
         np.testing.assert_array_equal(cached["gt_box"][pos], gt.bboxes[gt_index[pos]].numpy())
         np.testing.assert_array_equal(gidx[pos], gt.labels[gt_index[pos]].numpy())
-        iou = bbox_overlaps(torch.from_numpy(cached["box"][pos]), torch.from_numpy(cached["gt_box"][pos]), is_aligned=True)
+        iou = bbox_overlaps(
+            torch.from_numpy(cached["box"][pos]), torch.from_numpy(cached["gt_box"][pos]), is_aligned=True
+        )
         stored_iou = h5py.File(tiny_cache)["rois/iou"][rows[0] : rows[-1] + 1][pos]
         np.testing.assert_allclose(stored_iou, iou.numpy(), atol=1e-4)
         assert (stored_iou >= 0.5 - 1e-6).all()  # the demo assigner's pos_iou_thr
@@ -124,12 +127,26 @@ def test_cached_values_equal_detector_computation(tiny_cache, tiny_detector, tin
 
 
 def test_resume_after_sigkill_gives_identical_cache(tiny_data, tiny_detector, tmp_path):
-    args = ["extract-features", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--max-images", 10, "--segment-images", 2]
+    args = [
+        "extract-features",
+        demo_config_path(),
+        tiny_detector,
+        "--data-root",
+        tiny_data,
+        "--max-images",
+        10,
+        "--segment-images",
+        2,
+    ]
     full = tmp_path / "full"
     r = run_cli(*args, "--out", full)
     assert r.returncode == 0, r.stderr[-2000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(crat_ft_exe() + [str(a) for a in args] + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        crat_ft_exe() + [str(a) for a in args] + ["--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     seg_dir = killed / ".segments" / "shard-00000-of-00001"
     deadline = time.time() + 300
     while time.time() < deadline and not (seg_dir.exists() and any(seg_dir.glob("seg-*.h5"))):
@@ -178,7 +195,9 @@ def test_cache_validation_errors(tiny_cache, tmp_path):
     shutil.copy(shard, old)
     with h5py.File(old, "a") as f:
         f.attrs["format_version"] = FORMAT_VERSION - 1
-    with pytest.raises(UserError, match=f"format version {FORMAT_VERSION - 1}, this crat-ft reads version {FORMAT_VERSION}"):
+    with pytest.raises(
+        UserError, match=f"format version {FORMAT_VERSION - 1}, this crat-ft reads version {FORMAT_VERSION}"
+    ):
         open_cache(old)
     with pytest.raises(UserError, match="was made from checkpoint sha256 .*, not the given checkpoint"):
         open_cache(tiny_cache, checkpoint_sha256="0" * 64)
@@ -223,9 +242,9 @@ def test_mmdet_real_lvis_config(tiny_data, tmp_path):
     from mmdet.registry import MODELS
 
     from crat_ft.config import load_config
-    from crat_ft.train import _register_all
+    from crat_ft.registry import register_all
 
-    _register_all()
+    register_all()
     config = _mmdet_lvis_config()
     cfg = load_config(config)
     torch.manual_seed(0)
@@ -233,7 +252,9 @@ def test_mmdet_real_lvis_config(tiny_data, tmp_path):
     ckpt = tmp_path / "r50_random.pth"
     torch.save({"state_dict": model.state_dict(), "meta": {}}, ckpt)
 
-    r = run_cli("extract-features", config, ckpt, "--out", tmp_path / "c40", "--data-root", tiny_data, "--max-images", 1)
+    r = run_cli(
+        "extract-features", config, ckpt, "--out", tmp_path / "c40", "--data-root", tiny_data, "--max-images", 1
+    )
     assert r.returncode == 2
     assert "model.roi_head.bbox_head.num_classes=1203 but" in r.stderr and "has 40 categories" in r.stderr
 
@@ -242,11 +263,34 @@ def test_mmdet_real_lvis_config(tiny_data, tmp_path):
     (root / "annotations").mkdir(parents=True)
     (root / "train2017").symlink_to(tiny_data / "train2017")
     doc = json.loads((tiny_data / "annotations" / "lvis_v1_train.json").read_text())
-    extra = [{"id": i, "name": f"pad_{i}", "frequency": "r", "image_count": 0, "instance_count": 0, "synset": f"pad_{i}.n.01",
-              "synonyms": [], "def": ""} for i in range(41, 1204)]
+    extra = [
+        {
+            "id": i,
+            "name": f"pad_{i}",
+            "frequency": "r",
+            "image_count": 0,
+            "instance_count": 0,
+            "synset": f"pad_{i}.n.01",
+            "synonyms": [],
+            "def": "",
+        }
+        for i in range(41, 1204)
+    ]
     doc["categories"] += extra
     (root / "annotations" / "lvis_v1_train.json").write_text(json.dumps(doc))
-    r = run_cli("extract-features", config, ckpt, "--out", tmp_path / "c1203", "--data-root", root, "--max-images", 2, "--batch-size", 1)
+    r = run_cli(
+        "extract-features",
+        config,
+        ckpt,
+        "--out",
+        tmp_path / "c1203",
+        "--data-root",
+        root,
+        "--max-images",
+        2,
+        "--batch-size",
+        1,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     reader = RoIReader(tmp_path / "c1203" / "index.h5")
     assert reader.meta["box_shape"] == [1024] and reader.meta["mask_shape"] == [256, 28, 28]
@@ -254,7 +298,16 @@ def test_mmdet_real_lvis_config(tiny_data, tmp_path):
 
 
 def test_dry_run_projects_size_and_writes_nothing(tiny_data, tiny_detector, tmp_path):
-    r = run_cli("extract-features", demo_config_path(), tiny_detector, "--out", tmp_path / "c", "--data-root", tiny_data, "--dry-run")
+    r = run_cli(
+        "extract-features",
+        demo_config_path(),
+        tiny_detector,
+        "--out",
+        tmp_path / "c",
+        "--data-root",
+        tiny_data,
+        "--dry-run",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "projected for 40 images, 40 classes" in r.stdout
     assert "box features 0.5 KiB (level fc (256,))" in r.stdout and "mask features 98.0 KiB" in r.stdout
@@ -265,11 +318,19 @@ def test_dry_run_projects_size_and_writes_nothing(tiny_data, tiny_detector, tmp_
 
 
 def test_project_size_caps():
-    from crat_ft.extract import project_size
+    from crat_ft.roi_policy import project_size
 
     counts = np.array([1, 10, 100000])
-    p = project_size(n_images=10, instance_count=counts, policy=RoIPolicy(box_pos_per_class=50, mask_pos_per_class=5, neg_per_image=2),
-                     pos_per_gt=4, neg_per_image=2, box_bytes=100, mask_bytes=1000, mask_size=28)
+    p = project_size(
+        n_images=10,
+        instance_count=counts,
+        policy=RoIPolicy(box_pos_per_class=50, mask_pos_per_class=5, neg_per_image=2),
+        pos_per_gt=4,
+        neg_per_image=2,
+        box_bytes=100,
+        mask_bytes=1000,
+        mask_size=28,
+    )
     # positives: min(50, 4), min(50, 40), min(50, 400000) -> 94; masks: 4 + 5 + 5
     assert p["parts"]["box features (positives)"] == 94 * (100 + 56)
     assert p["parts"]["mask features"] == 14 * (1000 + 8)
@@ -282,9 +343,16 @@ def test_reader_works_in_dataloader_workers(tiny_cache):
     from crat_ft.sampling import CachedBatchDataset, RoIBatchSampler
 
     reader = RoIReader(tiny_cache, box_memory_bytes=0)  # every read goes to HDF5
-    sampler = RoIBatchSampler(labels=reader.labels, roi_images=reader.roi_image, mask_labels=reader.mask_labels,
-                              mask_images=reader.mask_image, num_classes=reader.num_classes,
-                              rois_per_batch=32, masks_per_batch=4, steps_per_epoch=4)
+    sampler = RoIBatchSampler(
+        labels=reader.labels,
+        roi_images=reader.roi_image,
+        mask_labels=reader.mask_labels,
+        mask_images=reader.mask_image,
+        num_classes=reader.num_classes,
+        rois_per_batch=32,
+        masks_per_batch=4,
+        steps_per_epoch=4,
+    )
     reader.read_rois(np.arange(3))  # a handle opened in the parent must not leak into the workers
     ds = CachedBatchDataset(reader)
     serial = list(torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0))

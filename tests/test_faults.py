@@ -17,16 +17,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_extract import _assert_same, _tables
 
 from conftest import crat_ft_exe, demo_config_path, run_cli
 from crat_ft.paths import demo_config
-from test_extract import _assert_same, _tables
 
 pytestmark = pytest.mark.slow
 
 KILLS = 5  # per command
-HEADS_OPTIONS = ["train.max_iters=6", "train.checkpoint_interval=1", "train.log_interval=1", "train.warmup_iters=2",
-                 "sampler.rois_per_batch=64", "sampler.masks_per_batch=8"]
+HEADS_OPTIONS = [
+    "train.max_iters=6",
+    "train.checkpoint_interval=1",
+    "train.log_interval=1",
+    "train.warmup_iters=2",
+    "sampler.rois_per_batch=64",
+    "sampler.masks_per_batch=8",
+]
 
 
 def _timed(*args) -> float:
@@ -38,8 +44,12 @@ def _timed(*args) -> float:
 
 def _kill_after(args, seconds: float) -> None:
     """Start ``crat-ft args``, SIGKILL its process group after ``seconds`` (or let it finish first)."""
-    proc = subprocess.Popen(crat_ft_exe() + [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        crat_ft_exe() + [str(a) for a in args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         proc.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
@@ -69,8 +79,17 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def test_extract_killed_at_random_moments_resumes_to_the_same_cache(tiny_data, tiny_detector, tmp_path):
-    args = ["extract-features", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--max-images", 8,
-            "--segment-images", 2]
+    args = [
+        "extract-features",
+        demo_config_path(),
+        tiny_detector,
+        "--data-root",
+        tiny_data,
+        "--max-images",
+        8,
+        "--segment-images",
+        2,
+    ]
     duration = _timed(*args, "--out", tmp_path / "full")
     reference = _tables(tmp_path / "full" / "index.h5")
     for k, t in enumerate(_kill_times(11, duration)):
@@ -100,8 +119,16 @@ def test_retrain_killed_at_random_moments_resumes_to_the_same_heads(tiny_cache, 
 @pytest.fixture(scope="module")
 def heads_file(tiny_cache, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("faults-heads")
-    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", tiny_cache, "--work-dir", work,
-                "--cfg-options", *HEADS_OPTIONS)
+    r = run_cli(
+        "retrain-heads",
+        demo_config("crat_synthetic.py"),
+        "--cache",
+        tiny_cache,
+        "--work-dir",
+        work,
+        "--cfg-options",
+        *HEADS_OPTIONS,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return work / "heads.pth"
 
@@ -153,8 +180,22 @@ def _one_line_exit_1(r) -> str:
 def test_disk_full_during_extraction_ends_in_one_line(tiny_data, tiny_detector, small_fs):
     disk = small_fs("full", "600k")
     out = disk / "cache"
-    r = run_cli("extract-features", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--out", out,
-                "--max-images", 8, "--segment-images", 2, "--mask-pos-per-class", 400, "--skip-space-check")
+    r = run_cli(
+        "extract-features",
+        demo_config_path(),
+        tiny_detector,
+        "--data-root",
+        tiny_data,
+        "--out",
+        out,
+        "--max-images",
+        8,
+        "--segment-images",
+        2,
+        "--mask-pos-per-class",
+        400,
+        "--skip-space-check",
+    )
     line = _one_line_exit_1(r)
     assert line.startswith("crat-ft: error: cannot write ") and "No space left on device" in line, line
     assert [p.name for p in disk.rglob("*") if ".tmp" in p.name] == []
@@ -165,8 +206,21 @@ def test_space_check_stops_early_when_the_projection_does_not_fit(tiny_data, tin
     shard_bytes = (tiny_cache.parent / "shard-00000-of-00001.h5").stat().st_size  # 12 images
     disk = small_fs("tight", f"{int(shard_bytes * 0.8) // 1024}k")
     out = disk / "cache"
-    r = run_cli("extract-features", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--out", out,
-                "--max-images", 12, "--segment-images", 2, "--mask-pos-per-class", 400)
+    r = run_cli(
+        "extract-features",
+        demo_config_path(),
+        tiny_detector,
+        "--data-root",
+        tiny_data,
+        "--out",
+        out,
+        "--max-images",
+        12,
+        "--segment-images",
+        2,
+        "--mask-pos-per-class",
+        400,
+    )
     line = _one_line_exit_1(r)
     assert "not enough free space in" in line and "pass --skip-space-check" in line, line
     assert [p.name for p in disk.rglob("*") if ".tmp" in p.name] == []
@@ -176,8 +230,23 @@ def test_read_only_outputs_fail_before_any_work(tiny_data, tiny_detector, tiny_c
     ro = small_fs("ro", "1m", read_only=True)
     config = demo_config_path()
     commands = {
-        "extract-features": ["extract-features", config, tiny_detector, "--data-root", tiny_data, "--out", ro / "cache"],
-        "retrain-heads": ["retrain-heads", demo_config("crat_synthetic.py"), "--cache", tiny_cache, "--work-dir", ro / "w"],
+        "extract-features": [
+            "extract-features",
+            config,
+            tiny_detector,
+            "--data-root",
+            tiny_data,
+            "--out",
+            ro / "cache",
+        ],
+        "retrain-heads": [
+            "retrain-heads",
+            demo_config("crat_synthetic.py"),
+            "--cache",
+            tiny_cache,
+            "--work-dir",
+            ro / "w",
+        ],
         "export": ["export", config, tiny_detector, heads_file, "--out", ro / "merged.pth"],
         "evaluate": ["evaluate", config, tiny_detector, "--data-root", tiny_data, "--out", ro / "metrics.json"],
     }
@@ -190,7 +259,9 @@ def test_read_only_outputs_fail_before_any_work(tiny_data, tiny_detector, tiny_c
 
 
 def _start_and_wait_for_lock(args, lock: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(crat_ft_exe() + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        crat_ft_exe() + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (lock.exists() and lock.read_text().strip() == str(proc.pid)):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -200,7 +271,17 @@ def _start_and_wait_for_lock(args, lock: Path) -> subprocess.Popen:
 
 def test_a_second_run_on_the_same_output_is_refused(tiny_data, tiny_detector, tiny_cache, tmp_path):
     out = tmp_path / "cache"
-    args = ["extract-features", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--out", out, "--max-images", 6]
+    args = [
+        "extract-features",
+        demo_config_path(),
+        tiny_detector,
+        "--data-root",
+        tiny_data,
+        "--out",
+        out,
+        "--max-images",
+        6,
+    ]
     first = _start_and_wait_for_lock(args, out / ".shard-00000-of-00001.lock")
     r = run_cli(*args)
     assert r.returncode == 2 and r.stderr.strip() == (
@@ -211,24 +292,57 @@ def test_a_second_run_on_the_same_output_is_refused(tiny_data, tiny_detector, ti
     assert _leftovers(out) == []
 
     work = tmp_path / "work"
-    args = ["retrain-heads", demo_config("crat_synthetic.py"), "--cache", tiny_cache, "--work-dir", work, "--cfg-options", *HEADS_OPTIONS]
+    args = [
+        "retrain-heads",
+        demo_config("crat_synthetic.py"),
+        "--cache",
+        tiny_cache,
+        "--work-dir",
+        work,
+        "--cfg-options",
+        *HEADS_OPTIONS,
+    ]
     first = _start_and_wait_for_lock(args, work / ".crat-ft.lock")
     r = run_cli(*args)
-    assert r.returncode == 2 and f"another crat-ft run (pid {first.pid}) is using --work-dir {work}" in r.stderr, r.stderr
+    assert r.returncode == 2 and f"another crat-ft run (pid {first.pid}) is using --work-dir {work}" in r.stderr, (
+        r.stderr
+    )
     assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
     assert (work / "heads.pth").exists() and _leftovers(work) == []
 
 
 def test_resume_refuses_other_settings(tiny_data, tiny_detector, tmp_path):
-    args = ["extract-features", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--max-images", 4, "--segment-images", 2]
+    args = [
+        "extract-features",
+        demo_config_path(),
+        tiny_detector,
+        "--data-root",
+        tiny_data,
+        "--max-images",
+        4,
+        "--segment-images",
+        2,
+    ]
     out = tmp_path / "cache"
     assert run_cli(*args, "--out", out).returncode == 0
     other = tmp_path / "other.pth"
     ckpt = torch.load(tiny_detector, weights_only=False)
     ckpt["meta"]["note"] = "another file"
     torch.save(ckpt, other)
-    r = run_cli("extract-features", demo_config_path(), other, "--data-root", tiny_data, "--max-images", 4,
-                "--segment-images", 2, "--out", out, "--resume")
+    r = run_cli(
+        "extract-features",
+        demo_config_path(),
+        other,
+        "--data-root",
+        tiny_data,
+        "--max-images",
+        4,
+        "--segment-images",
+        2,
+        "--out",
+        out,
+        "--resume",
+    )
     assert r.returncode == 2 and "--resume: " in r.stderr and "was made with checkpoint_sha256=" in r.stderr, r.stderr
     assert f"delete {out} (or choose a new --out) to start over" in r.stderr
     r = run_cli(*args[:-4], "--max-images", 3, "--segment-images", 2, "--out", out, "--resume")
@@ -251,7 +365,17 @@ def test_resume_refuses_other_settings(tiny_data, tiny_detector, tmp_path):
 
 
 def test_resume_of_a_finished_cache_removes_what_a_killed_run_left(tiny_data, tiny_detector, tmp_path):
-    args = ["extract-features", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--max-images", 4, "--out", tmp_path / "c"]
+    args = [
+        "extract-features",
+        demo_config_path(),
+        tiny_detector,
+        "--data-root",
+        tiny_data,
+        "--max-images",
+        4,
+        "--out",
+        tmp_path / "c",
+    ]
     assert run_cli(*args).returncode == 0
     out = tmp_path / "c"
     (out / ".segments" / "shard-00000-of-00001").mkdir(parents=True)  # a kill right after the shard's rename
@@ -267,11 +391,23 @@ def test_resume_of_a_finished_cache_removes_what_a_killed_run_left(tiny_data, ti
 def test_exploding_training_never_checkpoints_non_finite_weights(tiny_cache, tmp_path):
     """A huge learning rate: the run stops with one line, and every checkpoint it wrote is finite."""
     work = tmp_path / "w"
-    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", tiny_cache, "--work-dir", work,
-                "--cfg-options", *HEADS_OPTIONS, "train.lr=1e38", "train.warmup_iters=1")
+    r = run_cli(
+        "retrain-heads",
+        demo_config("crat_synthetic.py"),
+        "--cache",
+        tiny_cache,
+        "--work-dir",
+        work,
+        "--cfg-options",
+        *HEADS_OPTIONS,
+        "train.lr=1e38",
+        "train.warmup_iters=1",
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
-    assert re.match(r"crat-ft: error: non-finite (loss|gradient|weights after the optimizer step) at iteration \d+ \(", line), line
+    assert re.match(
+        r"crat-ft: error: non-finite (loss|gradient|weights after the optimizer step) at iteration \d+ \(", line
+    ), line
     assert "loss_cls=" in line, line  # the loss terms of that iteration
     assert "holds the last finite weights" in line and "resuming with the same settings repeats the same step" in line
     assert not (work / "heads.pth").exists()
@@ -285,8 +421,18 @@ def test_cfg_options_reach_export_and_evaluate_with_heads(tiny_data, tiny_detect
     expected = "has 40 classes (roi_head.bbox_head.fc_reg) but the config has num_classes=41"
     r = run_cli("export", demo_config_path(), tiny_detector, heads_file, "--out", tmp_path / "m.pth", *wrong)
     assert r.returncode == 2 and expected in r.stderr, r.stderr
-    r = run_cli("evaluate", demo_config_path(), tiny_detector, "--heads", heads_file, "--data-root", tiny_data,
-                "--out", tmp_path / "m.json", *wrong)
+    r = run_cli(
+        "evaluate",
+        demo_config_path(),
+        tiny_detector,
+        "--heads",
+        heads_file,
+        "--data-root",
+        tiny_data,
+        "--out",
+        tmp_path / "m.json",
+        *wrong,
+    )
     assert r.returncode == 2 and expected in r.stderr, r.stderr
     assert not (tmp_path / "m.pth").exists() and not (tmp_path / "m.json").exists()
 
@@ -307,19 +453,32 @@ def test_crafted_checkpoints_are_refused_by_every_command(tiny_data, tiny_detect
     for name, args in runs.items():
         r = run_cli(*args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, (name, r.stderr[-2000:])
-        assert "contains Python objects outside crat-ft's safe allow-list (getattr(getattr, '__self__'))" in r.stderr, name
+        assert "contains Python objects outside crat-ft's safe allow-list (getattr(getattr, '__self__'))" in r.stderr, (
+            name
+        )
         if name == "export HEADS":  # a heads file is never trusted: no advice to trust it
             assert "--trust-checkpoint" not in r.stderr and "files written by crat-ft hold only tensors" in r.stderr
         assert not target.exists(), name
 
 
 def test_counts_are_validated_by_the_cli(tiny_data, tiny_detector, tmp_path):
-    r = run_cli("extract-features", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--out", tmp_path / "c",
-                "--max-images", -5)
+    r = run_cli(
+        "extract-features",
+        demo_config_path(),
+        tiny_detector,
+        "--data-root",
+        tiny_data,
+        "--out",
+        tmp_path / "c",
+        "--max-images",
+        -5,
+    )
     assert r.returncode == 2 and "Invalid value for '--max-images': -5 is not in the range x>=1." in r.stderr, r.stderr
     r = run_cli("extract-features", demo_config_path(), tiny_detector, "--out", tmp_path / "c", "--neg-per-image", -1)
     assert r.returncode == 2 and "'--neg-per-image': -1 is not in the range x>=0." in r.stderr, r.stderr
-    r = run_cli("export", demo_config_path(), tiny_detector, tiny_detector, "--out", tmp_path / "m.pth", "--tau-norm", -1)
+    r = run_cli(
+        "export", demo_config_path(), tiny_detector, tiny_detector, "--out", tmp_path / "m.pth", "--tau-norm", -1
+    )
     assert r.returncode == 2 and "'--tau-norm': -1.0 is not in the range x>=0." in r.stderr, r.stderr
     assert not (tmp_path / "c").exists()
 

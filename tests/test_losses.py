@@ -95,16 +95,25 @@ def test_mmdet_bbox_head_builds_trains_and_predicts_with_it():
     from mmdet.registry import MODELS
 
     mmdet.utils.register_all_modules(init_default_scope=True)
-    head = MODELS.build(dict(
-        type="Shared2FCBBoxHead", in_channels=4, fc_out_channels=16, roi_feat_size=7, num_classes=6,
-        bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
-        reg_class_agnostic=False,
-        loss_cls=dict(type="GroupSoftmaxLoss", num_classes=6, class_instance_count=COUNTS),
-        loss_bbox=dict(type="L1Loss", loss_weight=1.0)))
+    head = MODELS.build(
+        dict(
+            type="Shared2FCBBoxHead",
+            in_channels=4,
+            fc_out_channels=16,
+            roi_feat_size=7,
+            num_classes=6,
+            bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
+            reg_class_agnostic=False,
+            loss_cls=dict(type="GroupSoftmaxLoss", num_classes=6, class_instance_count=COUNTS),
+            loss_bbox=dict(type="L1Loss", loss_weight=1.0),
+        )
+    )
     assert head.fc_cls.out_features == 12
     cls_score, bbox_pred = head(torch.randn(3, 4, 7, 7))
     labels = torch.tensor([0, 3, 6])
-    losses = head.loss(cls_score, bbox_pred, torch.rand(3, 5) * 10, labels, torch.ones(3), torch.zeros(3, 4), torch.zeros(3, 4))
+    losses = head.loss(
+        cls_score, bbox_pred, torch.rand(3, 5) * 10, labels, torch.ones(3), torch.zeros(3, 4), torch.zeros(3, 4)
+    )
     assert set(losses) >= {"loss_cls", "acc_objectness", "acc_classes"} and torch.isfinite(losses["loss_cls"])
     with pytest.raises(ValueError, match="class_instance_count has 2 entries, num_classes is 6"):
         GroupSoftmaxLoss(6, [1, 2])

@@ -13,15 +13,29 @@ from crat_ft.paths import demo_config
 
 
 def _heads_options(iters=6, interval=3):
-    return ["train.max_iters=%d" % iters, "train.checkpoint_interval=%d" % interval, "train.log_interval=1",
-            "train.warmup_iters=2", "sampler.rois_per_batch=64", "sampler.masks_per_batch=8"]
+    return [
+        "train.max_iters=%d" % iters,
+        "train.checkpoint_interval=%d" % interval,
+        "train.log_interval=1",
+        "train.warmup_iters=2",
+        "sampler.rois_per_batch=64",
+        "sampler.masks_per_batch=8",
+    ]
 
 
 @pytest.fixture(scope="module")
 def crat_run(tiny_cache, tmp_path_factory):
     work = tmp_path_factory.mktemp("crat")
-    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", tiny_cache, "--work-dir", work,
-                "--cfg-options", *_heads_options())
+    r = run_cli(
+        "retrain-heads",
+        demo_config("crat_synthetic.py"),
+        "--cache",
+        tiny_cache,
+        "--work-dir",
+        work,
+        "--cfg-options",
+        *_heads_options(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return work
 
@@ -45,8 +59,17 @@ def test_resume_ends_identical(crat_run, tiny_cache, tmp_path):
     work.mkdir()
     shutil.copy(crat_run / "iter_3.pth", work / "iter_3.pth")
     (work / "last_checkpoint").write_text(str(work / "iter_3.pth"))
-    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", tiny_cache, "--work-dir", work, "--resume",
-                "--cfg-options", *_heads_options())
+    r = run_cli(
+        "retrain-heads",
+        demo_config("crat_synthetic.py"),
+        "--cache",
+        tiny_cache,
+        "--work-dir",
+        work,
+        "--resume",
+        "--cfg-options",
+        *_heads_options(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a = torch.load(crat_run / "heads.pth", weights_only=True)["state_dict"]
     b = torch.load(work / "heads.pth", weights_only=True)["state_dict"]
@@ -80,7 +103,10 @@ def test_export_round_trip(crat_run, tiny_cache, tiny_detector, tmp_path):
     masks = reader.read_masks(np.arange(min(4, len(reader.mask_roi))))
     mf = torch.from_numpy(masks["mask_feat"]).float()
     with torch.no_grad():
-        torch.testing.assert_close(model.roi_head.mask_head.conv_logits(mf), torch.nn.functional.conv2d(mf, heads["conv_logits.weight"], heads["conv_logits.bias"]))
+        torch.testing.assert_close(
+            model.roi_head.mask_head.conv_logits(mf),
+            torch.nn.functional.conv2d(mf, heads["conv_logits.weight"], heads["conv_logits.bias"]),
+        )
     # the rest of the detector is untouched
     det = torch.load(tiny_detector, weights_only=True)["state_dict"]
     merged = torch.load(out, weights_only=True)["state_dict"]
@@ -89,12 +115,17 @@ def test_export_round_trip(crat_run, tiny_cache, tiny_detector, tmp_path):
 
 
 def test_post_hoc_calibration_folds_into_fc_cls():
-    from crat_ft.detector import merge_heads
+    from crat_ft.export import merge_heads
 
     g = torch.Generator().manual_seed(0)
-    det = {"roi_head.bbox_head.fc_cls.weight": torch.randn(4, 5, generator=g), "roi_head.bbox_head.fc_cls.bias": torch.zeros(4)}
-    heads = {"state_dict": {"fc_cls.weight": torch.randn(4, 5, generator=g), "fc_cls.bias": torch.ones(4)},
-             "meta": {"class_instance_count": [100, 10, 1]}}
+    det = {
+        "roi_head.bbox_head.fc_cls.weight": torch.randn(4, 5, generator=g),
+        "roi_head.bbox_head.fc_cls.bias": torch.zeros(4),
+    }
+    heads = {
+        "state_dict": {"fc_cls.weight": torch.randn(4, 5, generator=g), "fc_cls.bias": torch.ones(4)},
+        "meta": {"class_instance_count": [100, 10, 1]},
+    }
     m = merge_heads(det, heads, tau_norm=1.0, logit_adjust=1.0)
     w = m["roi_head.bbox_head.fc_cls.weight"]
     torch.testing.assert_close(w[:3].norm(dim=1), torch.ones(3))
@@ -154,19 +185,50 @@ def test_torchrun_ddp_retraining_all_reduces_fisher_statistics(tiny_cache, tmp_p
 
     from conftest import crat_ft_exe
 
-    opts = ["train.max_iters=1", "train.checkpoint_interval=1", "train.log_interval=1", "train.warmup_iters=1",
-            "sampler.rois_per_batch=12", "sampler.masks_per_batch=2"]
+    opts = [
+        "train.max_iters=1",
+        "train.checkpoint_interval=1",
+        "train.log_interval=1",
+        "train.warmup_iters=1",
+        "sampler.rois_per_batch=12",
+        "sampler.masks_per_batch=2",
+    ]
     single = tmp_path / "single"
-    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", tiny_cache, "--work-dir", single, "--cfg-options", *opts)
+    r = run_cli(
+        "retrain-heads",
+        demo_config("crat_synthetic.py"),
+        "--cache",
+        tiny_cache,
+        "--work-dir",
+        single,
+        "--cfg-options",
+        *opts,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torchrun = Path(sys.executable).parent / "torchrun"
     ddp = tmp_path / "ddp"
-    r = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={port}", *crat_ft_exe(), "retrain-heads",
-                        str(demo_config("crat_synthetic.py")), "--cache", str(tiny_cache), "--work-dir", str(ddp), "--cfg-options", *opts],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            *crat_ft_exe(),
+            "retrain-heads",
+            str(demo_config("crat_synthetic.py")),
+            "--cache",
+            str(tiny_cache),
+            "--work-dir",
+            str(ddp),
+            "--cfg-options",
+            *opts,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     log = next(ddp.glob("*/*.log")).read_text()
     assert "Distributed training: True" in log and "DDP: world size 2, backend gloo" in log
@@ -181,7 +243,7 @@ def test_torchrun_ddp_retraining_all_reduces_fisher_statistics(tiny_cache, tmp_p
 
 
 def test_unknown_ft_config_key_is_an_error(tmp_path):
-    from crat_ft.train import load_ft_config
+    from crat_ft.ft_config import load_ft_config
 
     bad = tmp_path / "ft.py"
     bad.write_text("_base_ = ['%s']\ncrat = dict(box_lamda=0.1)\n" % demo_config("crat_synthetic.py"))
@@ -198,13 +260,19 @@ def test_unknown_ft_config_key_is_an_error(tmp_path):
 
 def test_non_finite_loss_stops_before_the_update():
     from crat_ft.heads import ClasswiseHeads, NonFiniteLossError
-    from crat_ft.train import _register_all
+    from crat_ft.registry import register_all
 
-    _register_all()
-    heads = ClasswiseHeads(num_classes=3, box_feat_dim=4, mask_channels=0,
-                           bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
-                           loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0))
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration \d+ \(loss=nan, loss_cls=1, loss_bbox=nan\)"):
+    register_all()
+    heads = ClasswiseHeads(
+        num_classes=3,
+        box_feat_dim=4,
+        mask_channels=0,
+        bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
+        loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss at iteration \d+ \(loss=nan, loss_cls=1, loss_bbox=nan\)"
+    ):
         heads.parse_losses({"loss_cls": torch.tensor(1.0), "loss_bbox": torch.tensor(float("nan"))})
 
 
@@ -222,8 +290,11 @@ def test_non_finite_gradients_and_weights_stop_before_anything_is_applied():
     before = model.weight.detach().clone()
     model.weight.grad = torch.full_like(model.weight, float("inf"))
     model.bias.grad = torch.zeros_like(model.bias)
-    with pytest.raises(NonFiniteError, match=r"^non-finite gradient at iteration 5 \(weight\); the step was not applied and "
-                                             r"the newest iter_\*\.pth in runs/w holds the last finite weights; lower the learning rate"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"^non-finite gradient at iteration 5 \(weight\); the step was not applied and "
+        r"the newest iter_\*\.pth in runs/w holds the last finite weights; lower the learning rate",
+    ):
         optimizer.step()
     assert torch.equal(model.weight.detach(), before)
     model.weight.grad = torch.full_like(model.weight, 3e38)  # finite, but the step overflows float32
@@ -240,15 +311,26 @@ def test_samplers_balance_classes():
 
     labels = np.array([0] * 900 + [1] * 90 + [2] * 10 + [3] * 1000)  # 3 = background
     images = np.arange(2000) // 10
-    kw = dict(labels=labels, roi_images=images, mask_labels=np.zeros(0, int), mask_images=np.zeros(0, int), num_classes=3,
-              rois_per_batch=1000, pos_fraction=0.6, seed=0)
+    kw = dict(
+        labels=labels,
+        roi_images=images,
+        mask_labels=np.zeros(0, int),
+        mask_images=np.zeros(0, int),
+        num_classes=3,
+        rois_per_batch=1000,
+        pos_fraction=0.6,
+        seed=0,
+    )
     rnd = RoIBatchSampler(strategy="random", **kw).batch(0)["rois"]
     bal = RoIBatchSampler(strategy="class_balanced", **kw).batch(0)["rois"]
     bil = RoIBatchSampler(strategy="bilevel", **kw).batch(0)["rois"]
     rfs = RoIBatchSampler(strategy="repeat_factor", **kw).batch(0)["rois"]
     for idx in (rnd, bal, bil, rfs):
         assert len(idx) == 1000 and (labels[idx] == 3).sum() == 400
-    count = lambda idx, c: int((labels[idx] == c).sum())
+
+    def count(idx, c):
+        return int((labels[idx] == c).sum())
+
     assert count(rnd, 2) < 20 and 150 < count(bal, 2) < 250 and 150 < count(bil, 2) < 250
     assert count(rnd, 2) < count(rfs, 2) < count(bal, 2)
     again = RoIBatchSampler(strategy="class_balanced", **kw).batch(0)["rois"]
@@ -259,18 +341,32 @@ def test_samplers_balance_classes():
 
 def test_mask_weights_from_box_statistics():
     """crat.mask_weights='box': mask transfusion weighted by the box Fisher of the masks' RoIs (the reference's choice)."""
-    from crat_ft.heads import ClasswiseHeads, CratConfig
-    from crat_ft.train import _register_all
+    from crat_ft.ft_config import CratConfig
+    from crat_ft.heads import ClasswiseHeads
+    from crat_ft.registry import register_all
 
-    _register_all()
+    register_all()
     g = torch.Generator().manual_seed(0)
-    kw = dict(num_classes=3, box_feat_dim=6, mask_channels=4,
-              bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
-              loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0))
+    kw = dict(
+        num_classes=3,
+        box_feat_dim=6,
+        mask_channels=4,
+        bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
+        loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+    )
     boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 8, 9], [0, 0, 4, 4]])
-    batch = dict(box_feat=torch.rand(4, 6, generator=g), box=boxes, gt_box=boxes + 1, label=torch.tensor([0, 1, 2, 3]),
-                 mask_feat=torch.rand(2, 4, 5, 5, generator=g), mask_target=(torch.rand(2, 5, 5, generator=g) > 0.5).float(),
-                 mask_label=torch.tensor([0, 2]), mask_box_feat=torch.rand(2, 6, generator=g), mask_box=boxes[:2], mask_gt_box=boxes[:2] + 1)
+    batch = dict(
+        box_feat=torch.rand(4, 6, generator=g),
+        box=boxes,
+        gt_box=boxes + 1,
+        label=torch.tensor([0, 1, 2, 3]),
+        mask_feat=torch.rand(2, 4, 5, 5, generator=g),
+        mask_target=(torch.rand(2, 5, 5, generator=g) > 0.5).float(),
+        mask_label=torch.tensor([0, 2]),
+        mask_box_feat=torch.rand(2, 6, generator=g),
+        mask_box=boxes[:2],
+        mask_gt_box=boxes[:2] + 1,
+    )
     heads = ClasswiseHeads(crat=CratConfig(mask_weights="box"), **kw)
     losses = heads(**batch, mode="loss")
     assert losses["loss_mask_trans"] > 0 and torch.isfinite(losses["loss_mask_trans"])
@@ -284,33 +380,57 @@ def test_mask_weights_from_box_statistics():
         heads(**batch, mode="loss")
 
 
-@pytest.mark.parametrize("loss_cls, width", [
-    (dict(type="EQLV2Loss", num_classes=3), 4),
-    (dict(type="SeesawLoss", num_classes=3, loss_weight=1.0), 5),
-])
+@pytest.mark.parametrize(
+    "loss_cls, width",
+    [
+        (dict(type="EQLV2Loss", num_classes=3), 4),
+        (dict(type="SeesawLoss", num_classes=3, loss_weight=1.0), 5),
+    ],
+)
 def test_mmdet_rebalanced_classifier_losses(loss_cls, width):
     """EQLv2 and Seesaw come from mmdet; Seesaw's extra objectness channel needs a re-initialised classifier."""
-    from crat_ft.heads import ClasswiseHeads, CratConfig
-    from crat_ft.train import _register_all
+    from crat_ft.ft_config import CratConfig
+    from crat_ft.heads import ClasswiseHeads
+    from crat_ft.registry import register_all
 
-    _register_all()
+    register_all()
     g = torch.Generator().manual_seed(0)
-    heads = ClasswiseHeads(num_classes=3, box_feat_dim=6, mask_channels=0, loss_cls=loss_cls, crat=CratConfig(enable=False),
-                           bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
-                           reinit_cls=width == 5)
+    heads = ClasswiseHeads(
+        num_classes=3,
+        box_feat_dim=6,
+        mask_channels=0,
+        loss_cls=loss_cls,
+        crat=CratConfig(enable=False),
+        bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
+        reinit_cls=width == 5,
+    )
     assert heads.fc_cls.out_features == width
     boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 8, 9], [0, 0, 4, 4]])
-    losses = heads(box_feat=torch.rand(4, 6, generator=g), box=boxes, gt_box=boxes + 1, label=torch.tensor([0, 1, 2, 3]),
-                   mask_feat=torch.zeros(0, 1, 2, 2), mask_target=torch.zeros(0, 2, 2), mask_label=torch.zeros(0, dtype=torch.long), mode="loss")
+    losses = heads(
+        box_feat=torch.rand(4, 6, generator=g),
+        box=boxes,
+        gt_box=boxes + 1,
+        label=torch.tensor([0, 1, 2, 3]),
+        mask_feat=torch.zeros(0, 1, 2, 2),
+        mask_target=torch.zeros(0, 2, 2),
+        mask_label=torch.zeros(0, dtype=torch.long),
+        mode="loss",
+    )
     cls_parts = [k for k in losses if k.startswith("loss_cls")]
     assert cls_parts and all(torch.isfinite(losses[k]) and losses[k] > 0 for k in cls_parts)
-    det = {"roi_head.bbox_head.fc_cls.weight": torch.zeros(4, 6), "roi_head.bbox_head.fc_cls.bias": torch.zeros(4),
-           "roi_head.bbox_head.fc_reg.weight": torch.zeros(12, 6), "roi_head.bbox_head.fc_reg.bias": torch.zeros(12)}
+    det = {
+        "roi_head.bbox_head.fc_cls.weight": torch.zeros(4, 6),
+        "roi_head.bbox_head.fc_cls.bias": torch.zeros(4),
+        "roi_head.bbox_head.fc_reg.weight": torch.zeros(12, 6),
+        "roi_head.bbox_head.fc_reg.bias": torch.zeros(12),
+    }
     if width == 5:
         heads.reinit_cls = False
         from crat_ft.detector import CLASSWISE_LAYERS
 
-        with pytest.raises(UserError, match=r"fc_cls.weight has shape \(4, 6\) in the checkpoint but the retrained head needs \(5, 6\)"):
+        with pytest.raises(
+            UserError, match=r"fc_cls.weight has shape \(4, 6\) in the checkpoint but the retrained head needs \(5, 6\)"
+        ):
             heads.load_from_detector(det, CLASSWISE_LAYERS)
 
 
@@ -322,8 +442,16 @@ def test_group_softmax_heads_export_with_their_config(tiny_cache, tiny_detector,
     from crat_ft.checkpoint import allow_mmengine_pickles
 
     work = tmp_path / "bags"
-    r = run_cli("retrain-heads", demo_config("crat_bags_synthetic.py"), "--cache", tiny_cache, "--work-dir", work,
-                "--cfg-options", *_heads_options(iters=4, interval=4))
+    r = run_cli(
+        "retrain-heads",
+        demo_config("crat_bags_synthetic.py"),
+        "--cache",
+        tiny_cache,
+        "--work-dir",
+        work,
+        "--cfg-options",
+        *_heads_options(iters=4, interval=4),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     heads = torch.load(work / "heads.pth", weights_only=True)
     n_groups = len({min(3, len(str(max(int(n), 1))) - 1) for n in heads["meta"]["class_instance_count"]})
@@ -339,12 +467,33 @@ def test_group_softmax_heads_export_with_their_config(tiny_cache, tiny_detector,
     image = next((tiny_data / "val2017").iterdir())
     pred = inference_detector(model, str(image)).pred_instances
     assert len(pred) > 0 and pred.scores.max() <= 1 and pred.labels.max() < 40
-    r = run_cli("export", demo_config_path(), tiny_detector, work / "heads.pth", "--out", tmp_path / "dual.pth", "--combine-original", 0.5)
+    r = run_cli(
+        "export",
+        demo_config_path(),
+        tiny_detector,
+        work / "heads.pth",
+        "--out",
+        tmp_path / "dual.pth",
+        "--combine-original",
+        0.5,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "--combine-original mixes two softmax classifiers of 40 + 1 outputs" in r.stderr and not (tmp_path / "dual.pth").exists()
+    assert (
+        "--combine-original mixes two softmax classifiers of 40 + 1 outputs" in r.stderr
+        and not (tmp_path / "dual.pth").exists()
+    )
     # evaluate --heads uses the written config too
-    r = run_cli("evaluate", demo_config_path(), tiny_detector, "--heads", work / "heads.pth", "--data-root", tiny_data,
-                "--out", tmp_path / "m.json")
+    r = run_cli(
+        "evaluate",
+        demo_config_path(),
+        tiny_detector,
+        "--heads",
+        work / "heads.pth",
+        "--data-root",
+        tiny_data,
+        "--out",
+        tmp_path / "m.json",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics) == {"bbox", "segm"} and 0 <= metrics["bbox"]["AP"] <= 1
@@ -358,8 +507,21 @@ def test_group_softmax_heads_export_with_their_config(tiny_cache, tiny_detector,
 @pytest.fixture(scope="module")
 def roi_cache(tiny_data, tiny_detector, tmp_path_factory):
     out = tmp_path_factory.mktemp("roi-cache") / "cache"
-    r = run_cli("extract-features", demo_config_path(), tiny_detector, "--out", out, "--data-root", tiny_data,
-                "--max-images", 4, "--box-level", "roi", "--mask-level", "roi")
+    r = run_cli(
+        "extract-features",
+        demo_config_path(),
+        tiny_detector,
+        "--out",
+        out,
+        "--data-root",
+        tiny_data,
+        "--max-images",
+        4,
+        "--box-level",
+        "roi",
+        "--mask-level",
+        "roi",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "index.h5"
 
@@ -371,16 +533,28 @@ def test_roi_level_cache_retrains_the_trunks_and_exports_them(roi_cache, tiny_de
 
     from crat_ft.cache import RoIReader
     from crat_ft.checkpoint import allow_mmengine_pickles
-    from crat_ft.train import _register_all, build_heads, load_ft_config
+    from crat_ft.ft_config import load_ft_config
+    from crat_ft.registry import register_all
+    from crat_ft.retrain import build_heads
 
     work = tmp_path / "roi"
-    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", roi_cache, "--work-dir", work,
-                "--cfg-options", *_heads_options(iters=4, interval=4))
+    r = run_cli(
+        "retrain-heads",
+        demo_config("crat_synthetic.py"),
+        "--cache",
+        roi_cache,
+        "--work-dir",
+        work,
+        "--cfg-options",
+        *_heads_options(iters=4, interval=4),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     sd = torch.load(work / "heads.pth", weights_only=True)["state_dict"]
     det = torch.load(tiny_detector, weights_only=True)["state_dict"]
     assert sd["box_trunk.shared_fcs.0.weight"].shape == det["roi_head.bbox_head.shared_fcs.0.weight"].shape
-    assert not torch.equal(sd["box_trunk.shared_fcs.0.weight"], det["roi_head.bbox_head.shared_fcs.0.weight"])  # trained
+    assert not torch.equal(
+        sd["box_trunk.shared_fcs.0.weight"], det["roi_head.bbox_head.shared_fcs.0.weight"]
+    )  # trained
     assert not torch.equal(sd["mask_trunk.convs.0.conv.weight"], det["roi_head.mask_head.convs.0.conv.weight"])
     assert sd["box_stats.seen"].sum() > 0
 
@@ -389,7 +563,7 @@ def test_roi_level_cache_retrains_the_trunks_and_exports_them(roi_cache, tiny_de
     assert r.returncode == 0, r.stderr[-2000:]
     allow_mmengine_pickles()
     model = init_detector(str(demo_config_path()), str(out), device="cpu")
-    _register_all()
+    register_all()
     reader = RoIReader(roi_cache)
     from crat_ft.config import load_config
 
@@ -416,7 +590,9 @@ def test_export_combining_the_original_classifier(crat_run, tiny_detector, tiny_
     from crat_ft.checkpoint import allow_mmengine_pickles
 
     out = tmp_path / "dual.pth"
-    r = run_cli("export", demo_config_path(), tiny_detector, crat_run / "heads.pth", "--out", out, "--combine-original", 0.3)
+    r = run_cli(
+        "export", demo_config_path(), tiny_detector, crat_run / "heads.pth", "--out", out, "--combine-original", 0.3
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     allow_mmengine_pickles()
     model = init_detector(str(tmp_path / "dual.py"), str(out), device="cpu")
@@ -429,10 +605,20 @@ def test_export_combining_the_original_classifier(crat_run, tiny_detector, tiny_
     x = torch.randn(3, 256)
     with torch.no_grad():
         p = head.loss_cls.get_activation(head.fc_cls(x))
-    expect = 0.7 * torch.softmax(x @ heads["fc_cls.weight"].T + heads["fc_cls.bias"], 1) + \
-        0.3 * torch.softmax(x @ det["roi_head.bbox_head.fc_cls.weight"].T + det["roi_head.bbox_head.fc_cls.bias"], 1)
+    expect = 0.7 * torch.softmax(x @ heads["fc_cls.weight"].T + heads["fc_cls.bias"], 1) + 0.3 * torch.softmax(
+        x @ det["roi_head.bbox_head.fc_cls.weight"].T + det["roi_head.bbox_head.fc_cls.bias"], 1
+    )
     torch.testing.assert_close(p, expect)
     pred = inference_detector(model, str(next((tiny_data / "val2017").iterdir()))).pred_instances
     assert len(pred) > 0 and pred.labels.max() < 40
-    r = run_cli("export", demo_config_path(), tiny_detector, crat_run / "heads.pth", "--out", tmp_path / "bad.pth", "--combine-original", 2)
+    r = run_cli(
+        "export",
+        demo_config_path(),
+        tiny_detector,
+        crat_run / "heads.pth",
+        "--out",
+        tmp_path / "bad.pth",
+        "--combine-original",
+        2,
+    )
     assert r.returncode == 2 and "expected a weight in [0, 1]" in r.stderr and not (tmp_path / "bad.pth").exists()

@@ -1,5 +1,5 @@
 # The decoupled baseline: identical to crat_synthetic.py with CRAT off
 # (class-balanced retraining of the same class-wise layers).
-_base_ = ['./crat_synthetic.py']
+_base_ = ["./crat_synthetic.py"]
 
 crat = dict(enable=False)

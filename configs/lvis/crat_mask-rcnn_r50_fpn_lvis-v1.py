@@ -13,10 +13,11 @@
 detector = dict(config=None, checkpoint=None)
 
 heads = dict(
-    loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
+    loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
     loss_bbox_weight=1.0,
     loss_mask_weight=1.0,
-    reinit_cls=False)
+    reinit_cls=False,
+)
 
 crat = dict(
     enable=True,
@@ -25,22 +26,24 @@ crat = dict(
     box_tau=0.05,
     mask_tau=0.05,
     momentum=0.01,
-    fisher='sample',
+    fisher="sample",
     top_k=None,
     frequency_gate=False,
     # 'box': mask transfusion weighted by the box Fisher of the mask's RoI, as the
     # reference does; on the demo it beats the mask statistics ('mask', the code
     # default): segm APr +0.2 vs -0.3 mean over 3 seeds
-    mask_weights='box')
+    mask_weights="box",
+)
 
 sampler = dict(
-    strategy='class_balanced',
+    strategy="class_balanced",
     mask_strategy=None,
     rois_per_batch=512,
     pos_fraction=0.25,
     masks_per_batch=32,
     mask_group=4,  # masks drawn as runs of up to 4 adjacent cache rows (one read)
-    rfs_t=1e-3)
+    rfs_t=1e-3,
+)
 
 # per GPU; 8 GPUs see 8 different streams (the sampler seed includes the rank)
 train = dict(
@@ -54,7 +57,8 @@ train = dict(
     log_interval=50,
     seed=0,
     num_workers=4,
-    in_memory=False)
+    in_memory=False,
+)
 
 # post-hoc, folded in at export: tau-normalisation, logit adjustment, and mixing in
 # the original classifier's scores with this weight (SimCal's dual head)

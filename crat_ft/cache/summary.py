@@ -1,0 +1,48 @@
+"""``crat-ft inspect-cache``: a human-readable summary of a cache."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from crat_ft.cache.schema import cache_meta, open_cache
+
+
+def summarize(path: str | os.PathLike) -> str:
+    """Human-readable summary of a cache (``crat-ft inspect-cache``)."""
+    path = Path(path)
+    with open_cache(path) as f:
+        meta = cache_meta(f)
+        labels = f["rois/label"][...]
+        mask_labels = labels[f["masks/roi_index"][...]] if f["masks/roi_index"].shape[0] else np.zeros(0, int)
+        n_img = f["images/image_id"].shape[0]
+        names, freq = meta["class_names"], meta["class_frequency"]
+        c = len(names)
+        pos = np.bincount(labels[labels < c], minlength=c)
+        masks = np.bincount(mask_labels, minlength=c)
+        nbytes = {name: f[name].id.get_storage_size() for name in ("rois/box_feat", "masks/feat", "masks/target")}
+    lines = [
+        f"cache {path}  ({path.stat().st_size / 2**20:.1f} MiB on disk)",
+        f"  format v{meta['format_version']}, written by crat-ft {meta['crat_ft_version']}",
+        f"  checkpoint sha256 {meta['checkpoint_sha256']}, config hash {meta['config_hash']}",
+        f"  levels: box={meta['box_level']} {tuple(meta['box_shape'])}, "
+        f"mask={meta['mask_level']} {tuple(meta['mask_shape'])}, mask size {meta['mask_size']}",
+        f"  images {n_img}, RoIs {len(labels)} ({int(pos.sum())} positive, {int((labels == c).sum())} background), "
+        f"masks {int(masks.sum())}",
+        f"  bytes: box features {nbytes['rois/box_feat'] / 2**20:.1f} MiB, "
+        f"mask features {nbytes['masks/feat'] / 2**20:.1f} MiB, mask targets {nbytes['masks/target'] / 2**20:.2f} MiB",
+        f"  policy: {json.dumps(meta['policy'], sort_keys=True)}",
+        "  positives (masks) per frequency group:",
+    ]
+    for g, gname in (("r", "rare"), ("c", "common"), ("f", "frequent")):
+        idx = [i for i in range(c) if freq[i] == g]
+        lines.append(
+            f"    {gname:<9} {len(idx):4d} classes  {int(pos[idx].sum()):8d} RoIs ({int(masks[idx].sum())} masks)"
+        )
+    lines.append("  positives (masks) per class:")
+    for i in range(c):
+        lines.append(f"    {names[i]:<24} {freq[i]}  {int(pos[i]):7d} ({int(masks[i])})")
+    return "\n".join(lines)

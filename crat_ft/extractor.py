@@ -1,0 +1,253 @@
+"""The frozen detector's side of extraction: what is cached for one batch of images.
+
+Shape legend: ``R`` candidate RoIs of an image (its gt boxes first, then the
+RPN proposals), ``n`` selected RoIs, ``m`` of them with a cached mask.
+Labels: foreground ``0..C-1``, background ``C`` (mmdet).
+
+RoIs are selected per training image *as training sees them*: RPN proposals
+made with the detector's ``train_cfg.rpn_proposal``, plus the gt boxes,
+assigned by the detector's own ``train_cfg.rcnn.assigner``, then chosen by the
+:class:`crat_ft.roi_policy.RoIPolicy`. Features are the inputs of ``fc_reg``
+and ``conv_logits`` (levels ``fc``/``logits``, caught by forward hooks) or the
+pooled RoI features (level ``roi``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from crat_ft.errors import UserError
+from crat_ft.roi_policy import RoIPolicy, select_rois
+
+BOX_LEVELS = ("fc", "roi")
+MASK_LEVELS = ("logits", "roi")
+
+
+def _box_tensor(bboxes):
+    """The (G, 4) tensor of mmdet boxes (a ``BaseBoxes`` or a tensor)."""
+    return bboxes.tensor if hasattr(bboxes, "tensor") else bboxes
+
+
+class FeatureTap:
+    """Forward hooks that keep the inputs of ``fc_reg`` and ``conv_logits``."""
+
+    def __init__(self, model) -> None:
+        self.box_in = None
+        self.mask_in = None
+        roi = model.roi_head
+        self._handles = [roi.bbox_head.fc_reg.register_forward_hook(self._box)]
+        if roi.with_mask:
+            self._handles.append(roi.mask_head.conv_logits.register_forward_hook(self._mask))
+
+    def _box(self, module, args, out):
+        self.box_in = args[0]
+
+    def _mask(self, module, args, out):
+        self.mask_in = args[0]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _resize_transform(pipeline: list) -> dict:
+    """A deterministic Resize equivalent to the train pipeline's (largest scale of a random choice)."""
+    for t in pipeline:
+        kind = t.get("type")
+        if kind == "Resize":
+            return dict(type="Resize", scale=t["scale"], keep_ratio=t.get("keep_ratio", True))
+        if kind == "RandomChoiceResize":
+            scales = [tuple(s) for s in t["scales"]]
+            return dict(
+                type="Resize", scale=max(scales, key=lambda s: s[0] * s[1]), keep_ratio=t.get("keep_ratio", True)
+            )
+        if kind == "RandomResize":
+            scale = t["scale"]
+            big = max(scale, key=lambda s: s[0] * s[1]) if isinstance(scale[0], (list, tuple)) else scale
+            return dict(type="Resize", scale=tuple(big), keep_ratio=t.get("keep_ratio", True))
+    raise UserError(
+        "train pipeline has no Resize/RandomChoiceResize/RandomResize transform; crat-ft needs one to fix the input scale"
+    )
+
+
+def extraction_pipeline(train_pipeline: list, flip: bool) -> list:
+    """Deterministic version of the train pipeline: load, annotations, resize, [flip], pack."""
+    load = next((t for t in train_pipeline if t.get("type") == "LoadImageFromFile"), dict(type="LoadImageFromFile"))
+    steps = [
+        dict(load),
+        dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+        _resize_transform(train_pipeline),
+    ]
+    if flip:
+        steps.append(dict(type="RandomFlip", prob=1.0, direction="horizontal"))
+    steps.append(
+        dict(
+            type="PackDetInputs",
+            meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor", "flip", "flip_direction"),
+        )
+    )
+    return steps
+
+
+@dataclass
+class Extractor:
+    """Computes the cached fields of a batch of images with a frozen detector."""
+
+    model: object
+    policy: RoIPolicy
+    instance_count: np.ndarray
+    box_level: str = "fc"
+    mask_level: str = "logits"
+
+    def __post_init__(self):
+        from crat_ft.detector import shared_box_features
+
+        if self.box_level not in BOX_LEVELS:
+            raise UserError(f"--box-level: expected one of {BOX_LEVELS}, got {self.box_level!r}")
+        if self.mask_level not in MASK_LEVELS:
+            raise UserError(f"--mask-level: expected one of {MASK_LEVELS}, got {self.mask_level!r}")
+        head = self.model.roi_head.bbox_head
+        if self.box_level == "fc" and not shared_box_features(head):
+            raise UserError(
+                f"{type(head).__name__} has separate cls/reg branches, so there is no single fc feature; use --box-level roi"
+            )
+        self.tap = FeatureTap(self.model)
+        self.rcnn_cfg = self.model.train_cfg.rcnn
+        self.add_gt = bool(self.rcnn_cfg.get("sampler", {}).get("add_gt_as_proposals", True))
+        self.proposal_cfg = self.model.train_cfg.get("rpn_proposal", self.model.test_cfg.rpn)
+        self.with_mask = bool(self.model.roi_head.with_mask)
+
+    @property
+    def mask_size(self) -> int:
+        return int(self.rcnn_cfg.get("mask_size", 28)) if self.with_mask else 0
+
+    def __call__(self, data: dict, view: int = 0) -> list:
+        """Blocks (:class:`crat_ft.cache.ImageBlock`) for one collated batch."""
+        import torch
+
+        with torch.no_grad():
+            data = self.model.data_preprocessor(data, True)
+            samples = data["data_samples"]
+            x = self.model.extract_feat(data["inputs"])
+            proposals = self.propose(x, samples)
+            return [
+                self.image_block(tuple(f[i : i + 1] for f in x), s, proposals[i], view) for i, s in enumerate(samples)
+            ]
+
+    def propose(self, x: tuple, samples: list) -> list:
+        """RPN proposals of every image, made with the training proposal settings."""
+        rpn = self.model.rpn_head
+        metas = [s.metainfo for s in samples]
+        return rpn.predict_by_feat(*rpn(x), batch_img_metas=metas, cfg=self.proposal_cfg, rescale=False)
+
+    def image_block(self, feats: tuple, sample, proposals, view: int):
+        """One image: assign → select → box block → mask block."""
+        from crat_ft.cache import ImageBlock
+
+        img_id = int(sample.metainfo["img_id"])
+        rng = np.random.default_rng([self.policy.seed, img_id, view])
+        gt = sample.gt_instances
+        priors, gt_inds, ious = self.assign(sample, proposals)
+        rows, mask_rows = select_rois(
+            gt_inds.cpu().numpy(), gt.labels.cpu().numpy(), self.instance_count, self.policy, rng
+        )
+        box = self.box_block(feats, gt, priors, gt_inds, ious, rows)
+        mask = self.mask_block(feats, gt, box["boxes"], box["gidx"], mask_rows)
+        scale = np.asarray(sample.metainfo.get("scale_factor", (1.0, 1.0)), np.float32)[:2]
+        return ImageBlock(
+            image_id=img_id,
+            scale_factor=scale,
+            box=box["boxes"].cpu().numpy().astype(np.float32),
+            gt_index=box["gidx"].cpu().numpy().astype(np.int32),
+            label=box["label"].cpu().numpy().astype(np.int32),
+            iou=box["iou"].cpu().numpy().astype(np.float32),
+            gt_box=box["gt_box"].cpu().numpy(),
+            box_feat=box["feat"].reshape(len(rows), *self.box_shape()).cpu().numpy().astype(np.float16),
+            **mask,
+        )
+
+    def assign(self, sample, proposals):
+        """Candidate RoIs (gt boxes first, as mmdet's sampler adds them) assigned by the detector's rcnn assigner.
+
+        Returns:
+            ``(priors (R, 4), gt_inds (R,), ious (R,))``: ``gt_inds`` 0 background,
+            -1 ignored, g > 0 matched to gt g-1; the gt boxes match themselves with IoU 1.
+        """
+        import torch
+        from mmengine.structures import InstanceData
+
+        gt = sample.gt_instances
+        gt_boxes = _box_tensor(gt.bboxes)
+        ng = len(gt) if self.add_gt else 0
+        priors = torch.cat([gt_boxes[:ng], proposals.bboxes])
+        assign = self.model.roi_head.bbox_assigner.assign(
+            InstanceData(priors=priors), gt, sample.get("ignored_instances", None)
+        )
+        gt_inds = assign.gt_inds.clone()
+        ious = assign.max_overlaps.clone()
+        gt_inds[:ng] = torch.arange(1, ng + 1, device=gt_boxes.device)
+        ious[:ng] = 1.0
+        return priors, gt_inds, ious
+
+    def box_block(self, feats: tuple, gt, priors, gt_inds, ious, rows: np.ndarray) -> dict:
+        """Box fields of the selected RoIs: boxes, gt index, label, IoU, gt box and box features."""
+        import torch
+        from mmdet.structures.bbox import bbox2roi
+
+        roi_head = self.model.roi_head
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=priors.device)
+        boxes = priors[rows_t]
+        gidx = gt_inds[rows_t] - 1
+        bbox_out = roi_head._bbox_forward(feats, bbox2roi([boxes]))
+        feat = self.tap.box_in if self.box_level == "fc" else bbox_out["bbox_feats"]
+        label = torch.full((len(rows),), roi_head.bbox_head.num_classes, dtype=torch.long, device=priors.device)
+        pos = gidx >= 0
+        label[pos] = gt.labels[gidx[pos]]
+        gt_box = torch.zeros(len(rows), 4, device=priors.device)
+        gt_box[pos] = _box_tensor(gt.bboxes)[gidx[pos]].float()
+        return {"boxes": boxes, "gidx": gidx, "label": label, "iou": ious[rows_t], "gt_box": gt_box, "feat": feat}
+
+    def mask_block(self, feats: tuple, gt, boxes, gidx, mask_rows: np.ndarray) -> dict:
+        """Mask fields of the selected RoIs that keep a mask: rows, features and targets (empty without masks)."""
+        import torch
+        from mmdet.structures.bbox import bbox2roi
+        from mmdet.structures.mask import mask_target
+
+        if not (self.with_mask and len(mask_rows)):
+            return {
+                "mask_rows": np.zeros(0, np.int64),
+                "mask_feat": np.zeros((0, *self.mask_shape()), np.float16),
+                "mask_target": np.zeros((0, self.mask_size, self.mask_size), bool),
+            }
+        mrows_t = torch.as_tensor(mask_rows, dtype=torch.long, device=boxes.device)
+        mboxes = boxes[mrows_t]
+        mask_out = self.model.roi_head._mask_forward(feats, bbox2roi([mboxes]))
+        feat = self.tap.mask_in if self.mask_level == "logits" else mask_out["mask_feats"]
+        targets = mask_target([mboxes], [gidx[mrows_t]], [gt.masks], self.rcnn_cfg)
+        return {
+            "mask_rows": mask_rows,
+            "mask_feat": feat.cpu().numpy().astype(np.float16),
+            "mask_target": targets.cpu().numpy() > 0.5,
+        }
+
+    def box_shape(self) -> tuple:
+        head = self.model.roi_head.bbox_head
+        if self.box_level == "fc":
+            return (int(head.fc_reg.in_features),)
+        ext = self.model.roi_head.bbox_roi_extractor
+        size = ext.roi_layers[0].output_size
+        size = size if isinstance(size, tuple) else (size, size)
+        return (int(ext.out_channels), *map(int, size))
+
+    def mask_shape(self) -> tuple:
+        if not self.with_mask:
+            return (1,)
+        mh = self.model.roi_head.mask_head
+        if self.mask_level == "logits":
+            return (int(mh.conv_logits.in_channels), self.mask_size, self.mask_size)
+        ext = self.model.roi_head.mask_roi_extractor
+        size = ext.roi_layers[0].output_size
+        size = size if isinstance(size, tuple) else (size, size)
+        return (int(ext.out_channels), *map(int, size))

@@ -1,0 +1,297 @@
+"""``retrain-heads``: the class-wise layers retrained from a feature cache with mmengine's ``Runner``.
+
+Public builders, each usable on its own (tests and benchmarks use them):
+:func:`build_cache_loader` (the DataLoader over cached RoIs),
+:func:`build_heads` (the :class:`crat_ft.heads.ClasswiseHeads`, initialised from
+the detector) and :func:`build_runner` (the Runner with its schedule, hooks
+and DDP); :func:`retrain_heads` joins them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterable
+
+from crat_ft.errors import UserError
+from crat_ft.files import atomic_torch_save
+
+HEADS_FILE = "heads.pth"
+
+
+def build_cache_loader(reader, sampler_cfg: dict, seed: int, num_workers: int, rank: int = 0):
+    """The retraining DataLoader over a cache: a :class:`crat_ft.sampling.RoIBatchSampler` of whole batches.
+
+    Args:
+        reader: the :class:`crat_ft.cache.RoIReader`.
+        sampler_cfg: the fine-tune config's ``sampler`` section.
+        seed: the training seed (each rank draws its own batches from ``seed * 1000 + rank``).
+        num_workers: DataLoader worker processes.
+        rank: this process's rank.
+    """
+    import torch
+
+    from crat_ft.sampling import CachedBatchDataset, RoIBatchSampler
+
+    sampler = RoIBatchSampler(
+        labels=reader.labels,
+        roi_images=reader.roi_image,
+        mask_labels=reader.mask_labels,
+        mask_images=reader.mask_image,
+        num_classes=reader.num_classes,
+        strategy=sampler_cfg["strategy"],
+        mask_strategy=sampler_cfg["mask_strategy"],
+        rois_per_batch=sampler_cfg["rois_per_batch"],
+        pos_fraction=sampler_cfg["pos_fraction"],
+        masks_per_batch=sampler_cfg["masks_per_batch"],
+        mask_group=sampler_cfg["mask_group"],
+        seed=seed * 1000 + rank,
+        rfs_t=sampler_cfg["rfs_t"],
+    )
+    return torch.utils.data.DataLoader(
+        CachedBatchDataset(reader),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
+    """The :class:`crat_ft.heads.ClasswiseHeads` for a cache, initialised from the detector.
+
+    From a cache at box level ``roi`` (mask level ``roi``) the detector's bbox
+    (mask) head trunk is built and retrained too (see :func:`crat_ft.heads.build_trunk`).
+    """
+    from crat_ft.detector import CLASSWISE_LAYERS
+    from crat_ft.ft_config import CratConfig, heads_loss_cls
+    from crat_ft.heads import ClasswiseHeads, build_trunk
+
+    meta = reader.meta
+    has_mask = bool(int(meta["mask_size"]))
+    box_trunk = mask_trunk = None
+    roi_cfg = detector_cfg.model.roi_head
+    if meta["box_level"] == "roi":
+        box_trunk = build_trunk(
+            dict(roi_cfg.bbox_head), detector_state, CLASSWISE_LAYERS["fc_cls"].rsplit(".", 1)[0], ("fc_cls", "fc_reg")
+        )
+    if has_mask and meta["mask_level"] == "roi":
+        mask_trunk = build_trunk(
+            dict(roi_cfg.mask_head), detector_state, CLASSWISE_LAYERS["conv_logits"].rsplit(".", 1)[0], ("conv_logits",)
+        )
+    # widths of the class-wise layers' inputs, as the checkpoint has them
+    box_dim = int(detector_state[CLASSWISE_LAYERS["fc_reg"] + ".weight"].shape[1])
+    mask_channels = int(detector_state[CLASSWISE_LAYERS["conv_logits"] + ".weight"].shape[1]) if has_mask else 0
+    if box_trunk is None and int(meta["box_shape"][0]) != box_dim:
+        raise UserError(
+            f"the cache's box features have width {meta['box_shape'][0]} but the detector's fc_reg takes {box_dim}; re-extract the cache"
+        )
+    if mask_trunk is None and has_mask and int(meta["mask_shape"][0]) != mask_channels:
+        raise UserError(
+            f"the cache's mask features have {meta['mask_shape'][0]} channels but the detector's conv_logits "
+            f"takes {mask_channels}; re-extract the cache"
+        )
+    heads = ClasswiseHeads(
+        num_classes=reader.num_classes,
+        box_feat_dim=box_dim,
+        mask_channels=mask_channels,
+        bbox_coder=dict(detector_cfg.model.roi_head.bbox_head.bbox_coder),
+        loss_cls=heads_loss_cls(ft, meta),
+        loss_bbox_weight=ft["heads"]["loss_bbox_weight"],
+        loss_mask_weight=ft["heads"]["loss_mask_weight"],
+        crat=CratConfig.from_dict(ft["crat"]),
+        class_instance_count=meta["class_instance_count"],
+        reinit_cls=ft["heads"]["reinit_cls"],
+        box_trunk=box_trunk,
+        mask_trunk=mask_trunk,
+    )
+    heads.load_from_detector(detector_state, CLASSWISE_LAYERS)
+    return heads
+
+
+def retrain_heads(
+    ft_config: str | os.PathLike,
+    cache: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    cfg_options: Iterable[str] | dict = (),
+    resume: bool = False,
+    trust_checkpoint: bool = False,
+) -> Path:
+    """Retrain the class-wise layers from a feature cache with mmengine's Runner.
+
+    Returns:
+        ``work_dir/heads.pth``: retrained layers, Fisher statistics and provenance.
+    """
+    from crat_ft.files import (
+        RunLock,
+        check_writable_dir,
+        clean_stale_temps,
+        temp_pattern,
+    )
+
+    work_dir = check_writable_dir(work_dir, "--work-dir")
+    rank = int(os.environ.get("RANK", 0))
+    # one run per work dir; under torchrun rank 0 holds the lock for all ranks
+    lock = RunLock(work_dir / ".crat-ft.lock", f"--work-dir {work_dir}") if rank == 0 else contextlib.nullcontext()
+    with lock:
+        clean_stale_temps(work_dir, temp_pattern(work_dir / HEADS_FILE))
+        return _retrain_locked(
+            ft_config,
+            cache,
+            work_dir,
+            rank=rank,
+            cfg_options=cfg_options,
+            resume=resume,
+            trust_checkpoint=trust_checkpoint,
+        )
+
+
+def _retrain_locked(
+    ft_config, cache, work_dir: Path, *, rank: int, cfg_options, resume: bool, trust_checkpoint: bool
+) -> Path:
+    from crat_ft.ft_config import load_ft_config
+    from crat_ft.registry import register_all
+    from crat_ft.runner import resume_point, unwrap
+
+    register_all()
+    ft = load_ft_config(ft_config, cfg_options)
+    reader, det_config, det_ckpt, detector_cfg, detector_state = open_cache_and_detector(ft, cache, trust_checkpoint)
+    heads = build_heads(ft, reader, detector_cfg, detector_state)
+    loader = build_cache_loader(reader, ft["sampler"], ft["train"]["seed"], ft["train"]["num_workers"], rank)
+    start = resume_point(work_dir) if resume else None
+    runner = build_runner(
+        heads, loader, ft["train"], work_dir, resume_from=start, name=f"retrain-heads-{Path(ft_config).stem}"
+    )
+    runner.train()
+    out = work_dir / HEADS_FILE
+    if rank == 0:
+        state = {k: v.detach().cpu() for k, v in unwrap(runner.model).state_dict().items()}
+        meta = heads_meta(ft, reader.meta, det_config, det_ckpt, runner.iter)
+        atomic_torch_save({"state_dict": state, "meta": meta}, out)
+    return out
+
+
+def open_cache_and_detector(ft: dict, cache, trust_checkpoint: bool):
+    """The cache reader and the detector it was made from (checked by sha256).
+
+    Returns:
+        ``(reader, detector config path, checkpoint path, detector config, detector state dict)``.
+    """
+    from crat_ft.cache import INDEX_FILE, RoIReader
+    from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
+    from crat_ft.config import load_config
+    from crat_ft.errors import sha_mismatch
+    from crat_ft.files import sha256_file
+
+    cache = Path(cache)
+    if cache.is_dir():
+        cache = cache / INDEX_FILE
+    reader = RoIReader(cache, in_memory=ft["train"]["in_memory"])
+    det_config = ft["detector"]["config"] or reader.meta.get("config_path")
+    det_ckpt = ft["detector"]["checkpoint"] or reader.meta.get("checkpoint_path")
+    if not det_config or not det_ckpt:
+        raise UserError(
+            "the detector config/checkpoint are unknown: set detector.config and detector.checkpoint in the fine-tune config"
+        )
+    ckpt = load_checkpoint_file(det_ckpt, trust=trust_checkpoint)
+    sha = sha256_file(det_ckpt)
+    if sha != reader.meta["checkpoint_sha256"]:
+        raise sha_mismatch(
+            f"feature cache {cache}",
+            reader.meta["checkpoint_sha256"],
+            det_ckpt,
+            sha,
+            "re-extract features with this checkpoint or pass the matching one",
+        )
+    return reader, det_config, det_ckpt, load_config(det_config), state_dict_of(ckpt)
+
+
+def build_runner(
+    heads, loader, train_cfg: dict, work_dir: Path, *, resume_from: Path | None = None, name: str = "retrain-heads"
+):
+    """The mmengine ``Runner`` that retrains ``heads``: SGD, linear warm-up then steps, checkpoints, NaN guard.
+
+    Under torchrun (``WORLD_SIZE`` > 1) it trains with DDP: NCCL on GPUs, and on
+    CPUs gloo set up by :func:`crat_ft.runner.cpu_ddp`.
+
+    Args:
+        heads: the model (:func:`build_heads`).
+        loader: the DataLoader (:func:`build_cache_loader`).
+        train_cfg: the fine-tune config's ``train`` section.
+        work_dir: logs and checkpoints.
+        resume_from: a Runner checkpoint to resume (:func:`crat_ft.runner.resume_point`).
+        name: experiment name prefix.
+    """
+    import uuid
+
+    import torch
+    from mmengine.runner import Runner
+
+    from crat_ft.hooks import NonFiniteGuardHook
+    from crat_ft.runner import cpu_ddp
+
+    tr = train_cfg
+    milestones = tr["milestones"] or [int(tr["max_iters"] * 0.75)]
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    model = cpu_ddp(heads) if distributed and not torch.cuda.is_available() else heads
+    runner = Runner(
+        model=model,
+        work_dir=str(work_dir),
+        train_dataloader=loader,
+        train_cfg=dict(by_epoch=False, max_iters=tr["max_iters"], val_interval=10**9),
+        optim_wrapper=dict(
+            optimizer=dict(type="SGD", lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
+        ),
+        param_scheduler=[
+            dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=max(1, tr["warmup_iters"])),
+            dict(type="MultiStepLR", by_epoch=False, begin=0, end=tr["max_iters"], milestones=milestones, gamma=0.1),
+        ],
+        default_hooks=dict(
+            timer=dict(type="IterTimerHook"),
+            logger=dict(type="LoggerHook", interval=tr["log_interval"]),
+            param_scheduler=dict(type="ParamSchedulerHook"),
+            checkpoint=dict(
+                type="CheckpointHook", by_epoch=False, interval=tr["checkpoint_interval"], max_keep_ckpts=2
+            ),
+        ),
+        custom_hooks=[NonFiniteGuardHook(work_dir=work_dir)],
+        log_processor=dict(by_epoch=False, window_size=tr["log_interval"]),
+        randomness=dict(seed=tr["seed"]),
+        resume=resume_from is not None,
+        load_from=str(resume_from) if resume_from is not None else None,
+        launcher="pytorch" if distributed else "none",
+        env_cfg=dict(dist_cfg=dict(backend="nccl" if torch.cuda.is_available() else "gloo")),
+        default_scope="mmdet",
+        experiment_name=f"{name}-{uuid.uuid4().hex[:8]}",
+    )
+    if distributed:
+        import torch.distributed as dist
+
+        runner.logger.info(
+            f"DDP: world size {runner.world_size}, backend {dist.get_backend()}; "
+            "Fisher statistics are all-reduced every step"
+        )
+    return runner
+
+
+def heads_meta(ft: dict, cache_meta: dict, det_config, det_ckpt, iteration: int) -> dict:
+    """The provenance a heads file records (export and evaluate read it)."""
+    from crat_ft.ft_config import heads_loss_cls
+
+    return {
+        "crat_ft_stage": "heads",
+        "checkpoint_sha256": cache_meta["checkpoint_sha256"],
+        "detector_config": str(det_config),
+        "detector_checkpoint": str(det_ckpt),
+        "class_names": cache_meta["class_names"],
+        "class_frequency": cache_meta["class_frequency"],
+        "class_instance_count": cache_meta["class_instance_count"],
+        "crat": dict(ft["crat"]),
+        "loss_cls": heads_loss_cls(ft, cache_meta),
+        "levels": {"box": cache_meta["box_level"], "mask": cache_meta["mask_level"]},
+        "sampler": dict(ft["sampler"]),
+        "export": dict(ft["export"]),
+        "iter": iteration,
+    }

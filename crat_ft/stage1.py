@@ -1,0 +1,185 @@
+"""Stage-1 training and LVIS evaluation of whole detectors through mmengine's ``Runner``.
+
+Both are built from an mmdet config, so logging, checkpoints, distributed
+launch and hooks behave as every mmdet user expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from crat_ft.errors import UserError
+from crat_ft.files import atomic_torch_save
+
+DETECTOR_FILE = "detector.pth"
+
+
+def train_detector(
+    config: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    cfg_options: Iterable[str] | dict = (),
+    data_root: str | os.PathLike | None = None,
+    seed: int | None = None,
+    resume: bool = False,
+) -> Path:
+    """Train an mmdet detector end to end with mmengine's Runner.
+
+    Args:
+        config: mmdet config file.
+        work_dir: where logs and checkpoints go.
+        cfg_options: validated ``key=value`` overrides.
+        data_root: LVIS-format data directory (overrides the config's).
+        seed: training seed (overrides ``randomness.seed``).
+        resume: continue from the last checkpoint in ``work_dir``.
+
+    Returns:
+        ``work_dir/detector.pth``: the final weights with class names in its
+        meta, written only when training finished.
+    """
+    from mmengine.runner import Runner
+
+    from crat_ft.config import prepare_config
+    from crat_ft.files import check_writable_dir
+    from crat_ft.hooks import NonFiniteGuardHook
+    from crat_ft.registry import register_all
+    from crat_ft.runner import resume_point, unique_names, unwrap
+
+    register_all()
+    cfg = prepare_config(config, cfg_options, data_root, ("train_dataloader", "val_dataloader", "test_dataloader"))
+    work_dir = check_writable_dir(work_dir, "--work-dir")
+    cfg.work_dir = str(work_dir)
+    # resume from the newest loadable checkpoint of the work dir; without one, start
+    # afresh (from the config's own load_from, if any)
+    start = resume_point(work_dir) if resume else None
+    cfg.resume = start is not None
+    if start is not None:
+        cfg.load_from = str(start)
+    if seed is not None:
+        cfg.randomness = dict(seed=seed, deterministic=False)
+    unique_names(cfg, "train-detector")
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(NonFiniteGuardHook(), "VERY_HIGH")
+    runner.train()
+    model = unwrap(runner.model)
+    out = work_dir / DETECTOR_FILE
+    meta = {
+        "crat_ft_stage": "stage1",
+        "dataset_meta": {"classes": list(runner.train_dataloader.dataset.metainfo["classes"])},
+        "iter": runner.iter,
+        "cfg": cfg.pretty_text,
+    }
+    atomic_torch_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}, out)
+    runner.logger.info(f"final detector weights: {out}")
+    return out
+
+
+def evaluate_detector(
+    config: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    cfg_options: Iterable[str] | dict = (),
+    data_root: str | os.PathLike | None = None,
+    trust_checkpoint: bool = False,
+    per_class_csv: str | os.PathLike | None = None,
+    heads: str | os.PathLike | None = None,
+) -> dict:
+    """Evaluate a detector checkpoint on the config's test split with the LVIS protocol.
+
+    Writes ``out`` as ``{"bbox": {...}, "segm": {...}}`` (keys of
+    :data:`crat_ft.evaluation.METRIC_KEYS`) and the per-class CSV beside it
+    (``<out stem>_per_class.csv`` unless ``per_class_csv`` is given).
+
+    With ``heads``, the retrained class-wise layers are merged into the
+    checkpoint in a temporary directory first (nothing is written beside
+    ``out``); ``cfg_options`` apply to that merge too.
+
+    The output directories are checked for writability before the model is
+    built; the JSON and the CSV are renamed into place together at the end
+    (a run killed in between leaves a journal that the next run cleans).
+
+    Returns:
+        The metrics dict written to ``out``.
+    """
+    from crat_ft.files import (
+        check_writable_dir,
+        clean_stale_temps,
+        owned_tempdir,
+        recover_journal,
+        temp_pattern,
+    )
+
+    out = Path(out)
+    csv_path = Path(per_class_csv) if per_class_csv else out.with_name(out.stem + "_per_class.csv")
+    for path, what in ((out, "the directory of --out"), (csv_path, "the directory of --per-class-csv")):
+        check_writable_dir(path.parent, what)
+        clean_stale_temps(path.parent, temp_pattern(path))
+    journal = out.with_name(f".{out.name}.commit")
+    recover_journal(journal)
+    if heads is not None:
+        from crat_ft.export import export_checkpoint
+
+        with owned_tempdir("crat-ft-merged") as tmp:
+            merged, merged_cfg = export_checkpoint(
+                str(config),
+                str(checkpoint),
+                str(heads),
+                str(tmp / "merged.pth"),
+                trust_checkpoint=trust_checkpoint,
+                cfg_options=cfg_options,
+            )
+            return evaluate_detector(
+                merged_cfg or config, merged, out, cfg_options=cfg_options, data_root=data_root, per_class_csv=csv_path
+            )
+    from mmengine.runner import Runner
+
+    from crat_ft.checkpoint import load_checkpoint_file, state_dict_of, trusted_loading
+    from crat_ft.config import ann_file_of, prepare_config
+    from crat_ft.detector import check_checkpoint_classes
+    from crat_ft.files import commit_together, storage_errors, temp_name
+    from crat_ft.metric import CratLVISMetric
+    from crat_ft.registry import register_all
+    from crat_ft.runner import unique_names
+
+    register_all()
+    cfg = prepare_config(config, cfg_options, data_root, ("test_dataloader",))
+    ckpt = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
+    check_checkpoint_classes(cfg, state_dict_of(ckpt), str(checkpoint))
+    evaluator = cfg.get("test_evaluator")
+    evaluators = evaluator if isinstance(evaluator, list) else [evaluator]
+    lvis = [e for e in evaluators if isinstance(e, dict) and e.get("type") == "CratLVISMetric"]
+    if not lvis:
+        raise UserError(
+            f"config {config}: test_evaluator should be a CratLVISMetric, got {evaluator!r}; "
+            "set test_evaluator = dict(type='CratLVISMetric', ann_file=..., metric=['bbox', 'segm'])"
+        )
+    lvis[0]["per_class_csv"] = str(temp_name(csv_path))
+    if not lvis[0].get("ann_file"):
+        lvis[0]["ann_file"] = str(ann_file_of(cfg.test_dataloader.dataset))
+
+    cfg.load_from = str(checkpoint)
+    cfg.resume = False
+    cfg.pop("train_dataloader", None)
+    cfg.pop("train_cfg", None)
+    cfg.pop("optim_wrapper", None)
+    cfg.pop("param_scheduler", None)
+    unique_names(cfg, "evaluate")
+    try:
+        with owned_tempdir("crat-ft-eval") as tmp:
+            cfg.work_dir = str(tmp)
+            with trusted_loading(trust_checkpoint):
+                runner = Runner.from_cfg(cfg)
+                runner.test()
+            metric = next(m for m in runner.test_evaluator.metrics if isinstance(m, CratLVISMetric))
+            results = metric.last_results["metrics"]
+        with storage_errors(out):
+            temp_name(out).write_text(json.dumps(results, indent=2))
+        commit_together([(temp_name(csv_path), csv_path), (temp_name(out), out)], journal)
+    finally:
+        temp_name(csv_path).unlink(missing_ok=True)
+        temp_name(out).unlink(missing_ok=True)
+    return results

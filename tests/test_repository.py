@@ -1,0 +1,124 @@
+"""The repository's structure: one-way imports, public names only, lint-clean, self-documented."""
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "crat_ft"
+SOURCES = [*PACKAGE.rglob("*.py"), *(ROOT / "cli").rglob("*.py")]
+
+
+def _module_name(path: Path) -> str:
+    if path.is_relative_to(ROOT / "cli"):
+        return "crat_ft.cli." + ".".join(path.relative_to(ROOT / "cli").with_suffix("").parts)
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """Every ``import crat_ft...`` / ``from crat_ft... import ...`` in a file, at any depth (functions too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("crat_ft"):
+            found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names if a.name.startswith("crat_ft")]
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p) for p in SOURCES}
+    graph = {}
+    for path in SOURCES:
+        me = _module_name(path)
+        deps = set()
+        for module, names in _imports(path):
+            for name in names:  # "from crat_ft.cache import schema" imports a module
+                if f"{module}.{name}" in modules:
+                    deps.add(f"{module}.{name}")
+            if module in modules:
+                deps.add(module)
+        graph[me] = deps - {me}
+    return graph
+
+
+def test_no_import_cycle_even_through_function_level_imports():
+    graph = _graph()
+    # a package's __init__ re-exports its submodules: an import of the package depends on them
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if d.startswith(m + "."):  # a package importing its own submodules
+                continue
+            if state.get(d) == "open":
+                cycle = stack[stack.index(d) :] + [d]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = []
+    for path in [*SOURCES, *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        for module, names in _imports(path):
+            offenders += [f"{path.relative_to(ROOT)}: from {module} import {n}" for n in names if n.startswith("_")]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("module", sorted(_module_name(p) for p in SOURCES))
+def test_every_module_imports_alone_in_a_fresh_process(module):
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_project_cites_only_its_own_documents():
+    places = [
+        *SOURCES,
+        *(ROOT / "configs").rglob("*.py"),
+        ROOT / "pyproject.toml",
+        ROOT / "README.md",
+        *(ROOT / "benchmarks").glob("*.py"),
+        *(ROOT / "scripts").glob("*"),
+        *(ROOT / "docs").rglob("*.md"),
+    ]
+    cited = [str(p.relative_to(ROOT)) for p in places if "DESIGN" in p.read_text() or "../shared" in p.read_text()]
+    assert cited == []
+    anchors = {
+        "pipeline",
+        "module-map",
+        "crat-as-implemented",
+        "rebalanced-classifier",
+        "cache-schema",
+        "evaluation-protocol",
+        "reliability",
+        "environment",
+        "synthetic-benchmark",
+        "performance-targets",
+    }
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    assert {a for a in anchors if f"## {a.replace('-', ' ')}".lower() in architecture.lower()} == anchors
+    for path in places:
+        for ref in set(__import__("re").findall(r"docs/architecture\.md#([a-z-]+)", path.read_text())):
+            assert ref in anchors, f"{path.relative_to(ROOT)} cites a missing section #{ref}"
+
+
+def test_ruff_check_passes():
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.fail("ruff is not installed; run `bash scripts/setup.sh`")
+    r = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:]
