@@ -157,11 +157,7 @@ def allow_mmengine_pickles() -> None:
 
 
 def load_checkpoint_file(
-    path: str | os.PathLike,
-    *,
-    trust: bool = False,
-    map_location="cpu",
-    trust_hint: bool = True,
+    path: str | os.PathLike, *, trust: bool = False, map_location="cpu", trust_hint: bool = True
 ) -> dict:
     """Load a checkpoint dict, safely unless ``trust``.
 

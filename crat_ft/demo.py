@@ -83,12 +83,7 @@ def run_demo(
         ``{"stage1"|"baseline"|"crat": {"bbox": {...}, "segm": {...}}}``.
     """
     from crat_ft.cache import INDEX_FILE
-    from crat_ft.diagnostics import (
-        fisher_neighbors,
-        plot_ap_change,
-        plot_fisher_embedding,
-        read_per_class_csv,
-    )
+    from crat_ft.diagnostics import fisher_neighbors, plot_ap_change, plot_fisher_embedding, read_per_class_csv
     from crat_ft.extract import extract_features
     from crat_ft.lvis_json import categories_by_id
     from crat_ft.roi_policy import RoIPolicy

@@ -125,12 +125,7 @@ def export_checkpoint(
     """
     from pathlib import Path
 
-    from crat_ft.files import (
-        RunLock,
-        check_writable_dir,
-        clean_stale_temps,
-        temp_pattern,
-    )
+    from crat_ft.files import RunLock, check_writable_dir, clean_stale_temps, temp_pattern
 
     out_p = Path(out)
     check_writable_dir(out_p.parent, "the directory of --out")

@@ -172,40 +172,56 @@ def extract_features(
 
 
 def _extract_locked(
-    config,
-    checkpoint,
-    out: Path,
-    shard_path: Path,
-    *,
-    rank,
-    world,
-    cfg_options,
-    data_root,
-    policy,
-    box_level,
-    mask_level,
-    resume,
-    batch_size,
-    segment_images,
-    compression,
-    max_images,
-    trust_checkpoint,
-    progress,
-    space_check,
-) -> Path:
-    from mmdet.registry import DATASETS
-
-    from crat_ft.cache import cache_meta, open_cache
-    from crat_ft.files import (
-        atomic_write_text,
-        clean_stale_temps,
-        sha256_file,
-        temp_pattern,
-    )
-    from crat_ft.registry import register_all
+    config, checkpoint, out: Path, shard_path: Path, *, rank, world, cfg_options, data_root, policy, box_level,
+    mask_level, resume, batch_size, segment_images, compression, max_images, trust_checkpoint, progress, space_check,
+) -> Path:  # fmt: skip
+    from crat_ft.files import atomic_write_text
 
     seg_dir = out / ".segments" / shard_path.stem
-    # what killed runs left: an index or shard being written, a segment being written
+    _clean_or_refuse_start(out, shard_path, seg_dir, resume)
+    cfg, sha, dataset, mine = _plan_shard(config, checkpoint, cfg_options, data_root, max_images, rank, world)
+    settings = run_settings(
+        cfg=cfg, sha=sha, policy=policy, box_level=box_level, mask_level=mask_level, segment_images=segment_images,
+        batch_size=batch_size, compression=compression, rank=rank, world=world, max_images=max_images,
+        image_ids=[int(dataset.get_data_info(k)["img_id"]) for k in mine],
+    )  # fmt: skip
+    if _check_resume(out, shard_path, seg_dir, settings):  # this shard is finished
+        return _finish_index(out, world, shard_path)
+    seg_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(seg_dir / SETTINGS_FILE, json.dumps(settings, sort_keys=True))
+
+    extractor, attrs = _build_extractor(
+        cfg, config, checkpoint, policy, box_level, mask_level, trust_checkpoint, settings
+    )
+    datasets = [dataset, _flipped(cfg)] if policy.flip else [dataset]
+    segments = [mine[j : j + segment_images] for j in range(0, len(mine), segment_images)]
+    n_views = len(datasets)
+    bar = Progress(len(mine) * n_views, f"extract-features shard {rank}/{world}") if progress else None
+    t0 = time.time()
+    space = _SpaceCheck(out, seg_dir, len(segments)) if space_check else None
+    try:
+        for j, seg in enumerate(segments):
+            seg_path = seg_dir / f"seg-{j:06d}.h5"
+            if not _segment_done(seg_path, sha):
+                _write_segment(seg_path, seg, extractor, attrs, datasets, batch_size, compression, bar)
+                if space:
+                    space.after_write()
+            elif bar:
+                bar.update(len(seg) * n_views)
+        _merge_segments(shard_path, seg_dir, len(segments), extractor, attrs, compression)
+    finally:
+        extractor.tap.close()
+    _remove_segments(out, seg_dir)
+    if progress:
+        n_classes = len(json.loads(attrs["class_names"]))
+        _report_shard(shard_path, rank, world, len(mine) * n_views, n_classes, time.time() - t0)
+    return _finish_index(out, world, shard_path)
+
+
+def _clean_or_refuse_start(out: Path, shard_path: Path, seg_dir: Path, resume: bool) -> None:
+    """Remove what killed runs left (an index, shard or segment being written); refuse to overwrite without ``--resume``."""
+    from crat_ft.files import clean_stale_temps, temp_pattern
+
     for path in (out / INDEX_FILE, shard_path):
         clean_stale_temps(out, temp_pattern(path))
     clean_stale_temps(seg_dir)
@@ -214,79 +230,60 @@ def _extract_locked(
     if seg_dir.exists() and any(seg_dir.iterdir()) and not resume:
         raise UserError(f"{out} holds an unfinished extraction; pass --resume to continue it or delete {out}")
 
+
+def _plan_shard(config, checkpoint, cfg_options, data_root, max_images, rank: int, world: int):
+    """The detector config, the checkpoint's sha256, the training dataset and this shard's image indices."""
+    from mmdet.registry import DATASETS
+
+    from crat_ft.files import sha256_file
+    from crat_ft.registry import register_all
+
     register_all()
     cfg = prepare_config(config, cfg_options, data_root, ("train_dataloader",))
     if not Path(checkpoint).is_file():
         raise UserError(
             f"checkpoint {checkpoint} does not exist; check the path or train one with `crat-ft train-detector`"
         )
-    sha = sha256_file(checkpoint)
     ds_cfg = base_dataset_cfg(cfg).copy()
     ds_cfg["pipeline"] = extraction_pipeline(ds_cfg.get("pipeline", []), flip=False)
     dataset = DATASETS.build(ds_cfg)
     n_total = len(dataset) if max_images is None else min(len(dataset), max_images)
-    mine = list(range(rank, n_total, world))
-    settings = run_settings(
-        cfg=cfg,
-        sha=sha,
-        policy=policy,
-        box_level=box_level,
-        mask_level=mask_level,
-        segment_images=segment_images,
-        batch_size=batch_size,
-        compression=compression,
-        rank=rank,
-        world=world,
-        max_images=max_images,
-        image_ids=[int(dataset.get_data_info(k)["img_id"]) for k in mine],
-    )
-    if shard_path.exists():  # --resume of a finished shard
+    return cfg, sha256_file(checkpoint), dataset, list(range(rank, n_total, world))
+
+
+def _flipped(cfg):
+    """The training dataset again, every image flipped horizontally (view 1)."""
+    from mmdet.registry import DATASETS
+
+    flip_cfg = base_dataset_cfg(cfg).copy()
+    flip_cfg["pipeline"] = extraction_pipeline(flip_cfg.get("pipeline", []), flip=True)
+    return DATASETS.build(flip_cfg)
+
+
+def _check_resume(out: Path, shard_path: Path, seg_dir: Path, settings: dict) -> bool:
+    """Refuse a resume whose settings differ from the recorded ones; True when the shard is already finished.
+
+    A finished shard records its settings in its attributes, an unfinished one in
+    ``.segments/<shard>/run.json``. Segments left beside a finished shard (a run
+    killed right after the shard's rename) and a segment directory with nothing
+    recorded yet are removed.
+    """
+    from crat_ft.cache import cache_meta, open_cache
+
+    if shard_path.exists():
         with open_cache(shard_path) as f:
             recorded = cache_meta(f).get("run_settings")
         check_same_settings(json.loads(recorded) if recorded else None, settings, shard_path, out)
-        _remove_segments(out, seg_dir)  # left by a run killed right after the shard's rename
-        return _finish_index(out, world, shard_path)
+        _remove_segments(out, seg_dir)
+        return True
     if seg_dir.exists() and any(seg_dir.iterdir()):
         settings_file = seg_dir / SETTINGS_FILE
         recorded = json.loads(settings_file.read_text()) if settings_file.is_file() else None
         if recorded is None and not any(seg_dir.glob("seg-*.h5")):
-            _remove_segments(out, seg_dir)  # killed before anything was recorded: nothing to keep
+            _remove_segments(out, seg_dir)
         else:
             check_same_settings(recorded, settings, seg_dir, out)
-    seg_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(seg_dir / SETTINGS_FILE, json.dumps(settings, sort_keys=True))
-
-    extractor, attrs = _build_extractor(
-        cfg, config, checkpoint, policy, box_level, mask_level, trust_checkpoint, settings
-    )
-    views = [0, 1] if policy.flip else [0]
-    datasets = [dataset]
-    if policy.flip:
-        flip_cfg = ds_cfg.copy()
-        flip_cfg["pipeline"] = extraction_pipeline(base_dataset_cfg(cfg).get("pipeline", []), flip=True)
-        datasets.append(DATASETS.build(flip_cfg))
-    segments = [mine[j : j + segment_images] for j in range(0, len(mine), segment_images)]
-    bar = Progress(len(mine) * len(views), f"extract-features shard {rank}/{world}") if progress else None
-    t0 = time.time()
-    space = _SpaceCheck(out, seg_dir, len(segments)) if space_check else None
-    try:
-        for j, seg in enumerate(segments):
-            seg_path = seg_dir / f"seg-{j:06d}.h5"
-            if not _segment_done(seg_path, sha):
-                _write_segment(seg_path, seg, extractor, attrs, views, datasets, batch_size, compression, bar)
-                if space:
-                    space.after_write()
-            elif bar:
-                bar.update(len(seg) * len(views))
-        _merge_segments(shard_path, seg_dir, len(segments), extractor, attrs, compression)
-    finally:
-        extractor.tap.close()
-    _remove_segments(out, seg_dir)
-    if progress:
-        _report_shard(
-            shard_path, rank, world, len(mine) * len(views), len(json.loads(attrs["class_names"])), time.time() - t0
-        )
-    return _finish_index(out, world, shard_path)
+    return False
 
 
 def _build_extractor(cfg, config, checkpoint, policy, box_level, mask_level, trust_checkpoint, settings):
@@ -339,13 +336,13 @@ def _segment_done(seg_path: Path, sha: str) -> bool:
         return False
 
 
-def _write_segment(seg_path, seg, extractor, attrs, views, datasets, batch_size, compression, bar) -> None:
+def _write_segment(seg_path, seg, extractor, attrs, datasets, batch_size, compression, bar) -> None:
     from mmengine.dataset import pseudo_collate
 
     from crat_ft.cache import CacheWriter
 
     with CacheWriter(seg_path, attrs, extractor.box_shape(), extractor.mask_shape(), compression=compression) as w:
-        for view, ds in zip(views, datasets):
+        for view, ds in enumerate(datasets):
             for b in range(0, len(seg), batch_size):
                 batch = pseudo_collate([ds[k] for k in seg[b : b + batch_size]])
                 for block in extractor(batch, view):

@@ -16,12 +16,7 @@ from mmengine.evaluator import BaseMetric
 from mmengine.logging import MMLogger
 
 from crat_ft.errors import UserError
-from crat_ft.evaluation import (
-    IOU_TYPES,
-    format_table,
-    lvis_metrics,
-    write_per_class_csv,
-)
+from crat_ft.evaluation import IOU_TYPES, format_table, lvis_metrics, write_per_class_csv
 from crat_ft.lvis_json import categories_by_id, load_lvis_json
 
 

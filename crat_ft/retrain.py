@@ -124,12 +124,7 @@ def retrain_heads(
     Returns:
         ``work_dir/heads.pth``: retrained layers, Fisher statistics and provenance.
     """
-    from crat_ft.files import (
-        RunLock,
-        check_writable_dir,
-        clean_stale_temps,
-        temp_pattern,
-    )
+    from crat_ft.files import RunLock, check_writable_dir, clean_stale_temps, temp_pattern
 
     work_dir = check_writable_dir(work_dir, "--work-dir")
     rank = int(os.environ.get("RANK", 0))

@@ -59,11 +59,7 @@ def _quota_pick(rng: np.random.Generator, candidates: np.ndarray, quota: float) 
 
 
 def select_rois(
-    gt_inds: np.ndarray,
-    gt_labels: np.ndarray,
-    instance_count: np.ndarray,
-    policy: RoIPolicy,
-    rng: np.random.Generator,
+    gt_inds: np.ndarray, gt_labels: np.ndarray, instance_count: np.ndarray, policy: RoIPolicy, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Choose cached RoIs of one image.
 

@@ -105,21 +105,11 @@ def evaluate_detector(
     Returns:
         The metrics dict written to ``out``.
     """
-    from crat_ft.files import (
-        check_writable_dir,
-        clean_stale_temps,
-        owned_tempdir,
-        recover_journal,
-        temp_pattern,
-    )
+    from crat_ft.files import owned_tempdir
 
     out = Path(out)
     csv_path = Path(per_class_csv) if per_class_csv else out.with_name(out.stem + "_per_class.csv")
-    for path, what in ((out, "the directory of --out"), (csv_path, "the directory of --per-class-csv")):
-        check_writable_dir(path.parent, what)
-        clean_stale_temps(path.parent, temp_pattern(path))
-    journal = out.with_name(f".{out.name}.commit")
-    recover_journal(journal)
+    journal = _prepare_outputs(out, csv_path)
     if heads is not None:
         from crat_ft.export import export_checkpoint
 
@@ -135,13 +125,27 @@ def evaluate_detector(
             return evaluate_detector(
                 merged_cfg or config, merged, out, cfg_options=cfg_options, data_root=data_root, per_class_csv=csv_path
             )
-    from mmengine.runner import Runner
+    cfg = _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint)
+    return _run_test_and_write(cfg, trust_checkpoint, out, csv_path, journal)
 
-    from crat_ft.checkpoint import load_checkpoint_file, state_dict_of, trusted_loading
+
+def _prepare_outputs(out: Path, csv_path: Path) -> Path:
+    """Check the output directories, clean what killed runs left; the journal of the final commit."""
+    from crat_ft.files import check_writable_dir, clean_stale_temps, recover_journal, temp_pattern
+
+    for path, what in ((out, "the directory of --out"), (csv_path, "the directory of --per-class-csv")):
+        check_writable_dir(path.parent, what)
+        clean_stale_temps(path.parent, temp_pattern(path))
+    journal = out.with_name(f".{out.name}.commit")
+    recover_journal(journal)
+    return journal
+
+
+def _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint: bool):
+    """The detector config set up for mmdet's test loop with crat-ft's LVIS metric and ``checkpoint``."""
+    from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
     from crat_ft.config import ann_file_of, prepare_config
     from crat_ft.detector import check_checkpoint_classes
-    from crat_ft.files import commit_together, storage_errors, temp_name
-    from crat_ft.metric import CratLVISMetric
     from crat_ft.registry import register_all
     from crat_ft.runner import unique_names
 
@@ -157,17 +161,26 @@ def evaluate_detector(
             f"config {config}: test_evaluator should be a CratLVISMetric, got {evaluator!r}; "
             "set test_evaluator = dict(type='CratLVISMetric', ann_file=..., metric=['bbox', 'segm'])"
         )
-    lvis[0]["per_class_csv"] = str(temp_name(csv_path))
     if not lvis[0].get("ann_file"):
         lvis[0]["ann_file"] = str(ann_file_of(cfg.test_dataloader.dataset))
-
     cfg.load_from = str(checkpoint)
     cfg.resume = False
-    cfg.pop("train_dataloader", None)
-    cfg.pop("train_cfg", None)
-    cfg.pop("optim_wrapper", None)
-    cfg.pop("param_scheduler", None)
+    for key in ("train_dataloader", "train_cfg", "optim_wrapper", "param_scheduler"):
+        cfg.pop(key, None)
     unique_names(cfg, "evaluate")
+    return cfg
+
+
+def _run_test_and_write(cfg, trust_checkpoint: bool, out: Path, csv_path: Path, journal: Path) -> dict:
+    """Run the test loop in a private work dir; rename the JSON and the per-class CSV into place together."""
+    from mmengine.runner import Runner
+
+    from crat_ft.checkpoint import trusted_loading
+    from crat_ft.files import commit_together, owned_tempdir, storage_errors, temp_name
+    from crat_ft.metric import CratLVISMetric
+
+    evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
+    next(e for e in evaluators if e.get("type") == "CratLVISMetric")["per_class_csv"] = str(temp_name(csv_path))
     try:
         with owned_tempdir("crat-ft-eval") as tmp:
             cfg.work_dir = str(tmp)

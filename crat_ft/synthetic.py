@@ -269,12 +269,7 @@ def _layout_val(spec: DemoDataSpec, rng: np.random.Generator) -> list[list[int]]
 
 
 def _write_split(
-    out: Path,
-    split: str,
-    layout: list[list[int]],
-    names: list[str],
-    id_offset: int,
-    rng: np.random.Generator,
+    out: Path, split: str, layout: list[list[int]], names: list[str], id_offset: int, rng: np.random.Generator
 ) -> tuple[list[dict], list[dict]]:
     import cv2
 

@@ -39,6 +39,11 @@ def run_cli(*args, cwd=None, timeout=900) -> subprocess.CompletedProcess:
     )
 
 
+def extract_args(detector, data, *options) -> list:
+    """Arguments of ``crat-ft extract-features`` with the demo config, ``detector`` and ``data``, plus ``options``."""
+    return ["extract-features", demo_config_path(), detector, "--data-root", data, *options]
+
+
 def demo_config_path() -> Path:
     from crat_ft.paths import demo_config
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import crat_ft_exe, demo_config_path, run_cli
+from conftest import crat_ft_exe, demo_config_path, extract_args, run_cli
 from crat_ft.cache import FORMAT_VERSION, RoIReader, open_cache, unpack_masks
 from crat_ft.errors import UserError
 from crat_ft.roi_policy import RoIPolicy, select_rois
@@ -127,17 +127,7 @@ def test_cached_values_equal_detector_computation(tiny_cache, tiny_detector, tin
 
 
 def test_resume_after_sigkill_gives_identical_cache(tiny_data, tiny_detector, tmp_path):
-    args = [
-        "extract-features",
-        demo_config_path(),
-        tiny_detector,
-        "--data-root",
-        tiny_data,
-        "--max-images",
-        10,
-        "--segment-images",
-        2,
-    ]
+    args = [*extract_args(tiny_detector, tiny_data), "--max-images", 10, "--segment-images", 2]
     full = tmp_path / "full"
     r = run_cli(*args, "--out", full)
     assert r.returncode == 0, r.stderr[-2000:]

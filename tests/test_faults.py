@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_extract import _assert_same, _tables
 
-from conftest import crat_ft_exe, demo_config_path, run_cli
+from conftest import crat_ft_exe, demo_config_path, extract_args, run_cli
 from crat_ft.paths import demo_config
 
 pytestmark = pytest.mark.slow
@@ -79,17 +79,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def test_extract_killed_at_random_moments_resumes_to_the_same_cache(tiny_data, tiny_detector, tmp_path):
-    args = [
-        "extract-features",
-        demo_config_path(),
-        tiny_detector,
-        "--data-root",
-        tiny_data,
-        "--max-images",
-        8,
-        "--segment-images",
-        2,
-    ]
+    args = [*extract_args(tiny_detector, tiny_data), "--max-images", 8, "--segment-images", 2]
     duration = _timed(*args, "--out", tmp_path / "full")
     reference = _tables(tmp_path / "full" / "index.h5")
     for k, t in enumerate(_kill_times(11, duration)):
@@ -181,11 +171,7 @@ def test_disk_full_during_extraction_ends_in_one_line(tiny_data, tiny_detector, 
     disk = small_fs("full", "600k")
     out = disk / "cache"
     r = run_cli(
-        "extract-features",
-        demo_config_path(),
-        tiny_detector,
-        "--data-root",
-        tiny_data,
+        *extract_args(tiny_detector, tiny_data),
         "--out",
         out,
         "--max-images",
@@ -207,11 +193,7 @@ def test_space_check_stops_early_when_the_projection_does_not_fit(tiny_data, tin
     disk = small_fs("tight", f"{int(shard_bytes * 0.8) // 1024}k")
     out = disk / "cache"
     r = run_cli(
-        "extract-features",
-        demo_config_path(),
-        tiny_detector,
-        "--data-root",
-        tiny_data,
+        *extract_args(tiny_detector, tiny_data),
         "--out",
         out,
         "--max-images",
@@ -271,17 +253,7 @@ def _start_and_wait_for_lock(args, lock: Path) -> subprocess.Popen:
 
 def test_a_second_run_on_the_same_output_is_refused(tiny_data, tiny_detector, tiny_cache, tmp_path):
     out = tmp_path / "cache"
-    args = [
-        "extract-features",
-        demo_config_path(),
-        tiny_detector,
-        "--data-root",
-        tiny_data,
-        "--out",
-        out,
-        "--max-images",
-        6,
-    ]
+    args = [*extract_args(tiny_detector, tiny_data), "--out", out, "--max-images", 6]
     first = _start_and_wait_for_lock(args, out / ".shard-00000-of-00001.lock")
     r = run_cli(*args)
     assert r.returncode == 2 and r.stderr.strip() == (
@@ -312,37 +284,14 @@ def test_a_second_run_on_the_same_output_is_refused(tiny_data, tiny_detector, ti
 
 
 def test_resume_refuses_other_settings(tiny_data, tiny_detector, tmp_path):
-    args = [
-        "extract-features",
-        demo_config_path(),
-        tiny_detector,
-        "--data-root",
-        tiny_data,
-        "--max-images",
-        4,
-        "--segment-images",
-        2,
-    ]
+    args = [*extract_args(tiny_detector, tiny_data), "--max-images", 4, "--segment-images", 2]
     out = tmp_path / "cache"
     assert run_cli(*args, "--out", out).returncode == 0
     other = tmp_path / "other.pth"
     ckpt = torch.load(tiny_detector, weights_only=False)
     ckpt["meta"]["note"] = "another file"
     torch.save(ckpt, other)
-    r = run_cli(
-        "extract-features",
-        demo_config_path(),
-        other,
-        "--data-root",
-        tiny_data,
-        "--max-images",
-        4,
-        "--segment-images",
-        2,
-        "--out",
-        out,
-        "--resume",
-    )
+    r = run_cli(*extract_args(other, tiny_data), "--max-images", 4, "--segment-images", 2, "--out", out, "--resume")
     assert r.returncode == 2 and "--resume: " in r.stderr and "was made with checkpoint_sha256=" in r.stderr, r.stderr
     assert f"delete {out} (or choose a new --out) to start over" in r.stderr
     r = run_cli(*args[:-4], "--max-images", 3, "--segment-images", 2, "--out", out, "--resume")
@@ -365,17 +314,7 @@ def test_resume_refuses_other_settings(tiny_data, tiny_detector, tmp_path):
 
 
 def test_resume_of_a_finished_cache_removes_what_a_killed_run_left(tiny_data, tiny_detector, tmp_path):
-    args = [
-        "extract-features",
-        demo_config_path(),
-        tiny_detector,
-        "--data-root",
-        tiny_data,
-        "--max-images",
-        4,
-        "--out",
-        tmp_path / "c",
-    ]
+    args = [*extract_args(tiny_detector, tiny_data), "--max-images", 4, "--out", tmp_path / "c"]
     assert run_cli(*args).returncode == 0
     out = tmp_path / "c"
     (out / ".segments" / "shard-00000-of-00001").mkdir(parents=True)  # a kill right after the shard's rename
@@ -462,17 +401,7 @@ def test_crafted_checkpoints_are_refused_by_every_command(tiny_data, tiny_detect
 
 
 def test_counts_are_validated_by_the_cli(tiny_data, tiny_detector, tmp_path):
-    r = run_cli(
-        "extract-features",
-        demo_config_path(),
-        tiny_detector,
-        "--data-root",
-        tiny_data,
-        "--out",
-        tmp_path / "c",
-        "--max-images",
-        -5,
-    )
+    r = run_cli(*extract_args(tiny_detector, tiny_data), "--out", tmp_path / "c", "--max-images", -5)
     assert r.returncode == 2 and "Invalid value for '--max-images': -5 is not in the range x>=1." in r.stderr, r.stderr
     r = run_cli("extract-features", demo_config_path(), tiny_detector, "--out", tmp_path / "c", "--neg-per-image", -1)
     assert r.returncode == 2 and "'--neg-per-image': -1 is not in the range x>=0." in r.stderr, r.stderr

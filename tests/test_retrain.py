@@ -382,10 +382,7 @@ def test_mask_weights_from_box_statistics():
 
 @pytest.mark.parametrize(
     "loss_cls, width",
-    [
-        (dict(type="EQLV2Loss", num_classes=3), 4),
-        (dict(type="SeesawLoss", num_classes=3, loss_weight=1.0), 5),
-    ],
+    [(dict(type="EQLV2Loss", num_classes=3), 4), (dict(type="SeesawLoss", num_classes=3, loss_weight=1.0), 5)],
 )
 def test_mmdet_rebalanced_classifier_losses(loss_cls, width):
     """EQLv2 and Seesaw come from mmdet; Seesaw's extra objectness channel needs a re-initialised classifier."""

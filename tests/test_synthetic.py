@@ -5,13 +5,7 @@ import numpy as np
 import pytest
 
 from crat_ft.errors import UserError
-from crat_ft.synthetic import (
-    DemoDataSpec,
-    class_names,
-    frequency_group,
-    make_demo_data,
-    train_image_counts,
-)
+from crat_ft.synthetic import DemoDataSpec, class_names, frequency_group, make_demo_data, train_image_counts
 
 
 def _digest(root):
