@@ -69,7 +69,8 @@ class _Group(click.Group):
         except OSError as exc:
             from crat_ft.files import storage_error
 
-            err = storage_error(exc, getattr(exc, "filename", None) or "an output file")
+            # a full or read-only disk anywhere; permission errors may concern inputs: those keep their traceback
+            err = storage_error(exc, getattr(exc, "filename", None) or "an output file", permission=False)
             if err is None:
                 raise
             _fail(str(err), err.exit_code)

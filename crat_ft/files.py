@@ -37,24 +37,29 @@ _STORAGE_PHRASES = (
 )
 
 
-def _storage_reason(exc: BaseException) -> str | None:
+def _storage_reason(exc: BaseException, permission: bool = True) -> str | None:
+    codes = STORAGE_ERRNOS if permission else STORAGE_ERRNOS - {errno.EACCES, errno.EPERM}
     code = getattr(exc, "errno", None)
-    if code in STORAGE_ERRNOS:
+    if code in codes:
         return os.strerror(code)
     text = str(exc)
     for code, phrase in _STORAGE_PHRASES:
-        if phrase in text or f"errno = {code}," in text:
+        if code in codes and (phrase in text or f"errno = {code}," in text):
             return os.strerror(code)
     if "file write failed" in text:  # torch's zip writer says no more
         return "write failed: disk full or not writable"
     return None
 
 
-def storage_error(exc: BaseException, path: str | os.PathLike) -> StorageError | None:
-    """The one-line :class:`StorageError` for ``exc`` if it is a storage fault, else None."""
+def storage_error(exc: BaseException, path: str | os.PathLike, *, permission: bool = True) -> StorageError | None:
+    """The one-line :class:`StorageError` for ``exc`` if it is a storage fault, else None.
+
+    ``permission=False`` leaves permission errors out (where ``exc`` may come
+    from reading an input, not from writing an output).
+    """
     if isinstance(exc, StorageError):
         return exc
-    reason = _storage_reason(exc)
+    reason = _storage_reason(exc, permission)
     if reason is None:
         return None
     return StorageError(f"cannot write {path} ({reason}); free space or choose a writable location, then rerun")

@@ -60,11 +60,12 @@ class NonFiniteGuardHook(Hook):
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._runner = runner
         self.work_dir = self.work_dir or runner.work_dir
-        optimizer = runner.optim_wrapper.optimizer
-        self._handles = [
-            optimizer.register_step_pre_hook(self._check_grads),
-            optimizer.register_step_post_hook(self._check_params),
-        ]
+        wrapper = runner.optim_wrapper  # an OptimWrapper, or an OptimWrapperDict of several
+        optimizers = [w.optimizer for w in wrapper.values()] if hasattr(wrapper, "values") else [wrapper.optimizer]
+        self._handles = []
+        for optimizer in optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(self._check_grads))
+            self._handles.append(optimizer.register_step_post_hook(self._check_params))
 
     def after_train(self, runner) -> None:
         for h in self._handles:
