@@ -59,6 +59,34 @@ def check_checkpoint_classes(cfg, state_dict: dict, checkpoint_name: str) -> Non
 
 
 SUPPORTED = "StandardRoIHead with a ConvFC/Shared2FC box head (class-wise regression) and an FCN mask head"
+# predictor types (mmdet's ``cls_predictor_cfg``, ``reg_predictor_cfg``, ``predictor_cfg``) that crat-ft
+# retrains exactly: the heads build the same mmdet module, and CRAT's per-sample Fisher is derived for it
+PREDICTORS = {
+    "classifier": ("Linear", "NormedLinear"),
+    "box regressor": ("Linear",),
+    "mask predictor": ("Conv", "Conv2d", "NormedConv2d"),
+}
+
+
+def predictor_cfgs(bbox_head_cfg, mask_head_cfg) -> dict[str, dict]:
+    """The predictor configs of a detector's heads, with mmdet's defaults filled in."""
+    found = {
+        "classifier": dict(bbox_head_cfg.get("cls_predictor_cfg") or dict(type="Linear")),
+        "box regressor": dict(bbox_head_cfg.get("reg_predictor_cfg") or dict(type="Linear")),
+    }
+    if mask_head_cfg:
+        found["mask predictor"] = dict(mask_head_cfg.get("predictor_cfg") or dict(type="Conv"))
+    return found
+
+
+def check_predictors(cfgs: dict[str, dict]) -> None:
+    """Refuse predictor types crat-ft does not retrain exactly, naming the part and what is supported."""
+    for part, cfg in cfgs.items():
+        if cfg.get("type") not in PREDICTORS[part]:
+            raise UserError(
+                f"the {part} is built as {cfg.get('type')!r}; crat-ft retrains a {part} of type "
+                f"{' or '.join(PREDICTORS[part])} exactly and refuses others rather than retrain a different function"
+            )
 
 
 def check_supported(model) -> None:
@@ -79,6 +107,13 @@ def check_supported(model) -> None:
         raise UserError(f"{type(roi.mask_head).__name__} has no conv_logits; crat-ft supports {SUPPORTED}")
     if getattr(roi, "with_mask", False) and getattr(roi.mask_head, "class_agnostic", False):
         raise UserError(f"{type(roi.mask_head).__name__} is class-agnostic; CRAT needs class-wise masks: {SUPPORTED}")
+    mask_head = roi.mask_head if getattr(roi, "with_mask", False) else None
+    check_predictors(
+        predictor_cfgs(
+            {k: getattr(head, k, None) for k in ("cls_predictor_cfg", "reg_predictor_cfg")},
+            {"predictor_cfg": getattr(mask_head, "predictor_cfg", None)} if mask_head is not None else None,
+        )
+    )
 
 
 def shared_box_features(head) -> bool:
@@ -114,6 +149,14 @@ def build_frozen_detector(cfg, checkpoint: str, *, trust_checkpoint: bool = Fals
         )
     model = MODELS.build(cfg.model)
     check_supported(model)
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise UserError(
+                f"checkpoint {checkpoint} does not fit the config: {key} has shape {tuple(value.shape)} in the "
+                f"checkpoint but {tuple(own[key].shape)} in the model the config builds (a classifier's width also "
+                "depends on its loss); use the config the checkpoint was trained with"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     important = [k for k in missing if k.startswith("roi_head.") or k.startswith("rpn_head.")]
     if important:

@@ -8,7 +8,7 @@ beside the checkpoint (docs/architecture.md#rebalanced-classifier).
 
 from __future__ import annotations
 
-from crat_ft.detector import CLASSWISE_LAYERS, check_checkpoint_classes
+from crat_ft.detector import CLASSWISE_LAYERS, check_checkpoint_classes, predictor_cfgs
 from crat_ft.errors import UserError
 
 
@@ -173,6 +173,11 @@ def _export_locked(
     tau = tau_norm if tau_norm is not None else exp.get("tau_norm")
     la = logit_adjust if logit_adjust is not None else exp.get("logit_adjust")
     combine = combine_original if combine_original is not None else exp.get("combine_original")
+    classifier = predictor_cfgs(cfg.model.roi_head.bbox_head, None)["classifier"]["type"]
+    if tau and classifier == "NormedLinear":
+        raise UserError(
+            "--tau-norm has no effect on a NormedLinear classifier (it normalises its rows itself); export without it"
+        )
     loss_cls = meta.get("loss_cls")
     new_cfg = _config_for_loss(cfg, loss_cls)
     merged = merge_heads(state, hk, tau_norm=tau, logit_adjust=la, classifier_width_changes=new_cfg is not None)

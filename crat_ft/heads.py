@@ -33,9 +33,9 @@ from crat_ft.transfusion import (
     box_sample_fisher,
     box_sample_grad,
     box_transfusion_loss,
-    mask_sample_fisher,
     mask_sample_grad,
     mask_transfusion_loss,
+    normed_mask_sample_grad,
     transfusion_weights,
 )
 
@@ -86,9 +86,22 @@ class ClasswiseHeads(BaseModel):
         reinit_cls: bool = False,
         box_trunk: nn.Module | None = None,
         mask_trunk: nn.Module | None = None,
+        cls_predictor_cfg: dict | None = None,
+        reg_predictor_cfg: dict | None = None,
+        mask_predictor_cfg: dict | None = None,
     ) -> None:
         super().__init__()
         from mmdet.registry import MODELS, TASK_UTILS
+
+        from crat_ft.detector import check_predictors
+
+        predictors = {
+            "classifier": dict(cls_predictor_cfg or dict(type="Linear")),
+            "box regressor": dict(reg_predictor_cfg or dict(type="Linear")),
+        }
+        if mask_channels:
+            predictors["mask predictor"] = dict(mask_predictor_cfg or dict(type="Conv"))
+        check_predictors(predictors)
 
         self.num_classes = num_classes
         self.loss_cls = MODELS.build(loss_cls)
@@ -97,9 +110,17 @@ class ClasswiseHeads(BaseModel):
             if getattr(self.loss_cls, "custom_cls_channels", False)
             else num_classes + 1
         )
-        self.fc_cls = nn.Linear(box_feat_dim, cls_channels)
-        self.fc_reg = nn.Linear(box_feat_dim, 4 * num_classes)
-        self.conv_logits = nn.Conv2d(mask_channels, num_classes, 1) if mask_channels else None
+        # the layers mmdet builds from the detector's predictor configs, so that retraining
+        # optimises the function the exported detector computes
+        self.fc_cls = MODELS.build(dict(predictors["classifier"], in_features=box_feat_dim, out_features=cls_channels))
+        self.fc_reg = MODELS.build(
+            dict(predictors["box regressor"], in_features=box_feat_dim, out_features=4 * num_classes)
+        )
+        self.conv_logits = None
+        if mask_channels:
+            self.conv_logits = MODELS.build(
+                dict(predictors["mask predictor"], in_channels=mask_channels, out_channels=num_classes, kernel_size=1)
+            )
         self.box_trunk = box_trunk
         self.mask_trunk = mask_trunk
         self.bbox_coder = TASK_UTILS.build(bbox_coder)
@@ -245,6 +266,16 @@ class ClasswiseHeads(BaseModel):
         )
         return box_transfusion_loss(pred_all, target, w)
 
+    def _mask_grad(self, feats: Tensor, z_own: Tensor, target: Tensor, y: Tensor) -> Tensor:
+        """(M, K) per-sample gradients w.r.t. the own-class rows of conv_logits, for its layer type."""
+        layer = self.conv_logits
+        if type(layer).__name__ == "NormedConv2d":
+            return normed_mask_sample_grad(
+                feats.detach(), z_own.detach(), target, layer.weight.detach().flatten(1)[y],
+                temperature=layer.tempearture, power=layer.power, eps=layer.eps,
+            )  # fmt: skip
+        return mask_sample_grad(feats.detach(), z_own.detach(), target)
+
     def _mask_transfusion(self, feats, logits_all, z_own, target, y, mask_box_fields) -> Tensor:
         if self.crat.mask_weights == "box":
             x, box, gt_box = mask_box_fields
@@ -265,10 +296,9 @@ class ClasswiseHeads(BaseModel):
             )
             return mask_transfusion_loss(logits_all, target, w)
         if self.crat.fisher == "reference":
-            grads = mask_sample_grad(feats.detach(), z_own.detach(), target)
-            fisher = reference_fisher(y, self.num_classes, grads)
+            fisher = reference_fisher(y, self.num_classes, self._mask_grad(feats, z_own, target, y))
         else:
-            fisher = mask_sample_fisher(feats.detach(), z_own.detach(), target)
+            fisher = self._mask_grad(feats, z_own, target, y).square()
         self.mask_stats.update(fisher, y)
         self.mask_stats.all_reduce()
         w = transfusion_weights(

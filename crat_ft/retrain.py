@@ -64,7 +64,7 @@ def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
     From a cache at box level ``roi`` (mask level ``roi``) the detector's bbox
     (mask) head trunk is built and retrained too (see :func:`crat_ft.heads.build_trunk`).
     """
-    from crat_ft.detector import CLASSWISE_LAYERS
+    from crat_ft.detector import CLASSWISE_LAYERS, predictor_cfgs
     from crat_ft.ft_config import CratConfig, heads_loss_cls
     from crat_ft.heads import ClasswiseHeads, build_trunk
 
@@ -92,7 +92,11 @@ def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
             f"the cache's mask features have {meta['mask_shape'][0]} channels but the detector's conv_logits "
             f"takes {mask_channels}; re-extract the cache"
         )
+    predictors = predictor_cfgs(roi_cfg.bbox_head, roi_cfg.get("mask_head") if has_mask else None)
     heads = ClasswiseHeads(
+        cls_predictor_cfg=predictors["classifier"],
+        reg_predictor_cfg=predictors["box regressor"],
+        mask_predictor_cfg=predictors.get("mask predictor"),
         num_classes=reader.num_classes,
         box_feat_dim=box_dim,
         mask_channels=mask_channels,

@@ -33,6 +33,7 @@ __all__ = [
     "box_sample_fisher",
     "mask_sample_grad",
     "mask_sample_fisher",
+    "normed_mask_sample_grad",
     "FisherStats",
     "transfusion_weights",
     "box_transfusion_loss",
@@ -92,6 +93,48 @@ def mask_sample_grad(feats: Tensor, logits: Tensor, target: Tensor) -> Tensor:
         s2 = logits.shape[-1] * logits.shape[-2]
         resid = torch.sigmoid(logits.float()) - target.float()
         return torch.einsum("pij,pkij->pk", resid, feats.float()) / s2
+
+
+def normed_mask_sample_grad(
+    feats: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    *,
+    temperature: float,
+    power: float = 1.0,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Per-sample gradient of the own-class mean pixel BCE w.r.t. the own-class row of a *normalised* 1x1 conv.
+
+    mmdet's ``NormedConv2d`` computes ``z = T · (w/s) · (x/(‖x‖^p + ε)) + b`` at
+    every pixel, with ``s = ‖w‖^p + ε`` (norms over the K channels). With
+    ``r = Σ_pixels (σ(z) − m) · T x/(‖x‖^p + ε) / S²`` (the gradient w.r.t. the
+    normalised row ``w/s``), the chain rule through the normalisation gives,
+    in closed form,
+
+        g = r / s − (r · w) · p ‖w‖^(p−2) · w / s².
+
+    Args:
+        feats: (P, K, S, S) inputs of ``conv_logits`` (before its normalisation).
+        logits: (P, S, S) own-class mask logits ``z_{n, y_n}``.
+        target: (P, S, S) binary mask targets.
+        weight: (P, K) the raw weight row of each sample's own class.
+        temperature, power, eps: the layer's ``tempearture``, ``power`` and ``eps``.
+
+    Returns:
+        (P, K), without gradient.
+    """
+    with torch.no_grad():
+        x = feats.float()
+        x_hat = x / (x.norm(dim=1, keepdim=True).pow(power) + eps) * temperature
+        s2 = logits.shape[-1] * logits.shape[-2]
+        resid = torch.sigmoid(logits.float()) - target.float()
+        r = torch.einsum("pij,pkij->pk", resid, x_hat) / s2
+        w = weight.float()
+        norm = w.norm(dim=1, keepdim=True)
+        s = norm.pow(power) + eps
+        return r / s - (r * w).sum(1, keepdim=True) * power * norm.pow(power - 2) * w / s.square()
 
 
 def mask_sample_fisher(feats: Tensor, logits: Tensor, target: Tensor) -> Tensor:

@@ -57,6 +57,35 @@ def test_mask_fisher_equals_autograd_per_sample_loop():
     torch.testing.assert_close(closed, torch.stack(ref), rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_normed_mask_gradient_equals_autograd_through_mmdets_normed_conv(power):
+    """mmdet's NormedConv2d (Seesaw's normed mask predictor): the closed form through the normalisation."""
+    from mmdet.models.layers import NormedConv2d
+
+    from crat_ft.transfusion import normed_mask_sample_grad
+
+    g = torch.Generator().manual_seed(2)
+    p, k, s, c = 6, 8, 7, 4
+    feats = torch.randn(p, k, s, s, generator=g).relu()
+    torch.manual_seed(3)
+    conv = NormedConv2d(k, c, 1, tempearture=20, power=power)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(c, k, 1, 1, generator=g) * 0.3)
+    labels = torch.randint(0, c, (p,), generator=g)
+    target = (torch.rand(p, s, s, generator=g) > 0.5).float()
+    logits = conv(feats)[torch.arange(p), labels].detach()
+    closed = normed_mask_sample_grad(
+        feats, logits, target, conv.weight.detach().flatten(1)[labels], temperature=20, power=power, eps=conv.eps
+    )
+    ref = []
+    for n in range(p):
+        loss = F.binary_cross_entropy_with_logits(conv(feats[n : n + 1])[0, labels[n]], target[n])
+        (gw,) = torch.autograd.grad(loss, conv.weight)
+        ref.append(gw[labels[n], :, 0, 0])
+    torch.testing.assert_close(closed, torch.stack(ref), rtol=1e-4, atol=1e-7)
+    assert closed.abs().sum() > 0
+
+
 def test_fisher_stats_ema_and_seen():
     stats = FisherStats(4, (3,), momentum=0.5)
     f = torch.tensor([[2.0, 0, 0], [4.0, 0, 0], [0, 1.0, 0]])
