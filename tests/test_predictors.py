@@ -109,3 +109,39 @@ def test_unsupported_predictors_are_refused_before_extraction(tiny_data, tmp_pat
         "and refuses others rather than retrain a different function" in r.stderr
     )
     assert not list((tmp_path / "c").rglob("*.h5"))
+
+
+FASTER_RCNN = """_base_ = '{base}'
+model = dict(roi_head=dict(mask_roi_extractor=None, mask_head=None))
+test_evaluator = dict(metric=['bbox'])
+"""
+
+
+def test_box_only_detector_extracts_retrains_exports_and_evaluates(tiny_data, tmp_path):
+    """A Faster R-CNN (the demo Mask R-CNN without its mask branch): classifier and box regressor with CRAT."""
+    config = tmp_path / "faster_rcnn.py"
+    config.write_text(FASTER_RCNN.format(base=demo_config_path()))
+    detector = _random_detector(config, tmp_path / "faster.pth")
+    assert not detector.roi_head.with_mask
+    cache = tmp_path / "cache"
+    r = run_cli("extract-features", config, tmp_path / "faster.pth", "--data-root", tiny_data, "--out", cache,
+                "--max-images", 6)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    work = tmp_path / "heads"
+    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", cache, "--work-dir", work,
+                "--cfg-options", "detector.config=" + str(config), "train.max_iters=4", "train.checkpoint_interval=4",
+                "train.warmup_iters=1", "sampler.rois_per_batch=64", "crat.mask_weights=mask")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    heads = torch.load(work / "heads.pth", weights_only=True)["state_dict"]
+    assert "conv_logits.weight" not in heads and heads["box_stats.seen"].sum() > 0
+    out = tmp_path / "merged.pth"
+    r = run_cli("export", config, tmp_path / "faster.pth", work / "heads.pth", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged = torch.load(out, weights_only=True)["state_dict"]
+    torch.testing.assert_close(merged["roi_head.bbox_head.fc_reg.weight"], heads["fc_reg.weight"])
+    r = run_cli("evaluate", config, out, "--data-root", tiny_data, "--out", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert list(metrics) == ["bbox"] and 0.0 <= metrics["bbox"]["AP"] <= 100.0

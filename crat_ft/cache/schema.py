@@ -103,7 +103,7 @@ def pack_masks(masks: np.ndarray) -> np.ndarray:
 
 def unpack_masks(packed: np.ndarray, size: int) -> np.ndarray:
     """(m, ceil(S*S/8)) uint8 -> (m, S, S) bool."""
-    return np.unpackbits(packed, axis=1, count=size * size).reshape(-1, size, size).astype(bool)
+    return np.unpackbits(packed, axis=1, count=size * size).reshape(len(packed), size, size).astype(bool)
 
 
 def base_attrs(

@@ -77,7 +77,8 @@ class CacheWriter:
             "rois/box_feat": (self.box_shape, np.float16),
             "masks/roi_index": ((), np.int64),
             "masks/feat": (self.mask_shape, np.float16),
-            "masks/target": (((s * s + 7) // 8,), np.uint8),
+            # a box-only detector (S = 0) caches no masks; HDF5 chunks need a positive width
+            "masks/target": ((max(1, (s * s + 7) // 8),), np.uint8),
             "images/image_id": ((), np.int64),
             "images/roi_start": ((), np.int64),
             "images/roi_count": ((), np.int64),
