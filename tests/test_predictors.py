@@ -145,3 +145,21 @@ def test_box_only_detector_extracts_retrains_exports_and_evaluates(tiny_data, tm
 
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert list(metrics) == ["bbox"] and 0.0 <= metrics["bbox"]["AP"] <= 100.0
+
+
+def test_mmdet2_format_checkpoint_extracts_the_same_cache(tiny_data, tiny_detector, tiny_cache, tmp_path):
+    """mmdet 2.x model-zoo checkpoints: meta with CLASSES, mmdet_version 2.x and the config text, no message hub."""
+    from test_extract import _assert_same, _tables
+
+    ckpt = torch.load(tiny_detector, weights_only=True)
+    classes = tuple(ckpt["meta"]["dataset_meta"]["classes"])
+    old = {
+        "meta": {"CLASSES": classes, "mmdet_version": "2.28.2", "config": "model = dict(...)", "epoch": 12, "iter": 4},
+        "state_dict": ckpt["state_dict"],
+    }
+    torch.save(old, tmp_path / "mmdet2.pth")
+    out = tmp_path / "cache"
+    r = run_cli(*extract_args(tmp_path / "mmdet2.pth", tiny_data), "--out", out, "--max-images", 12,
+                "--segment-images", 4, "--mask-pos-per-class", 400)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same(_tables(tiny_cache), _tables(out / "index.h5"))
