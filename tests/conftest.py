@@ -44,6 +44,13 @@ def extract_args(detector, data, *options) -> list:
     return ["extract-features", demo_config_path(), detector, "--data-root", data, *options]
 
 
+def retrain_args(cache, work_dir, ft_config: str = "crat_synthetic.py") -> list:
+    """Arguments of ``crat-ft retrain-heads`` with a demo fine-tune config, ``cache`` and ``work_dir``."""
+    from crat_ft.paths import demo_config
+
+    return ["retrain-heads", demo_config(ft_config), "--cache", cache, "--work-dir", work_dir]
+
+
 def demo_config_path() -> Path:
     from crat_ft.paths import demo_config
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_extract import _assert_same, _tables
 
-from conftest import crat_ft_exe, demo_config_path, extract_args, run_cli
+from conftest import crat_ft_exe, demo_config_path, extract_args, retrain_args, run_cli
 from crat_ft.paths import demo_config
 
 pytestmark = pytest.mark.slow
@@ -109,16 +109,7 @@ def test_retrain_killed_at_random_moments_resumes_to_the_same_heads(tiny_cache, 
 @pytest.fixture(scope="module")
 def heads_file(tiny_cache, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("faults-heads")
-    r = run_cli(
-        "retrain-heads",
-        demo_config("crat_synthetic.py"),
-        "--cache",
-        tiny_cache,
-        "--work-dir",
-        work,
-        "--cfg-options",
-        *HEADS_OPTIONS,
-    )
+    r = run_cli(*retrain_args(tiny_cache, work), "--cfg-options", *HEADS_OPTIONS)
     assert r.returncode == 0, r.stderr[-3000:]
     return work / "heads.pth"
 
@@ -264,16 +255,7 @@ def test_a_second_run_on_the_same_output_is_refused(tiny_data, tiny_detector, ti
     assert _leftovers(out) == []
 
     work = tmp_path / "work"
-    args = [
-        "retrain-heads",
-        demo_config("crat_synthetic.py"),
-        "--cache",
-        tiny_cache,
-        "--work-dir",
-        work,
-        "--cfg-options",
-        *HEADS_OPTIONS,
-    ]
+    args = [*retrain_args(tiny_cache, work), "--cfg-options", *HEADS_OPTIONS]
     first = _start_and_wait_for_lock(args, work / ".crat-ft.lock")
     r = run_cli(*args)
     assert r.returncode == 2 and f"another crat-ft run (pid {first.pid}) is using --work-dir {work}" in r.stderr, (
@@ -331,16 +313,7 @@ def test_exploding_training_never_checkpoints_non_finite_weights(tiny_cache, tmp
     """A huge learning rate: the run stops with one line, and every checkpoint it wrote is finite."""
     work = tmp_path / "w"
     r = run_cli(
-        "retrain-heads",
-        demo_config("crat_synthetic.py"),
-        "--cache",
-        tiny_cache,
-        "--work-dir",
-        work,
-        "--cfg-options",
-        *HEADS_OPTIONS,
-        "train.lr=1e38",
-        "train.warmup_iters=1",
+        *retrain_args(tiny_cache, work), "--cfg-options", *HEADS_OPTIONS, "train.lr=1e38", "train.warmup_iters=1"
     )
     assert r.returncode == 2, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]

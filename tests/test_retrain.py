@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import demo_config_path, run_cli
+from conftest import demo_config_path, retrain_args, run_cli
 from crat_ft.errors import UserError
 from crat_ft.paths import demo_config
 
@@ -26,16 +26,7 @@ def _heads_options(iters=6, interval=3):
 @pytest.fixture(scope="module")
 def crat_run(tiny_cache, tmp_path_factory):
     work = tmp_path_factory.mktemp("crat")
-    r = run_cli(
-        "retrain-heads",
-        demo_config("crat_synthetic.py"),
-        "--cache",
-        tiny_cache,
-        "--work-dir",
-        work,
-        "--cfg-options",
-        *_heads_options(),
-    )
+    r = run_cli(*retrain_args(tiny_cache, work), "--cfg-options", *_heads_options())
     assert r.returncode == 0, r.stderr[-3000:]
     return work
 
@@ -59,17 +50,7 @@ def test_resume_ends_identical(crat_run, tiny_cache, tmp_path):
     work.mkdir()
     shutil.copy(crat_run / "iter_3.pth", work / "iter_3.pth")
     (work / "last_checkpoint").write_text(str(work / "iter_3.pth"))
-    r = run_cli(
-        "retrain-heads",
-        demo_config("crat_synthetic.py"),
-        "--cache",
-        tiny_cache,
-        "--work-dir",
-        work,
-        "--resume",
-        "--cfg-options",
-        *_heads_options(),
-    )
+    r = run_cli(*retrain_args(tiny_cache, work), "--resume", "--cfg-options", *_heads_options())
     assert r.returncode == 0, r.stderr[-3000:]
     a = torch.load(crat_run / "heads.pth", weights_only=True)["state_dict"]
     b = torch.load(work / "heads.pth", weights_only=True)["state_dict"]
@@ -194,16 +175,7 @@ def test_torchrun_ddp_retraining_all_reduces_fisher_statistics(tiny_cache, tmp_p
         "sampler.masks_per_batch=2",
     ]
     single = tmp_path / "single"
-    r = run_cli(
-        "retrain-heads",
-        demo_config("crat_synthetic.py"),
-        "--cache",
-        tiny_cache,
-        "--work-dir",
-        single,
-        "--cfg-options",
-        *opts,
-    )
+    r = run_cli(*retrain_args(tiny_cache, single), "--cfg-options", *opts)
     assert r.returncode == 0, r.stderr[-3000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -535,16 +507,7 @@ def test_roi_level_cache_retrains_the_trunks_and_exports_them(roi_cache, tiny_de
     from crat_ft.retrain import build_heads
 
     work = tmp_path / "roi"
-    r = run_cli(
-        "retrain-heads",
-        demo_config("crat_synthetic.py"),
-        "--cache",
-        roi_cache,
-        "--work-dir",
-        work,
-        "--cfg-options",
-        *_heads_options(iters=4, interval=4),
-    )
+    r = run_cli(*retrain_args(roi_cache, work), "--cfg-options", *_heads_options(iters=4, interval=4))
     assert r.returncode == 0, r.stderr[-3000:]
     sd = torch.load(work / "heads.pth", weights_only=True)["state_dict"]
     det = torch.load(tiny_detector, weights_only=True)["state_dict"]
