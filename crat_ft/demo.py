@@ -15,6 +15,7 @@ atomically, so an interrupted stage is simply redone):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -34,14 +35,21 @@ def _say(msg: str) -> None:
     print(f"[crat-ft demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _stage(done: Path, what: str, fn):
-    """Run ``fn`` unless ``done`` exists; say which."""
+def _stage(done: Path, what: str, fn, log=None):
+    """Run ``fn`` unless ``done`` exists; say which.
+
+    With ``log`` (an open text file), what the stage prints on stdout goes
+    there: mmengine's loggers write their console output to ``sys.stdout`` as
+    it is when they are created, so a Runner built inside the stage logs to the
+    file. Progress bars (stderr) and this function's lines stay on the console.
+    """
     if done.exists():
         _say(f"reusing {what}: {done}")
         return
     _say(what)
     t0 = time.time()
-    fn()
+    with contextlib.redirect_stdout(log) if log is not None else contextlib.nullcontext():
+        fn()
     _say(f"{what}: done in {time.time() - t0:.0f} s")
 
 
@@ -93,6 +101,11 @@ def run_demo(
     data = work_dir / "data"
     config = demo_config()
     t_start = time.time()
+    # the frameworks' own logs (configs, hooks, iterations) go to a file; the console keeps
+    # a line per stage, progress bars and the result tables. Left open: mmengine's loggers
+    # keep writing to it until the process ends.
+    log = open(work_dir / "demo.log", "a")
+    _say(f"framework logs: {work_dir / 'demo.log'}")
 
     _stage(
         data / "annotations" / "lvis_v1_val.json",
@@ -106,6 +119,7 @@ def run_demo(
         detector,
         f"training the stage-1 detector ({config.name})",
         lambda: train_detector(config, detector.parent, cfg_options=options, data_root=data, seed=seed),
+        log,
     )
 
     cache = work_dir / "cache" / INDEX_FILE
@@ -114,6 +128,7 @@ def run_demo(
         cache,
         "extracting RoI features of the training split",
         lambda: extract_features(config, detector, cache.parent, data_root=data, policy=policy, resume=True),
+        log,
     )
 
     heads_options = {"train.seed": seed}
@@ -126,6 +141,7 @@ def run_demo(
             out,
             f"retraining the class-wise heads ({name})",
             lambda ft=ft, out=out: retrain_heads(ft, cache, out.parent, cfg_options=heads_options),
+            log,
         )
 
     summary = {}
@@ -136,6 +152,7 @@ def run_demo(
             metrics_file,
             f"evaluating {name} (LVIS protocol, val split)",
             lambda m=metrics_file, h=heads: evaluate_detector(config, detector, m, data_root=data, heads=h),
+            log,
         )
         summary[name] = _load_json(metrics_file)
 

@@ -1,4 +1,6 @@
-"""``NonFiniteGuardHook``: no optimizer step with NaN/inf gradients, no checkpoint with NaN/inf weights.
+"""crat-ft's mmengine hooks: ``NonFiniteGuardHook`` and ``ConsoleProgressHook``.
+
+``NonFiniteGuardHook``: no optimizer step with NaN/inf gradients, no checkpoint with NaN/inf weights.
 
 A finite loss can still give infinite gradients (an exploding step), and the
 step that applies them writes NaN/inf into the weights; mmengine's
@@ -24,6 +26,7 @@ import torch
 from mmengine.hooks import Hook
 
 from crat_ft.errors import UserError
+from crat_ft.progress import Progress
 from crat_ft.runner import unwrap
 
 
@@ -98,3 +101,36 @@ class NonFiniteGuardHook(Hook):
         bad = self._bad(optimizer, lambda p: p)
         if bad:
             self._raise("weights after the optimizer step", bad)
+
+
+class ConsoleProgressHook(Hook):
+    """A progress line on stderr for training (iterations) and testing (images), on rank 0.
+
+    mmengine's own logs go wherever its loggers write (the demo sends them to a
+    file); this line is what a person watches.
+
+    Args:
+        label: the line's prefix, e.g. ``"evaluate"``.
+    """
+
+    priority = "LOWEST"
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._bar: Progress | None = None
+
+    def before_train(self, runner) -> None:
+        if runner.rank == 0:
+            self._bar = Progress(runner.max_iters - runner.iter, self.label, unit="iterations")
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def before_test(self, runner) -> None:
+        if runner.rank == 0:
+            self._bar = Progress(len(runner.test_dataloader.dataset) // runner.world_size, self.label)
+
+    def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if self._bar is not None:
+            self._bar.update(len(outputs) if outputs is not None else 1)

@@ -7,10 +7,10 @@ import time
 
 
 class Progress:
-    """A one-line progress report with images/s and ETA (stderr)."""
+    """A one-line progress report with items/s and ETA (stderr)."""
 
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label = total, label
+    def __init__(self, total: int, label: str, unit: str = "images") -> None:
+        self.total, self.label, self.unit = total, label, unit
         self.done = 0
         self.t0 = time.time()
         self.last = 0.0
@@ -24,7 +24,8 @@ class Progress:
         self.last = now
         rate = self.done / max(now - self.t0, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        msg = f"{self.label}: {self.done}/{self.total} images  {rate:.1f} img/s  ETA {eta:.0f}s"
+        per = "img" if self.unit == "images" else "it"
+        msg = f"{self.label}: {self.done}/{self.total} {self.unit}  {rate:.1f} {per}/s  ETA {eta:.0f}s"
         print(("\r" + msg) if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr, flush=True)
         if self.tty and self.done >= self.total:
             print(file=sys.stderr)

@@ -228,7 +228,7 @@ def build_runner(
     import torch
     from mmengine.runner import Runner
 
-    from crat_ft.hooks import NonFiniteGuardHook
+    from crat_ft.hooks import ConsoleProgressHook, NonFiniteGuardHook
     from crat_ft.runner import cpu_ddp
 
     tr = train_cfg
@@ -255,7 +255,7 @@ def build_runner(
                 type="CheckpointHook", by_epoch=False, interval=tr["checkpoint_interval"], max_keep_ckpts=2
             ),
         ),
-        custom_hooks=[NonFiniteGuardHook(work_dir=work_dir)],
+        custom_hooks=[NonFiniteGuardHook(work_dir=work_dir), ConsoleProgressHook("retrain-heads")],
         log_processor=dict(by_epoch=False, window_size=tr["log_interval"]),
         randomness=dict(seed=tr["seed"]),
         resume=resume_from is not None,

@@ -44,7 +44,7 @@ def train_detector(
 
     from crat_ft.config import prepare_config
     from crat_ft.files import check_writable_dir
-    from crat_ft.hooks import NonFiniteGuardHook
+    from crat_ft.hooks import ConsoleProgressHook, NonFiniteGuardHook
     from crat_ft.registry import register_all
     from crat_ft.runner import resume_point, unique_names, unwrap
 
@@ -63,6 +63,7 @@ def train_detector(
     unique_names(cfg, "train-detector")
     runner = Runner.from_cfg(cfg)
     runner.register_hook(NonFiniteGuardHook(), "VERY_HIGH")
+    runner.register_hook(ConsoleProgressHook("train-detector"))
     runner.train()
     model = unwrap(runner.model)
     out = work_dir / DETECTOR_FILE
@@ -177,6 +178,7 @@ def _run_test_and_write(cfg, trust_checkpoint: bool, out: Path, csv_path: Path, 
 
     from crat_ft.checkpoint import trusted_loading
     from crat_ft.files import commit_together, owned_tempdir, storage_errors, temp_name
+    from crat_ft.hooks import ConsoleProgressHook
     from crat_ft.metric import CratLVISMetric
 
     evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
@@ -186,6 +188,7 @@ def _run_test_and_write(cfg, trust_checkpoint: bool, out: Path, csv_path: Path, 
             cfg.work_dir = str(tmp)
             with trusted_loading(trust_checkpoint):
                 runner = Runner.from_cfg(cfg)
+                runner.register_hook(ConsoleProgressHook("evaluate"))
                 runner.test()
             metric = next(m for m in runner.test_evaluator.metrics if isinstance(m, CratLVISMetric))
             results = metric.last_results["metrics"]
