@@ -36,7 +36,7 @@ class NonFiniteError(UserError):
 
 def non_finite_advice(work_dir: str | Path | None) -> str:
     """The true advice after a non-finite step: the newest checkpoint is good, but resuming repeats the step."""
-    where = f"the newest iter_*.pth in {work_dir}" if work_dir else "the newest checkpoint"
+    where = f"the newest checkpoint in {work_dir}" if work_dir else "the newest checkpoint"
     return (
         f"the step was not applied and {where} holds the last finite weights; lower the learning rate "
         "(or the loss weights / CRAT lambdas) and train again in a new work dir, since resuming with the same "

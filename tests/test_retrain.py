@@ -265,7 +265,7 @@ def test_non_finite_gradients_and_weights_stop_before_anything_is_applied():
     with pytest.raises(
         NonFiniteError,
         match=r"^non-finite gradient at iteration 5 \(weight\); the step was not applied and "
-        r"the newest iter_\*\.pth in runs/w holds the last finite weights; lower the learning rate",
+        r"the newest checkpoint in runs/w holds the last finite weights; lower the learning rate",
     ):
         optimizer.step()
     assert torch.equal(model.weight.detach(), before)
