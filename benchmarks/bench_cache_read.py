@@ -43,12 +43,8 @@ def main() -> None:
 def measure(reader, args, label: str) -> None:
     from crat_ft.sampling import RoIBatchSampler
 
-    sampler = RoIBatchSampler(
-        labels=reader.labels,
-        roi_images=reader.roi_image,
-        mask_labels=reader.mask_labels,
-        mask_images=reader.mask_image,
-        num_classes=reader.num_classes,
+    sampler = RoIBatchSampler.from_reader(
+        reader,
         strategy="class_balanced",
         rois_per_batch=args.rois_per_batch,
         masks_per_batch=args.masks_per_batch,

@@ -34,12 +34,8 @@ def build_cache_loader(reader, sampler_cfg: dict, seed: int, num_workers: int, r
 
     from crat_ft.sampling import CachedBatchDataset, RoIBatchSampler
 
-    sampler = RoIBatchSampler(
-        labels=reader.labels,
-        roi_images=reader.roi_image,
-        mask_labels=reader.mask_labels,
-        mask_images=reader.mask_image,
-        num_classes=reader.num_classes,
+    sampler = RoIBatchSampler.from_reader(
+        reader,
         strategy=sampler_cfg["strategy"],
         mask_strategy=sampler_cfg["mask_strategy"],
         rois_per_batch=sampler_cfg["rois_per_batch"],

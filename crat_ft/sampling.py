@@ -186,6 +186,18 @@ class RoIBatchSampler(torch.utils.data.Sampler):
         masks = self.draw_mask.grouped(rng, self.masks_per_batch, self.mask_group)
         return {"rois": np.concatenate([pos, neg]).astype(np.int64), "masks": masks.astype(np.int64)}
 
+    @classmethod
+    def from_reader(cls, reader, **kwargs) -> "RoIBatchSampler":
+        """A sampler over a :class:`crat_ft.cache.RoIReader`'s RoIs and masks; ``kwargs`` as the constructor's."""
+        return cls(
+            labels=reader.labels,
+            roi_images=reader.roi_image,
+            mask_labels=reader.mask_labels,
+            mask_images=reader.mask_image,
+            num_classes=reader.num_classes,
+            **kwargs,
+        )
+
     def __iter__(self):
         for step in range(self.steps):
             yield self.batch(step)

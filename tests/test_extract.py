@@ -333,16 +333,7 @@ def test_reader_works_in_dataloader_workers(tiny_cache):
     from crat_ft.sampling import CachedBatchDataset, RoIBatchSampler
 
     reader = RoIReader(tiny_cache, box_memory_bytes=0)  # every read goes to HDF5
-    sampler = RoIBatchSampler(
-        labels=reader.labels,
-        roi_images=reader.roi_image,
-        mask_labels=reader.mask_labels,
-        mask_images=reader.mask_image,
-        num_classes=reader.num_classes,
-        rois_per_batch=32,
-        masks_per_batch=4,
-        steps_per_epoch=4,
-    )
+    sampler = RoIBatchSampler.from_reader(reader, rois_per_batch=32, masks_per_batch=4, steps_per_epoch=4)
     reader.read_rois(np.arange(3))  # a handle opened in the parent must not leak into the workers
     ds = CachedBatchDataset(reader)
     serial = list(torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0))
