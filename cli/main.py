@@ -285,10 +285,9 @@ def inspect_cache(cache):
     """Summarise a feature cache: RoIs, positives per class and group, levels, bytes, provenance."""
     from pathlib import Path
 
-    from crat_ft.cache import INDEX_FILE, summarize
+    from crat_ft.cache import stage_indexes, summarize
 
-    path = Path(cache)
-    click.echo(summarize(path / INDEX_FILE if path.is_dir() else path))
+    click.echo("\n".join(summarize(index) for index in stage_indexes(Path(cache))))
 
 
 @cli.command("retrain-heads")

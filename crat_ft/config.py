@@ -118,18 +118,20 @@ def ann_file_of(ds) -> Path:
 
 
 def head_num_classes(cfg) -> dict[str, int]:
-    """``num_classes`` of each class-wise RoI head in the model config."""
+    """``num_classes`` of each class-wise RoI head in the model config (per stage for a cascade),
+    and of each classifier loss that has one (Seesaw's)."""
     roi = cfg.model.get("roi_head") or {}
     found = {}
     for head in ("bbox_head", "mask_head"):
         h = roi.get(head)
-        if isinstance(h, dict) and "num_classes" in h:
-            found[f"model.roi_head.{head}.num_classes"] = h["num_classes"]
-        elif isinstance(h, (list, tuple)):
-            raise UserError(
-                f"model.roi_head.{head} is a list of {len(h)} stage heads (a cascade); "
-                "crat-ft supports single-stage RoI heads (StandardRoIHead with Shared2FCBBoxHead/ConvFCBBoxHead and FCNMaskHead)"
-            )
+        stages = {f"model.roi_head.{head}": h} if isinstance(h, dict) else {}
+        if isinstance(h, (list, tuple)):  # a cascade: one head per stage
+            stages = {f"model.roi_head.{head}.{i}": s for i, s in enumerate(h) if isinstance(s, dict)}
+        for key, s in stages.items():
+            if "num_classes" in s:
+                found[f"{key}.num_classes"] = s["num_classes"]
+            if isinstance(s.get("loss_cls"), dict) and "num_classes" in s["loss_cls"]:
+                found[f"{key}.loss_cls.num_classes"] = s["loss_cls"]["num_classes"]
     return found
 
 

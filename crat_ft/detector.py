@@ -7,6 +7,9 @@ class index K in the classifier):
   (K + 2 for Seesaw's objectness-augmented head);
 - ``roi_head.bbox_head.fc_reg``: (4K, D) class-wise box regressor;
 - ``roi_head.mask_head.conv_logits``: (K, C_mask, 1, 1) class-wise mask predictor.
+
+A Cascade R-CNN has these per stage (``roi_head.bbox_head.<i>.fc_cls`` ...),
+usually with class-agnostic (4, D) regressors, which crat-ft leaves as they are.
 """
 
 from __future__ import annotations
@@ -21,16 +24,44 @@ CLASSWISE_LAYERS = {
 }
 
 
-def checkpoint_num_classes(state_dict: dict) -> dict[str, int]:
-    """Number of classes implied by each class-wise layer found in a state dict."""
+def num_stages(cfg) -> int:
+    """1 for a single-stage RoI head, the number of stages of a cascade (``bbox_head`` given as a list)."""
+    heads = (cfg.model.get("roi_head") or {}).get("bbox_head")
+    return len(heads) if isinstance(heads, (list, tuple)) else 1
+
+
+def classwise_layers(stages: int) -> list[dict[str, str]]:
+    """State-dict prefixes of each stage's class-wise layers.
+
+    A single-stage head has :data:`CLASSWISE_LAYERS`; stage ``i`` of a
+    cascade has ``roi_head.bbox_head.<i>.fc_cls`` and so on (mmdet's
+    ``CascadeRoIHead`` keeps one bbox and one mask head per stage).
+    """
+    if stages == 1:
+        return [dict(CLASSWISE_LAYERS)]
+    return [
+        {name: f"{prefix.rsplit('.', 1)[0]}.{i}.{name}" for name, prefix in CLASSWISE_LAYERS.items()}
+        for i in range(stages)
+    ]
+
+
+def stage_cfgs(cfg_list, stages: int) -> list:
+    """A config given once or per stage, as a list of ``stages`` items (mmdet's cascade convention)."""
+    if isinstance(cfg_list, (list, tuple)):
+        return list(cfg_list)
+    return [cfg_list] * stages
+
+
+def checkpoint_num_classes(state_dict: dict, layers: dict[str, str] = CLASSWISE_LAYERS) -> dict[str, int]:
+    """Number of classes implied by each class-wise layer of one stage found in a state dict."""
     found = {}
-    reg = state_dict.get(CLASSWISE_LAYERS["fc_reg"] + ".weight")
+    reg = state_dict.get(layers["fc_reg"] + ".weight")
     if reg is not None and reg.shape[0] > 4:
         found["fc_reg"] = reg.shape[0] // 4
-    logits = state_dict.get(CLASSWISE_LAYERS["conv_logits"] + ".weight")
-    if logits is not None:
+    logits = state_dict.get(layers["conv_logits"] + ".weight")
+    if logits is not None and logits.shape[0] > 1:
         found["conv_logits"] = logits.shape[0]
-    cls = state_dict.get(CLASSWISE_LAYERS["fc_cls"] + ".weight")
+    cls = state_dict.get(layers["fc_cls"] + ".weight")
     if cls is not None:
         found["fc_cls"] = cls.shape[0] - 1
     return found
@@ -46,19 +77,24 @@ def check_checkpoint_classes(cfg, state_dict: dict, checkpoint_name: str) -> Non
     if not expected:
         return
     k = max(expected)
-    found = checkpoint_num_classes(state_dict)
-    decisive = {n: v for n, v in found.items() if n != "fc_cls"} or found
-    for layer, n in decisive.items():
-        if layer == "fc_cls" and n in (k, k + 1):  # K + 1 (softmax) or K + 2 (Seesaw)
-            continue
-        if n != k:
-            raise UserError(
-                f"checkpoint {checkpoint_name} has {n} classes ({CLASSWISE_LAYERS[layer]}) but the config has "
-                f"num_classes={k}; use the config the checkpoint was trained with, or set its num_classes to {n}"
-            )
+    for layers in classwise_layers(num_stages(cfg)):
+        found = checkpoint_num_classes(state_dict, layers)
+        decisive = {n: v for n, v in found.items() if n != "fc_cls"} or found
+        for layer, n in decisive.items():
+            if layer == "fc_cls" and n in (k, k + 1):  # K + 1 (softmax) or K + 2 (Seesaw)
+                continue
+            if n != k:
+                raise UserError(
+                    f"checkpoint {checkpoint_name} has {n} classes ({layers[layer]}) but the config has "
+                    f"num_classes={k}; use the config the checkpoint was trained with, or set its num_classes to {n}"
+                )
 
 
-SUPPORTED = "StandardRoIHead with a ConvFC/Shared2FC box head (class-wise regression) and an FCN mask head"
+SUPPORTED = (
+    "StandardRoIHead or CascadeRoIHead with ConvFC/Shared2FC box heads (class-wise or class-agnostic regression) "
+    "and FCN mask heads, with class-wise regression or a mask head"
+)
+ROI_HEADS = ("StandardRoIHead", "CascadeRoIHead")
 # predictor types (mmdet's ``cls_predictor_cfg``, ``reg_predictor_cfg``, ``predictor_cfg``) that crat-ft
 # retrains exactly: the heads build the same mmdet module, and CRAT's per-sample Fisher is derived for it
 PREDICTORS = {
@@ -69,11 +105,13 @@ PREDICTORS = {
 
 
 def predictor_cfgs(bbox_head_cfg, mask_head_cfg) -> dict[str, dict]:
-    """The predictor configs of a detector's heads, with mmdet's defaults filled in."""
-    found = {
-        "classifier": dict(bbox_head_cfg.get("cls_predictor_cfg") or dict(type="Linear")),
-        "box regressor": dict(bbox_head_cfg.get("reg_predictor_cfg") or dict(type="Linear")),
-    }
+    """The predictor configs of one stage's heads, with mmdet's defaults filled in.
+
+    The box regressor is left out when it is class-agnostic: crat-ft keeps it as it is.
+    """
+    found = {"classifier": dict(bbox_head_cfg.get("cls_predictor_cfg") or dict(type="Linear"))}
+    if not bbox_head_cfg.get("reg_class_agnostic", False):
+        found["box regressor"] = dict(bbox_head_cfg.get("reg_predictor_cfg") or dict(type="Linear"))
     if mask_head_cfg:
         found["mask predictor"] = dict(mask_head_cfg.get("predictor_cfg") or dict(type="Conv"))
     return found
@@ -89,31 +127,48 @@ def check_predictors(cfgs: dict[str, dict]) -> None:
             )
 
 
+def stage_heads(model) -> list[tuple]:
+    """``(bbox_head, mask_head or None)`` of each stage of a built detector's RoI head."""
+    from torch import nn
+
+    roi = model.roi_head
+    bbox = list(roi.bbox_head) if isinstance(roi.bbox_head, nn.ModuleList) else [roi.bbox_head]
+    if not getattr(roi, "with_mask", False):
+        return [(b, None) for b in bbox]
+    masks = list(roi.mask_head) if isinstance(roi.mask_head, nn.ModuleList) else [roi.mask_head]
+    return list(zip(bbox, masks))
+
+
 def check_supported(model) -> None:
-    """Refuse detectors whose RoI heads crat-ft cannot retrain, naming the head."""
+    """Refuse detectors whose RoI heads crat-ft cannot retrain exactly, naming the part."""
     roi = getattr(model, "roi_head", None)
     if roi is None:
         raise UserError(f"{type(model).__name__} has no roi_head; crat-ft needs a two-stage detector ({SUPPORTED})")
-    if isinstance(getattr(roi, "bbox_head", None), (list, tuple)) or hasattr(roi, "stage_loss_weights"):
-        raise UserError(f"{type(roi).__name__} is a cascade RoI head; crat-ft supports {SUPPORTED}")
-    head = roi.bbox_head
-    if not hasattr(head, "fc_reg") or not hasattr(head, "fc_cls"):
-        raise UserError(f"{type(head).__name__} has no fc_cls/fc_reg layers; crat-ft supports {SUPPORTED}")
-    if head.reg_class_agnostic:
+    if type(roi).__name__ not in ROI_HEADS:
         raise UserError(
-            f"{type(head).__name__} uses class-agnostic regression (reg_class_agnostic=True); CRAT needs class-wise regression: {SUPPORTED}"
+            f"{type(roi).__name__} runs its heads its own way, which crat-ft does not reproduce; crat-ft supports {SUPPORTED}"
         )
-    if getattr(roi, "with_mask", False) and not hasattr(roi.mask_head, "conv_logits"):
-        raise UserError(f"{type(roi.mask_head).__name__} has no conv_logits; crat-ft supports {SUPPORTED}")
-    if getattr(roi, "with_mask", False) and getattr(roi.mask_head, "class_agnostic", False):
-        raise UserError(f"{type(roi.mask_head).__name__} is class-agnostic; CRAT needs class-wise masks: {SUPPORTED}")
-    mask_head = roi.mask_head if getattr(roi, "with_mask", False) else None
-    check_predictors(
-        predictor_cfgs(
-            {k: getattr(head, k, None) for k in ("cls_predictor_cfg", "reg_predictor_cfg")},
-            {"predictor_cfg": getattr(mask_head, "predictor_cfg", None)} if mask_head is not None else None,
+    for i, (head, mask_head) in enumerate(stage_heads(model)):
+        where = f" (stage {i})" if type(roi).__name__ == "CascadeRoIHead" else ""
+        if not hasattr(head, "fc_reg") or not hasattr(head, "fc_cls"):
+            raise UserError(f"{type(head).__name__}{where} has no fc_cls/fc_reg layers; crat-ft supports {SUPPORTED}")
+        if mask_head is not None and not hasattr(mask_head, "conv_logits"):
+            raise UserError(f"{type(mask_head).__name__}{where} has no conv_logits; crat-ft supports {SUPPORTED}")
+        if mask_head is not None and getattr(mask_head, "class_agnostic", False):
+            raise UserError(
+                f"{type(mask_head).__name__}{where} is class-agnostic; CRAT needs class-wise masks: {SUPPORTED}"
+            )
+        if head.reg_class_agnostic and mask_head is None:
+            raise UserError(
+                f"{type(head).__name__}{where} uses class-agnostic regression (reg_class_agnostic=True) and the detector "
+                "has no mask head, so it has no class-wise box or mask layer for CRAT; crat-ft supports " + SUPPORTED
+            )
+        check_predictors(
+            predictor_cfgs(
+                {k: getattr(head, k, None) for k in ("cls_predictor_cfg", "reg_predictor_cfg", "reg_class_agnostic")},
+                {"predictor_cfg": getattr(mask_head, "predictor_cfg", None)} if mask_head is not None else None,
+            )
         )
-    )
 
 
 def shared_box_features(head) -> bool:

@@ -25,6 +25,13 @@ def _load_heads(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def _stats_prefix(meta: dict, branch: str) -> str:
+    """State-dict prefix of a branch's Fisher statistics (a cascade's: its last stage's)."""
+    name = {"box": "box_stats", "mask": "mask_stats"}[branch]
+    stages = int(meta.get("num_stages", 1))
+    return name if stages == 1 else f"stages.{stages - 1}.{name}"
+
+
 def fisher_similarity(fisher: np.ndarray, seen: np.ndarray) -> np.ndarray:
     """(C, C) cosine similarity of class Fisher statistics; NaN for unseen classes.
 
@@ -55,7 +62,7 @@ def fisher_neighbors(
     """Text table of Fisher neighbours: one class, or every rare class."""
     ckpt = _load_heads(heads)
     meta, sd = ckpt["meta"], ckpt["state_dict"]
-    prefix = {"box": "box_stats", "mask": "mask_stats"}[branch]
+    prefix = _stats_prefix(ckpt["meta"], branch)
     if f"{prefix}.fisher" not in sd:
         raise UserError(f"{heads} has no {branch} Fisher statistics (trained without a {branch} branch)")
     names, freq = meta["class_names"], meta["class_frequency"]
@@ -90,7 +97,7 @@ def plot_fisher_embedding(heads: str | os.PathLike, out_png: str | os.PathLike, 
 
     ckpt = _load_heads(heads)
     meta, sd = ckpt["meta"], ckpt["state_dict"]
-    prefix = {"box": "box_stats", "mask": "mask_stats"}[branch]
+    prefix = _stats_prefix(ckpt["meta"], branch)
     fisher = sd[f"{prefix}.fisher"].numpy()
     seen = sd[f"{prefix}.seen"].numpy().astype(bool)
     flat = fisher.reshape(fisher.shape[0], -1)[seen]

@@ -8,7 +8,14 @@ beside the checkpoint (docs/architecture.md#rebalanced-classifier).
 
 from __future__ import annotations
 
-from crat_ft.detector import CLASSWISE_LAYERS, check_checkpoint_classes, predictor_cfgs
+from crat_ft.detector import (
+    CLASSWISE_LAYERS,
+    check_checkpoint_classes,
+    classwise_layers,
+    num_stages,
+    predictor_cfgs,
+    stage_cfgs,
+)
 from crat_ft.errors import UserError
 
 
@@ -23,7 +30,8 @@ def merge_heads(
     """The detector's state dict with the retrained class-wise layers merged in.
 
     Trunks retrained from a ``roi``-level cache (heads keys ``box_trunk.*``,
-    ``mask_trunk.*``) go back under the bbox/mask head.
+    ``mask_trunk.*``) go back under the bbox/mask head. A Cascade R-CNN's
+    heads (keys ``stages.<i>.*``) go back under each stage's heads.
 
     Post-hoc classifier calibration is folded into ``fc_cls`` so the result is
     an ordinary mmdet checkpoint:
@@ -46,10 +54,14 @@ def merge_heads(
 
     heads = heads_ckpt["state_dict"]
     merged = dict(detector_state)
-    pairs = [(f"{name}.{p}", f"{prefix}.{p}") for name, prefix in CLASSWISE_LAYERS.items() for p in ("weight", "bias")]
-    for trunk, layer in (("box_trunk", "fc_cls"), ("mask_trunk", "conv_logits")):
-        parent = CLASSWISE_LAYERS[layer].rsplit(".", 1)[0]
-        pairs += [(k, parent + k[len(trunk) :]) for k in heads if k.startswith(trunk + ".")]
+    stages = int(heads_ckpt["meta"].get("num_stages", 1))
+    pairs = []
+    for i, layers in enumerate(classwise_layers(stages)):
+        own = f"stages.{i}." if stages > 1 else ""
+        pairs += [(f"{own}{name}.{p}", f"{prefix}.{p}") for name, prefix in layers.items() for p in ("weight", "bias")]
+        for trunk, layer in (("box_trunk", "fc_cls"), ("mask_trunk", "conv_logits")):
+            parent = layers[layer].rsplit(".", 1)[0]
+            pairs += [(k, parent + k[len(own + trunk) :]) for k in heads if k.startswith(f"{own}{trunk}.")]
     for key, target in pairs:
         if key not in heads:
             continue
@@ -59,30 +71,31 @@ def merge_heads(
                 "export with the checkpoint the cache was made from"
             )
         if merged[target].shape != heads[key].shape:
-            if not (classifier_width_changes and key.startswith("fc_cls.")):
+            if not (classifier_width_changes and key.rsplit(".", 2)[-2] == "fc_cls"):
                 raise UserError(
                     f"retrained {key} has shape {tuple(heads[key].shape)} but the detector's {target} has "
                     f"{tuple(merged[target].shape)}; export with the checkpoint the cache was made from"
                 )
         merged[target] = heads[key].clone()
-    w_key, b_key = CLASSWISE_LAYERS["fc_cls"] + ".weight", CLASSWISE_LAYERS["fc_cls"] + ".bias"
     counts = heads_ckpt["meta"].get("class_instance_count")
-    c = len(counts) if counts else merged[w_key].shape[0] - 1
-    if tau_norm:
-        w = merged[w_key].clone()
-        norms = w[:c].norm(dim=1, keepdim=True).clamp_min(1e-12)
-        w[:c] = w[:c] / norms.pow(tau_norm)
-        merged[w_key] = w
-    if logit_adjust:
-        if not counts:
-            raise UserError(
-                "logit adjustment needs the class instance counts, which this heads file lacks; re-run retrain-heads"
-            )
-        prior = torch.tensor(counts, dtype=torch.float).clamp_min(1)
-        prior = prior / prior.sum()
-        b = merged[b_key].clone()
-        b[:c] = b[:c] - logit_adjust * prior.log()
-        merged[b_key] = b
+    if logit_adjust and not counts:
+        raise UserError(
+            "logit adjustment needs the class instance counts, which this heads file lacks; re-run retrain-heads"
+        )
+    for layers in classwise_layers(stages):  # a cascade averages its stages' logits: each gets the same change
+        w_key, b_key = layers["fc_cls"] + ".weight", layers["fc_cls"] + ".bias"
+        c = len(counts) if counts else merged[w_key].shape[0] - 1
+        if tau_norm:
+            w = merged[w_key].clone()
+            norms = w[:c].norm(dim=1, keepdim=True).clamp_min(1e-12)
+            w[:c] = w[:c] / norms.pow(tau_norm)
+            merged[w_key] = w
+        if logit_adjust:
+            prior = torch.tensor(counts, dtype=torch.float).clamp_min(1)
+            prior = prior / prior.sum()
+            b = merged[b_key].clone()
+            b[:c] = b[:c] - logit_adjust * prior.log()
+            merged[b_key] = b
     return merged
 
 
@@ -169,11 +182,17 @@ def _export_locked(
             sha,
             "export with the checkpoint the cache was made from",
         )
+    stages = num_stages(cfg)
+    if int(meta.get("num_stages", 1)) != stages:
+        raise UserError(
+            f"{heads} holds heads of a {meta.get('num_stages', 1)}-stage detector but {config} has {stages} stage(s); "
+            "export with the config the cache was made with"
+        )
     exp = meta.get("export", {})
     tau = tau_norm if tau_norm is not None else exp.get("tau_norm")
     la = logit_adjust if logit_adjust is not None else exp.get("logit_adjust")
     combine = combine_original if combine_original is not None else exp.get("combine_original")
-    classifier = predictor_cfgs(cfg.model.roi_head.bbox_head, None)["classifier"]["type"]
+    classifier = predictor_cfgs(stage_cfgs(cfg.model.roi_head.bbox_head, stages)[0], None)["classifier"]["type"]
     if tau and classifier == "NormedLinear":
         raise UserError(
             "--tau-norm has no effect on a NormedLinear classifier (it normalises its rows itself); export without it"
@@ -206,20 +225,22 @@ def _export_locked(
 
 def _config_for_loss(cfg, loss_cls: dict | None):
     """A copy of ``cfg`` whose bbox head uses ``loss_cls``, or None when it already does."""
-    head = cfg.model.roi_head.bbox_head
-    if not loss_cls or _plain(head.get("loss_cls")) == _plain(loss_cls):
+    heads = stage_cfgs(cfg.model.roi_head.bbox_head, num_stages(cfg))
+    if not loss_cls or all(_plain(head.get("loss_cls")) == _plain(loss_cls) for head in heads):
         return None
     return _with_loss(cfg, loss_cls)
 
 
 def _with_loss(cfg, loss_cls: dict):
-    """A copy of ``cfg`` whose bbox head uses ``loss_cls``; crat-ft's own losses get ``crat_ft.losses`` in ``custom_imports``."""
+    """A copy of ``cfg`` whose bbox heads (every stage's) use ``loss_cls``; crat-ft's own losses get
+    ``crat_ft.losses`` in ``custom_imports``."""
     import copy
 
     from crat_ft.losses import CRAT_LOSSES
 
     new = copy.deepcopy(cfg)
-    new.model.roi_head.bbox_head.loss_cls = dict(loss_cls)
+    for head in stage_cfgs(new.model.roi_head.bbox_head, num_stages(new)):
+        head.loss_cls = dict(loss_cls)
     if loss_cls.get("type") in CRAT_LOSSES:
         imports = dict(new.get("custom_imports") or {"imports": [], "allow_failed_imports": False})
         if "crat_ft.losses" not in imports.get("imports", []):
@@ -232,6 +253,11 @@ def _combine_with_original(cfg, original: dict, merged: dict, loss_cls: dict | N
     """fc_cls of ``merged`` stacked on the original one, and the config predicting with their mixed scores."""
     import torch
 
+    if num_stages(cfg) > 1:
+        raise UserError(
+            "--combine-original mixes two classifiers of a single-stage RoI head; a cascade averages its stages' "
+            "classifiers already: export without --combine-original"
+        )
     if not 0.0 <= weight <= 1.0:
         raise UserError(
             f"--combine-original {weight}: expected a weight in [0, 1] (the original classifier's share of the scores)"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crat_ft.cache import INDEX_FILE, config_hash, shard_name
+from crat_ft.cache import INDEX_FILE, config_hash, shard_name, stage_dir
 from crat_ft.config import base_dataset_cfg, prepare_config
 from crat_ft.errors import UserError
 from crat_ft.extractor import Extractor, extraction_pipeline
@@ -175,18 +175,21 @@ def _extract_locked(
     config, checkpoint, out: Path, shard_path: Path, *, rank, world, cfg_options, data_root, policy, box_level,
     mask_level, resume, batch_size, segment_images, compression, max_images, trust_checkpoint, progress, space_check,
 ) -> Path:  # fmt: skip
+    from crat_ft.detector import num_stages
     from crat_ft.files import atomic_write_text
 
     seg_dir = out / ".segments" / shard_path.stem
     _clean_or_refuse_start(out, shard_path, seg_dir, resume)
     cfg, sha, dataset, mine = _plan_shard(config, checkpoint, cfg_options, data_root, max_images, rank, world)
+    stages = num_stages(cfg)
+    shards = [stage_dir(out, s, stages) / shard_path.name for s in range(stages)]
     settings = run_settings(
         cfg=cfg, sha=sha, policy=policy, box_level=box_level, mask_level=mask_level, segment_images=segment_images,
         batch_size=batch_size, compression=compression, rank=rank, world=world, max_images=max_images,
         image_ids=[int(dataset.get_data_info(k)["img_id"]) for k in mine],
     )  # fmt: skip
-    if _check_resume(out, shard_path, seg_dir, settings):  # this shard is finished
-        return _finish_index(out, world, shard_path)
+    if _check_resume(out, shards, seg_dir, settings):  # this shard is finished
+        return _finish_index(out, world, shards)
     seg_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(seg_dir / SETTINGS_FILE, json.dumps(settings, sort_keys=True))
 
@@ -198,35 +201,45 @@ def _extract_locked(
     n_views = len(datasets)
     bar = Progress(len(mine) * n_views, f"extract-features shard {rank}/{world}") if progress else None
     t0 = time.time()
-    space = _SpaceCheck(out, seg_dir, len(segments)) if space_check else None
+    space = _SpaceCheck(out, seg_dir, len(segments) * stages) if space_check else None
     try:
         for j, seg in enumerate(segments):
-            seg_path = seg_dir / f"seg-{j:06d}.h5"
-            if not _segment_done(seg_path, sha):
-                _write_segment(seg_path, seg, extractor, attrs, datasets, batch_size, compression, bar)
+            seg_paths = [seg_dir / _segment_name(j, s, stages) for s in range(stages)]
+            if not all([_segment_done(p, sha) for p in seg_paths]):
+                _write_segment(seg_paths, seg, extractor, attrs, datasets, batch_size, compression, bar)
                 if space:
                     space.after_write()
             elif bar:
                 bar.update(len(seg) * n_views)
-        _merge_segments(shard_path, seg_dir, len(segments), extractor, attrs, compression)
+        for s, shard in enumerate(shards):
+            shard.parent.mkdir(exist_ok=True)
+            segs = [seg_dir / _segment_name(j, s, stages) for j in range(len(segments))]
+            _merge_segments(shard, segs, extractor, s, attrs[s], compression)
     finally:
         extractor.tap.close()
     _remove_segments(out, seg_dir)
     if progress:
-        n_classes = len(json.loads(attrs["class_names"]))
-        _report_shard(shard_path, rank, world, len(mine) * n_views, n_classes, time.time() - t0)
-    return _finish_index(out, world, shard_path)
+        n_classes = len(json.loads(attrs[0]["class_names"]))
+        for s, shard in enumerate(shards):
+            _report_shard(shard, rank, world, len(mine) * n_views, n_classes, time.time() - t0, s, stages)
+    return _finish_index(out, world, shards)
+
+
+def _segment_name(j: int, stage: int, stages: int) -> str:
+    return f"seg-{j:06d}.h5" if stages == 1 else f"seg-{j:06d}-stage{stage}.h5"
 
 
 def _clean_or_refuse_start(out: Path, shard_path: Path, seg_dir: Path, resume: bool) -> None:
     """Remove what killed runs left (an index, shard or segment being written); refuse to overwrite without ``--resume``."""
     from crat_ft.files import clean_stale_temps, temp_pattern
 
-    for path in (out / INDEX_FILE, shard_path):
-        clean_stale_temps(out, temp_pattern(path))
+    for where in [out, *sorted(out.glob("stage-*"))]:
+        for name in (INDEX_FILE, shard_path.name):
+            clean_stale_temps(where, temp_pattern(where / name))
     clean_stale_temps(seg_dir)
-    if shard_path.exists() and not resume:
-        raise UserError(f"{shard_path} already exists; pass --resume to reuse it or choose a new --out")
+    existing = [p for p in [shard_path, *sorted(out.glob(f"stage-*/{shard_path.name}"))] if p.exists()]
+    if existing and not resume:
+        raise UserError(f"{existing[0]} already exists; pass --resume to reuse it or choose a new --out")
     if seg_dir.exists() and any(seg_dir.iterdir()) and not resume:
         raise UserError(f"{out} holds an unfinished extraction; pass --resume to continue it or delete {out}")
 
@@ -260,20 +273,22 @@ def _flipped(cfg):
     return DATASETS.build(flip_cfg)
 
 
-def _check_resume(out: Path, shard_path: Path, seg_dir: Path, settings: dict) -> bool:
+def _check_resume(out: Path, shards: list[Path], seg_dir: Path, settings: dict) -> bool:
     """Refuse a resume whose settings differ from the recorded ones; True when the shard is already finished.
 
-    A finished shard records its settings in its attributes, an unfinished one in
-    ``.segments/<shard>/run.json``. Segments left beside a finished shard (a run
-    killed right after the shard's rename) and a segment directory with nothing
-    recorded yet are removed.
+    A finished shard (of a cascade: every stage's shard file) records its
+    settings in its attributes, an unfinished one in ``.segments/<shard>/run.json``.
+    Segments left beside a finished shard (a run killed right after the shard's
+    rename) and a segment directory with nothing recorded yet are removed.
     """
     from crat_ft.cache import cache_meta, open_cache
 
-    if shard_path.exists():
-        with open_cache(shard_path) as f:
-            recorded = cache_meta(f).get("run_settings")
-        check_same_settings(json.loads(recorded) if recorded else None, settings, shard_path, out)
+    for shard_path in shards:
+        if shard_path.exists():
+            with open_cache(shard_path) as f:
+                recorded = cache_meta(f).get("run_settings")
+            check_same_settings(json.loads(recorded) if recorded else None, settings, shard_path, out)
+    if all(p.exists() for p in shards):
         _remove_segments(out, seg_dir)
         return True
     if seg_dir.exists() and any(seg_dir.iterdir()):
@@ -287,12 +302,12 @@ def _check_resume(out: Path, shard_path: Path, seg_dir: Path, settings: dict) ->
 
 
 def _build_extractor(cfg, config, checkpoint, policy, box_level, mask_level, trust_checkpoint, settings):
-    """The frozen detector's :class:`Extractor` and the cache attributes of its files."""
+    """The frozen detector's :class:`Extractor` and the cache attributes of its files (one dict per stage)."""
     import torch
 
     from crat_ft.cache import base_attrs
     from crat_ft.config import ann_file_of
-    from crat_ft.detector import build_frozen_detector
+    from crat_ft.detector import build_frozen_detector, stage_cfgs
     from crat_ft.lvis_json import categories_with_counts, load_lvis_json
 
     model, sha = build_frozen_detector(cfg, str(checkpoint), trust_checkpoint=trust_checkpoint)
@@ -301,25 +316,31 @@ def _build_extractor(cfg, config, checkpoint, policy, box_level, mask_level, tru
     doc_cats = categories_with_counts(load_lvis_json(ann_file_of(base_dataset_cfg(cfg))))
     counts = np.array([int(c.get("instance_count", 0)) for c in doc_cats])
     extractor = Extractor(model, policy, counts, box_level, mask_level)
-    attrs = base_attrs(
-        config_text=_model_cfg_text(cfg),
-        checkpoint_sha=sha,
-        class_names=[c["name"] for c in doc_cats],
-        class_frequency=[c["frequency"] for c in doc_cats],
-        class_instance_count=counts.tolist(),
-        policy=asdict(policy),
-        box_level=box_level,
-        mask_level=mask_level,
-        box_shape=extractor.box_shape(),
-        mask_shape=extractor.mask_shape(),
-        mask_size=extractor.mask_size,
-        bbox_coder=dict(cfg.model.roi_head.bbox_head.bbox_coder),
-    )
-    attrs["shard"] = settings["shard"]
-    attrs["run_settings"] = json.dumps(settings, sort_keys=True)
-    attrs["config_path"] = str(Path(config).resolve())
-    attrs["checkpoint_path"] = str(Path(checkpoint).resolve())
-    return extractor, attrs
+    stages = []
+    for s, (bbox_head, _) in enumerate(extractor.heads):
+        attrs = base_attrs(
+            config_text=_model_cfg_text(cfg),
+            checkpoint_sha=sha,
+            class_names=[c["name"] for c in doc_cats],
+            class_frequency=[c["frequency"] for c in doc_cats],
+            class_instance_count=counts.tolist(),
+            policy=asdict(policy),
+            box_level=box_level,
+            mask_level=mask_level,
+            box_shape=extractor.box_shape(s),
+            mask_shape=extractor.mask_shape(s),
+            mask_size=extractor.mask_size(s),
+            bbox_coder=dict(stage_cfgs(cfg.model.roi_head.bbox_head, extractor.stages)[s].bbox_coder),
+            stage=s,
+            num_stages=extractor.stages,
+            reg_class_agnostic=bool(bbox_head.reg_class_agnostic),
+        )
+        attrs["shard"] = settings["shard"]
+        attrs["run_settings"] = json.dumps(settings, sort_keys=True)
+        attrs["config_path"] = str(Path(config).resolve())
+        attrs["checkpoint_path"] = str(Path(checkpoint).resolve())
+        stages.append(attrs)
+    return extractor, stages
 
 
 def _segment_done(seg_path: Path, sha: str) -> bool:
@@ -336,27 +357,38 @@ def _segment_done(seg_path: Path, sha: str) -> bool:
         return False
 
 
-def _write_segment(seg_path, seg, extractor, attrs, datasets, batch_size, compression, bar) -> None:
+def _write_segment(seg_paths, seg, extractor, attrs, datasets, batch_size, compression, bar) -> None:
+    """One segment: a file per stage, each renamed into place only when every stage's blocks are written."""
+    from contextlib import ExitStack
+
     from mmengine.dataset import pseudo_collate
 
     from crat_ft.cache import CacheWriter
 
-    with CacheWriter(seg_path, attrs, extractor.box_shape(), extractor.mask_shape(), compression=compression) as w:
+    with ExitStack() as stack:
+        writers = [
+            stack.enter_context(
+                CacheWriter(path, attrs[s], extractor.box_shape(s), extractor.mask_shape(s), compression=compression)
+            )
+            for s, path in enumerate(seg_paths)
+        ]
         for view, ds in enumerate(datasets):
             for b in range(0, len(seg), batch_size):
                 batch = pseudo_collate([ds[k] for k in seg[b : b + batch_size]])
-                for block in extractor(batch, view):
-                    w.append(block)
+                for blocks in extractor(batch, view):
+                    for w, block in zip(writers, blocks):
+                        w.append(block)
                 if bar:
                     bar.update(min(batch_size, len(seg) - b))
 
 
-def _merge_segments(shard_path, seg_dir, n_segments, extractor, attrs, compression) -> None:
+def _merge_segments(shard_path, segments, extractor, stage, attrs, compression) -> None:
     from crat_ft.cache import CacheWriter
 
-    with CacheWriter(shard_path, attrs, extractor.box_shape(), extractor.mask_shape(), compression=compression) as w:
-        for j in range(n_segments):
-            w.append_file(seg_dir / f"seg-{j:06d}.h5")
+    shape = (extractor.box_shape(stage), extractor.mask_shape(stage))
+    with CacheWriter(shard_path, attrs, *shape, compression=compression) as w:
+        for seg in segments:
+            w.append_file(seg)
 
 
 class _SpaceCheck:
@@ -398,35 +430,54 @@ def _remove_segments(out: Path, seg_dir: Path) -> None:
         pass
 
 
-def _report_shard(shard_path: Path, rank: int, world: int, n_images: int, n_classes: int, seconds: float) -> None:
+def _report_shard(
+    shard_path: Path, rank: int, world: int, n_images: int, n_classes: int, seconds: float, stage: int, stages: int
+) -> None:
     from crat_ft.cache import open_cache
 
     with open_cache(shard_path) as f:
         labels = f["rois/label"][...]
         n_masks = f["masks/roi_index"].shape[0]
+    where = f" stage {stage}" if stages > 1 else ""
     print(
-        f"extract-features: shard {rank}/{world}: {n_images} images, {len(labels)} RoIs, {int((labels < n_classes).sum())} positives, "
+        f"extract-features: shard {rank}/{world}{where}: {n_images} images, {len(labels)} RoIs, "
+        f"{int((labels < n_classes).sum())} positives, "
         f"{n_masks} masks, {shard_path.stat().st_size / 2**20:.1f} MiB, {seconds:.1f} s -> {shard_path}",
         file=sys.stderr,
         flush=True,
     )
 
 
-def _finish_index(out: Path, world: int, shard_path: Path) -> Path:
+def _finish_index(out: Path, world: int, shards: list[Path]) -> Path:
+    """Build each stage's index once every shard of it exists.
+
+    Returns:
+        ``out/index.h5`` (a cascade: ``out``, holding ``stage-<s>/index.h5``)
+        when every index is built, else this shard's (first stage's) file.
+    """
     from crat_ft.cache import build_index
 
-    shards = [out / shard_name(i, world) for i in range(world)]
-    if all(s.exists() for s in shards):
-        return build_index(shards, out / INDEX_FILE)
-    return shard_path
+    done = True
+    for shard in shards:
+        all_shards = [shard.parent / shard_name(i, world) for i in range(world)]
+        if all(s.exists() for s in all_shards):
+            build_index(all_shards, shard.parent / INDEX_FILE)
+        else:
+            done = False
+    if not done:
+        return shards[0]
+    return out / INDEX_FILE if len(shards) == 1 else out
 
 
 def dry_run(config, checkpoint, *, sample_images: int = 8, policy: RoIPolicy = RoIPolicy(), **kwargs) -> str:
-    """Extract a few images to a temporary directory and print the projected size of the whole cache."""
+    """Extract a few images to a temporary directory and print the projected size of the whole cache
+    (of every stage, for a cascade)."""
     from dataclasses import replace
 
-    from crat_ft.cache import RoIReader
+    from crat_ft.cache import RoIReader, stage_indexes
+    from crat_ft.config import ann_file_of, load_config, set_data_root
     from crat_ft.files import owned_tempdir
+    from crat_ft.lvis_json import load_lvis_json
 
     # measure positives per gt without the per-class quotas
     probe = replace(policy, box_pos_per_class=10**9, mask_pos_per_class=0)
@@ -434,44 +485,50 @@ def dry_run(config, checkpoint, *, sample_images: int = 8, policy: RoIPolicy = R
         path = extract_features(
             config, checkpoint, tmp, policy=probe, max_images=sample_images, progress=False, **kwargs
         )
-        reader = RoIReader(path)
-        meta = reader.meta
-    from crat_ft.config import ann_file_of, load_config, set_data_root
-    from crat_ft.lvis_json import load_lvis_json
-
+        readers = [RoIReader(index) for index in stage_indexes(path)]
     # the sample extraction above validated config and data; only the annotation path is needed here
     cfg = load_config(config, kwargs.get("cfg_options", ()))
     if kwargs.get("data_root") is not None:
         set_data_root(cfg, kwargs["data_root"])
     doc = load_lvis_json(ann_file_of(base_dataset_cfg(cfg)))
-    sample_ids = set(reader.image_ids.tolist())
-    n_gt = sum(1 for a in doc["annotations"] if a["image_id"] in sample_ids)
-    c = reader.num_classes
-    pos_per_gt = float((reader.labels < c).sum()) / max(1, n_gt)
-    neg_per_image = float((reader.labels == c).sum()) / max(1, len(reader.image_ids))
-    counts = np.array(meta["class_instance_count"], float)
-    box_bytes = int(np.prod(meta["box_shape"])) * 2
-    mask_bytes = int(np.prod(meta["mask_shape"])) * 2 if int(meta["mask_size"]) else 0
-    proj = project_size(
-        n_images=len(doc["images"]),
-        instance_count=counts,
-        policy=policy,
-        pos_per_gt=pos_per_gt,
-        neg_per_image=neg_per_image,
-        box_bytes=box_bytes,
-        mask_bytes=mask_bytes,
-        mask_size=int(meta["mask_size"]),
-    )
     gib = 2**30
-    lines = [
-        f"dry run: measured {len(reader.image_ids)} images: {pos_per_gt:.1f} positives per gt, {neg_per_image:.1f} negatives per image",
-        f"  per RoI: box features {box_bytes / 1024:.1f} KiB (level {meta['box_level']} {tuple(meta['box_shape'])}), "
-        f"mask features {mask_bytes / 1024:.1f} KiB per cached mask (level {meta['mask_level']} {tuple(meta['mask_shape'])})",
-        f"  projected for {len(doc['images'])} images, {c} classes, policy {asdict(policy)}:",
-    ]
-    for k, v in proj["parts"].items():
-        lines.append(f"    {k:<26} {v / gib:9.3f} GiB")
-    lines.append(
-        f"    {'total':<26} {proj['total'] / gib:9.3f} GiB   (upper bound from the caps: {proj['bound'] / gib:.3f} GiB)"
-    )
+    lines, total, bound = [], 0, 0
+    for s, reader in enumerate(readers):
+        meta = reader.meta
+        sample_ids = set(reader.image_ids.tolist())
+        n_gt = sum(1 for a in doc["annotations"] if a["image_id"] in sample_ids)
+        c = reader.num_classes
+        pos_per_gt = float((reader.labels < c).sum()) / max(1, n_gt)
+        neg_per_image = float((reader.labels == c).sum()) / max(1, len(reader.image_ids))
+        counts = np.array(meta["class_instance_count"], float)
+        box_bytes = int(np.prod(meta["box_shape"])) * 2
+        mask_bytes = int(np.prod(meta["mask_shape"])) * 2 if int(meta["mask_size"]) else 0
+        proj = project_size(
+            n_images=len(doc["images"]),
+            instance_count=counts,
+            policy=policy,
+            pos_per_gt=pos_per_gt,
+            neg_per_image=neg_per_image,
+            box_bytes=box_bytes,
+            mask_bytes=mask_bytes,
+            mask_size=int(meta["mask_size"]),
+        )
+        stage = f" stage {s}:" if len(readers) > 1 else ""
+        lines += [
+            f"dry run:{stage} measured {len(reader.image_ids)} images: {pos_per_gt:.1f} positives per gt, "
+            f"{neg_per_image:.1f} negatives per image",
+            f"  per RoI: box features {box_bytes / 1024:.1f} KiB (level {meta['box_level']} {tuple(meta['box_shape'])}), "
+            f"mask features {mask_bytes / 1024:.1f} KiB per cached mask (level {meta['mask_level']} {tuple(meta['mask_shape'])})",
+            f"  projected for {len(doc['images'])} images, {c} classes, policy {asdict(policy)}:",
+        ]
+        for k, v in proj["parts"].items():
+            lines.append(f"    {k:<26} {v / gib:9.3f} GiB")
+        lines.append(
+            f"    {'total':<26} {proj['total'] / gib:9.3f} GiB   (upper bound from the caps: {proj['bound'] / gib:.3f} GiB)"
+        )
+        total, bound = total + proj["total"], bound + proj["bound"]
+    if len(readers) > 1:
+        lines.append(
+            f"all {len(readers)} stages: total {total / gib:.3f} GiB   (upper bound from the caps: {bound / gib:.3f} GiB)"
+        )
     return "\n".join(lines)

@@ -31,21 +31,22 @@ def _box_tensor(bboxes):
 
 
 class FeatureTap:
-    """Forward hooks that keep the inputs of ``fc_reg`` and ``conv_logits``."""
+    """Forward hooks that keep the inputs of each stage's ``fc_reg`` and ``conv_logits``."""
 
-    def __init__(self, model) -> None:
-        self.box_in = None
-        self.mask_in = None
-        roi = model.roi_head
-        self._handles = [roi.bbox_head.fc_reg.register_forward_hook(self._box)]
-        if roi.with_mask:
-            self._handles.append(roi.mask_head.conv_logits.register_forward_hook(self._mask))
+    def __init__(self, heads: list) -> None:
+        from functools import partial
 
-    def _box(self, module, args, out):
-        self.box_in = args[0]
+        self.box_in = [None] * len(heads)
+        self.mask_in = [None] * len(heads)
+        self._handles = []
+        for s, (bbox_head, mask_head) in enumerate(heads):
+            self._handles.append(bbox_head.fc_reg.register_forward_hook(partial(self._keep, self.box_in, s)))
+            if mask_head is not None:
+                self._handles.append(mask_head.conv_logits.register_forward_hook(partial(self._keep, self.mask_in, s)))
 
-    def _mask(self, module, args, out):
-        self.mask_in = args[0]
+    @staticmethod
+    def _keep(store: list, stage: int, module, args, out) -> None:
+        store[stage] = args[0]
 
     def close(self) -> None:
         for h in self._handles:
@@ -93,7 +94,16 @@ def extraction_pipeline(train_pipeline: list, flip: bool) -> list:
 
 @dataclass
 class Extractor:
-    """Computes the cached fields of a batch of images with a frozen detector."""
+    """Computes the cached fields of a batch of images with a frozen detector.
+
+    A Cascade R-CNN is extracted stage by stage as mmdet trains it: stage 0
+    sees the gt boxes and the RPN proposals; stage ``s + 1`` sees the gt boxes
+    and stage ``s``'s candidates regressed by stage ``s``'s box head (with the
+    gt label for positives and the top-scoring class otherwise, mmdet's
+    ``refine_bboxes``), each assigned by its own stage's assigner. mmdet
+    refines only the RoIs its sampler drew; here every candidate is refined
+    and the :class:`crat_ft.roi_policy.RoIPolicy` selects from them.
+    """
 
     model: object
     policy: RoIPolicy
@@ -102,29 +112,32 @@ class Extractor:
     mask_level: str = "logits"
 
     def __post_init__(self):
-        from crat_ft.detector import shared_box_features
+        from crat_ft.detector import shared_box_features, stage_cfgs, stage_heads
 
         if self.box_level not in BOX_LEVELS:
             raise UserError(f"--box-level: expected one of {BOX_LEVELS}, got {self.box_level!r}")
         if self.mask_level not in MASK_LEVELS:
             raise UserError(f"--mask-level: expected one of {MASK_LEVELS}, got {self.mask_level!r}")
-        head = self.model.roi_head.bbox_head
-        if self.box_level == "fc" and not shared_box_features(head):
-            raise UserError(
-                f"{type(head).__name__} has separate cls/reg branches, so there is no single fc feature; use --box-level roi"
-            )
-        self.tap = FeatureTap(self.model)
-        self.rcnn_cfg = self.model.train_cfg.rcnn
-        self.add_gt = bool(self.rcnn_cfg.get("sampler", {}).get("add_gt_as_proposals", True))
+        roi = self.model.roi_head
+        self.heads = stage_heads(self.model)
+        self.stages = len(self.heads)
+        self.cascade = type(roi).__name__ == "CascadeRoIHead"
+        for head, _ in self.heads:
+            if self.box_level == "fc" and not shared_box_features(head):
+                raise UserError(
+                    f"{type(head).__name__} has separate cls/reg branches, so there is no single fc feature; use --box-level roi"
+                )
+        self.tap = FeatureTap(self.heads)
+        self.rcnn_cfgs = stage_cfgs(self.model.train_cfg.rcnn, self.stages)
+        self.assigners = list(roi.bbox_assigner) if self.cascade else [roi.bbox_assigner]
         self.proposal_cfg = self.model.train_cfg.get("rpn_proposal", self.model.test_cfg.rpn)
-        self.with_mask = bool(self.model.roi_head.with_mask)
+        self.with_mask = bool(roi.with_mask)
 
-    @property
-    def mask_size(self) -> int:
-        return int(self.rcnn_cfg.get("mask_size", 28)) if self.with_mask else 0
+    def mask_size(self, stage: int = 0) -> int:
+        return int(self.rcnn_cfgs[stage].get("mask_size", 28)) if self.with_mask else 0
 
-    def __call__(self, data: dict, view: int = 0) -> list:
-        """Blocks (:class:`crat_ft.cache.ImageBlock`) for one collated batch."""
+    def __call__(self, data: dict, view: int = 0) -> list[list]:
+        """Blocks (:class:`crat_ft.cache.ImageBlock`) for one collated batch: one list per image, one block per stage."""
         import torch
 
         with torch.no_grad():
@@ -133,7 +146,8 @@ class Extractor:
             x = self.model.extract_feat(data["inputs"])
             proposals = self.propose(x, samples)
             return [
-                self.image_block(tuple(f[i : i + 1] for f in x), s, proposals[i], view) for i, s in enumerate(samples)
+                self.image_blocks(tuple(f[i : i + 1] for f in x), s, proposals[i].bboxes, view)
+                for i, s in enumerate(samples)
             ]
 
     def propose(self, x: tuple, samples: list) -> list:
@@ -142,112 +156,146 @@ class Extractor:
         metas = [s.metainfo for s in samples]
         return rpn.predict_by_feat(*rpn(x), batch_img_metas=metas, cfg=self.proposal_cfg, rescale=False)
 
-    def image_block(self, feats: tuple, sample, proposals, view: int):
-        """One image: assign → select → box block → mask block."""
+    def image_blocks(self, feats: tuple, sample, candidates, view: int) -> list:
+        """One image, each stage: assign → select → box block → mask block (→ refine for the next stage)."""
         from crat_ft.cache import ImageBlock
 
         img_id = int(sample.metainfo["img_id"])
-        rng = np.random.default_rng([self.policy.seed, img_id, view])
         gt = sample.gt_instances
-        priors, gt_inds, ious = self.assign(sample, proposals)
-        rows, mask_rows = select_rois(
-            gt_inds.cpu().numpy(), gt.labels.cpu().numpy(), self.instance_count, self.policy, rng
-        )
-        box = self.box_block(feats, gt, priors, gt_inds, ious, rows)
-        mask = self.mask_block(feats, gt, box["boxes"], box["gidx"], mask_rows)
         scale = np.asarray(sample.metainfo.get("scale_factor", (1.0, 1.0)), np.float32)[:2]
-        return ImageBlock(
-            image_id=img_id,
-            scale_factor=scale,
-            box=box["boxes"].cpu().numpy().astype(np.float32),
-            gt_index=box["gidx"].cpu().numpy().astype(np.int32),
-            label=box["label"].cpu().numpy().astype(np.int32),
-            iou=box["iou"].cpu().numpy().astype(np.float32),
-            gt_box=box["gt_box"].cpu().numpy(),
-            box_feat=box["feat"].reshape(len(rows), *self.box_shape()).cpu().numpy().astype(np.float16),
-            **mask,
-        )
+        blocks = []
+        for s in range(self.stages):
+            rng = np.random.default_rng([self.policy.seed, img_id, view] + ([s] if s else []))
+            priors, gt_inds, ious, ng = self.assign(s, sample, candidates)
+            rows, mask_rows = select_rois(
+                gt_inds.cpu().numpy(), gt.labels.cpu().numpy(), self.instance_count, self.policy, rng
+            )
+            box = self.box_block(s, feats, gt, priors, gt_inds, ious, rows)
+            mask = self.mask_block(s, feats, gt, box["boxes"], box["gidx"], mask_rows)
+            blocks.append(
+                ImageBlock(
+                    image_id=img_id,
+                    scale_factor=scale,
+                    box=box["boxes"].cpu().numpy().astype(np.float32),
+                    gt_index=box["gidx"].cpu().numpy().astype(np.int32),
+                    label=box["label"].cpu().numpy().astype(np.int32),
+                    iou=box["iou"].cpu().numpy().astype(np.float32),
+                    gt_box=box["gt_box"].cpu().numpy(),
+                    box_feat=box["feat"].reshape(len(rows), *self.box_shape(s)).cpu().numpy().astype(np.float16),
+                    **mask,
+                )
+            )
+            if s + 1 < self.stages:
+                candidates = self.refine(s, feats, sample, priors, gt_inds)[ng:]  # mmdet drops the gt rows
+        return blocks
 
-    def assign(self, sample, proposals):
-        """Candidate RoIs (gt boxes first, as mmdet's sampler adds them) assigned by the detector's rcnn assigner.
+    def _bbox_forward(self, stage: int, feats: tuple, rois):
+        roi = self.model.roi_head
+        return roi._bbox_forward(stage, feats, rois) if self.cascade else roi._bbox_forward(feats, rois)
+
+    def _mask_forward(self, stage: int, feats: tuple, rois):
+        roi = self.model.roi_head
+        return roi._mask_forward(stage, feats, rois) if self.cascade else roi._mask_forward(feats, rois)
+
+    def assign(self, stage: int, sample, candidates):
+        """Candidate RoIs (gt boxes first, as mmdet's sampler adds them) assigned by the stage's rcnn assigner.
 
         Returns:
-            ``(priors (R, 4), gt_inds (R,), ious (R,))``: ``gt_inds`` 0 background,
-            -1 ignored, g > 0 matched to gt g-1; the gt boxes match themselves with IoU 1.
+            ``(priors (R, 4), gt_inds (R,), ious (R,), number of gt rows)``: ``gt_inds``
+            0 background, -1 ignored, g > 0 matched to gt g-1; the gt boxes match
+            themselves with IoU 1.
         """
         import torch
         from mmengine.structures import InstanceData
 
         gt = sample.gt_instances
         gt_boxes = _box_tensor(gt.bboxes)
-        ng = len(gt) if self.add_gt else 0
-        priors = torch.cat([gt_boxes[:ng], proposals.bboxes])
-        assign = self.model.roi_head.bbox_assigner.assign(
-            InstanceData(priors=priors), gt, sample.get("ignored_instances", None)
-        )
+        add_gt = bool(self.rcnn_cfgs[stage].get("sampler", {}).get("add_gt_as_proposals", True))
+        ng = len(gt) if add_gt else 0
+        priors = torch.cat([gt_boxes[:ng], candidates])
+        assign = self.assigners[stage].assign(InstanceData(priors=priors), gt, sample.get("ignored_instances", None))
         gt_inds = assign.gt_inds.clone()
         ious = assign.max_overlaps.clone()
         gt_inds[:ng] = torch.arange(1, ng + 1, device=gt_boxes.device)
         ious[:ng] = 1.0
-        return priors, gt_inds, ious
+        return priors, gt_inds, ious, ng
 
-    def box_block(self, feats: tuple, gt, priors, gt_inds, ious, rows: np.ndarray) -> dict:
+    def refine(self, stage: int, feats: tuple, sample, priors, gt_inds):
+        """Every prior regressed by the stage's box head, as mmdet's ``refine_bboxes`` does in training."""
+        from mmdet.structures.bbox import bbox2roi
+
+        head = self.heads[stage][0]
+        out = self._bbox_forward(stage, feats, bbox2roi([priors]))
+        scores = out["cls_score"]
+        if getattr(head, "custom_activation", False):
+            scores = head.loss_cls.get_activation(scores)
+        labels = scores[:, : head.num_classes].argmax(1)
+        pos = gt_inds > 0
+        labels[pos] = sample.gt_instances.labels[gt_inds[pos] - 1]
+        return head.regress_by_class(priors, labels, out["bbox_pred"], sample.metainfo)
+
+    def box_block(self, stage: int, feats: tuple, gt, priors, gt_inds, ious, rows: np.ndarray) -> dict:
         """Box fields of the selected RoIs: boxes, gt index, label, IoU, gt box and box features."""
         import torch
         from mmdet.structures.bbox import bbox2roi
 
-        roi_head = self.model.roi_head
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=priors.device)
         boxes = priors[rows_t]
         gidx = gt_inds[rows_t] - 1
-        bbox_out = roi_head._bbox_forward(feats, bbox2roi([boxes]))
-        feat = self.tap.box_in if self.box_level == "fc" else bbox_out["bbox_feats"]
-        label = torch.full((len(rows),), roi_head.bbox_head.num_classes, dtype=torch.long, device=priors.device)
+        bbox_out = self._bbox_forward(stage, feats, bbox2roi([boxes]))
+        feat = self.tap.box_in[stage] if self.box_level == "fc" else bbox_out["bbox_feats"]
+        head = self.heads[stage][0]
+        label = torch.full((len(rows),), head.num_classes, dtype=torch.long, device=priors.device)
         pos = gidx >= 0
         label[pos] = gt.labels[gidx[pos]]
         gt_box = torch.zeros(len(rows), 4, device=priors.device)
         gt_box[pos] = _box_tensor(gt.bboxes)[gidx[pos]].float()
         return {"boxes": boxes, "gidx": gidx, "label": label, "iou": ious[rows_t], "gt_box": gt_box, "feat": feat}
 
-    def mask_block(self, feats: tuple, gt, boxes, gidx, mask_rows: np.ndarray) -> dict:
+    def mask_block(self, stage: int, feats: tuple, gt, boxes, gidx, mask_rows: np.ndarray) -> dict:
         """Mask fields of the selected RoIs that keep a mask: rows, features and targets (empty without masks)."""
         import torch
         from mmdet.structures.bbox import bbox2roi
         from mmdet.structures.mask import mask_target
 
+        size = self.mask_size(stage)
         if not (self.with_mask and len(mask_rows)):
             return {
                 "mask_rows": np.zeros(0, np.int64),
-                "mask_feat": np.zeros((0, *self.mask_shape()), np.float16),
-                "mask_target": np.zeros((0, self.mask_size, self.mask_size), bool),
+                "mask_feat": np.zeros((0, *self.mask_shape(stage)), np.float16),
+                "mask_target": np.zeros((0, size, size), bool),
             }
         mrows_t = torch.as_tensor(mask_rows, dtype=torch.long, device=boxes.device)
         mboxes = boxes[mrows_t]
-        mask_out = self.model.roi_head._mask_forward(feats, bbox2roi([mboxes]))
-        feat = self.tap.mask_in if self.mask_level == "logits" else mask_out["mask_feats"]
-        targets = mask_target([mboxes], [gidx[mrows_t]], [gt.masks], self.rcnn_cfg)
+        mask_out = self._mask_forward(stage, feats, bbox2roi([mboxes]))
+        feat = self.tap.mask_in[stage] if self.mask_level == "logits" else mask_out["mask_feats"]
+        targets = mask_target([mboxes], [gidx[mrows_t]], [gt.masks], self.rcnn_cfgs[stage])
         return {
             "mask_rows": mask_rows,
             "mask_feat": feat.cpu().numpy().astype(np.float16),
             "mask_target": targets.cpu().numpy() > 0.5,
         }
 
-    def box_shape(self) -> tuple:
-        head = self.model.roi_head.bbox_head
+    def _extractor(self, name: str, stage: int):
+        ext = getattr(self.model.roi_head, name)
+        return ext[stage] if self.cascade else ext
+
+    def box_shape(self, stage: int = 0) -> tuple:
+        head = self.heads[stage][0]
         if self.box_level == "fc":
             return (int(head.fc_reg.in_features),)
-        ext = self.model.roi_head.bbox_roi_extractor
+        ext = self._extractor("bbox_roi_extractor", stage)
         size = ext.roi_layers[0].output_size
         size = size if isinstance(size, tuple) else (size, size)
         return (int(ext.out_channels), *map(int, size))
 
-    def mask_shape(self) -> tuple:
+    def mask_shape(self, stage: int = 0) -> tuple:
         if not self.with_mask:
             return (1,)
-        mh = self.model.roi_head.mask_head
+        mh = self.heads[stage][1]
         if self.mask_level == "logits":
-            return (int(mh.conv_logits.in_channels), self.mask_size, self.mask_size)
-        ext = self.model.roi_head.mask_roi_extractor
+            return (int(mh.conv_logits.in_channels), self.mask_size(stage), self.mask_size(stage))
+        ext = self._extractor("mask_roi_extractor", stage)
         size = ext.roi_layers[0].output_size
         size = size if isinstance(size, tuple) else (size, size)
         return (int(ext.out_channels), *map(int, size))

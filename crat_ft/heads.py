@@ -69,6 +69,8 @@ class ClasswiseHeads(BaseModel):
             (see :func:`build_trunk`); None for ``fc`` caches.
         mask_trunk: module mapping cached ``roi`` mask features to the
             (M, K, S, S) input of conv_logits; None for ``logits`` caches.
+        reg_class_agnostic: the detector's box regressor is class-agnostic
+            (Cascade R-CNN): it is not retrained, and CRAT has no box branch.
     """
 
     def __init__(
@@ -89,16 +91,26 @@ class ClasswiseHeads(BaseModel):
         cls_predictor_cfg: dict | None = None,
         reg_predictor_cfg: dict | None = None,
         mask_predictor_cfg: dict | None = None,
+        reg_class_agnostic: bool = False,
     ) -> None:
         super().__init__()
         from mmdet.registry import MODELS, TASK_UTILS
 
         from crat_ft.detector import check_predictors
 
-        predictors = {
-            "classifier": dict(cls_predictor_cfg or dict(type="Linear")),
-            "box regressor": dict(reg_predictor_cfg or dict(type="Linear")),
-        }
+        predictors = {"classifier": dict(cls_predictor_cfg or dict(type="Linear"))}
+        if not reg_class_agnostic:
+            predictors["box regressor"] = dict(reg_predictor_cfg or dict(type="Linear"))
+        if reg_class_agnostic and not mask_channels:
+            raise UserError(
+                "the detector regresses boxes class-agnostically and has no mask head: there is no class-wise box or "
+                "mask layer for CRAT; crat-ft needs class-wise regression or a mask head"
+            )
+        if reg_class_agnostic and crat.enable and crat.mask_weights == "box":
+            raise UserError(
+                "crat.mask_weights='box' weighs mask transfusion by the box regressor's Fisher, but this detector's "
+                "regressor is class-agnostic; set crat.mask_weights=mask"
+            )
         if mask_channels:
             predictors["mask predictor"] = dict(mask_predictor_cfg or dict(type="Conv"))
         check_predictors(predictors)
@@ -113,9 +125,11 @@ class ClasswiseHeads(BaseModel):
         # the layers mmdet builds from the detector's predictor configs, so that retraining
         # optimises the function the exported detector computes
         self.fc_cls = MODELS.build(dict(predictors["classifier"], in_features=box_feat_dim, out_features=cls_channels))
-        self.fc_reg = MODELS.build(
-            dict(predictors["box regressor"], in_features=box_feat_dim, out_features=4 * num_classes)
-        )
+        self.fc_reg = None
+        if not reg_class_agnostic:
+            self.fc_reg = MODELS.build(
+                dict(predictors["box regressor"], in_features=box_feat_dim, out_features=4 * num_classes)
+            )
         self.conv_logits = None
         if mask_channels:
             self.conv_logits = MODELS.build(
@@ -128,7 +142,9 @@ class ClasswiseHeads(BaseModel):
         self.loss_mask_weight = loss_mask_weight
         self.crat = crat
         self.reinit_cls = reinit_cls
-        self.box_stats = FisherStats(num_classes, (4, box_feat_dim), momentum=crat.momentum)
+        self.box_stats = (
+            FisherStats(num_classes, (4, box_feat_dim), momentum=crat.momentum) if self.fc_reg is not None else None
+        )
         self.mask_stats = FisherStats(num_classes, (mask_channels,), momentum=crat.momentum) if mask_channels else None
         counts = torch.as_tensor(
             class_instance_count if class_instance_count is not None else [1] * num_classes, dtype=torch.float
@@ -199,9 +215,12 @@ class ClasswiseHeads(BaseModel):
         return mask_feat if self.mask_trunk is None else self.mask_trunk(mask_feat)
 
     def predict(self, box_feat: Tensor, mask_feat: Tensor | None = None) -> dict:
-        """Raw head outputs: cls_score (N, C+1), bbox_pred (N, 4C), mask_logits (M, C, S, S)."""
+        """Raw head outputs: cls_score (N, C+1), bbox_pred (N, 4C; not for a class-agnostic regressor),
+        mask_logits (M, C, S, S)."""
         x_cls, x_reg = self.box_inputs(box_feat)
-        out = {"cls_score": self.fc_cls(x_cls), "bbox_pred": self.fc_reg(x_reg)}
+        out = {"cls_score": self.fc_cls(x_cls)}
+        if self.fc_reg is not None:
+            out["bbox_pred"] = self.fc_reg(x_reg)
         if self.conv_logits is not None and mask_feat is not None:
             out["mask_logits"] = self.conv_logits(self.mask_inputs(mask_feat))
         return out
@@ -209,7 +228,6 @@ class ClasswiseHeads(BaseModel):
     def loss(
         self, box_feat, box, gt_box, label, mask_feat, mask_target, mask_label, mask_box_fields=(None, None, None)
     ) -> dict:
-        c = self.num_classes
         n = label.shape[0]
         x_cls, x_reg = self.box_inputs(box_feat)
         cls_score = self.fc_cls(x_cls)
@@ -217,19 +235,8 @@ class ClasswiseHeads(BaseModel):
         if isinstance(losses["loss_cls"], dict):  # Seesaw returns its parts
             losses.update(losses.pop("loss_cls"))
 
-        pos = label < c
-        p = int(pos.sum())
-        x_pos = x_reg[pos]
-        y = label[pos]
-        pred_all = self.fc_reg(x_pos).view(p, c, 4)
-        target = self.bbox_coder.encode(box[pos], gt_box[pos]) if p else box.new_zeros(0, 4)
-        pred_own = pred_all[torch.arange(p, device=label.device), y]
-        # mmdet's bbox head averages the L1 over every sampled RoI, background included
-        losses["loss_bbox"] = self.loss_bbox_weight * (pred_own - target).abs().sum() / max(n, 1)
-        if self.crat.enable:
-            losses["loss_box_trans"] = self.crat.box_lambda * self._box_transfusion(
-                x_pos, pred_all, pred_own, target, y
-            )
+        if self.fc_reg is not None:
+            losses.update(self._box_losses(x_reg, box, gt_box, label))
 
         if self.conv_logits is not None:
             m = mask_label.shape[0]
@@ -245,6 +252,24 @@ class ClasswiseHeads(BaseModel):
                 losses["loss_mask_trans"] = self.crat.mask_lambda * self._mask_transfusion(
                     mask_feat, logits_all, z_own, mask_target, mask_label, mask_box_fields
                 )
+        return losses
+
+    def _box_losses(self, x_reg, box, gt_box, label) -> dict:
+        """The own-class L1 box loss and, with CRAT on, the box transfusion loss."""
+        c, n = self.num_classes, label.shape[0]
+        pos = label < c
+        p = int(pos.sum())
+        x_pos = x_reg[pos]
+        y = label[pos]
+        pred_all = self.fc_reg(x_pos).view(p, c, 4)
+        target = self.bbox_coder.encode(box[pos], gt_box[pos]) if p else box.new_zeros(0, 4)
+        pred_own = pred_all[torch.arange(p, device=label.device), y]
+        # mmdet's bbox head averages the L1 over every sampled RoI, background included
+        losses = {"loss_bbox": self.loss_bbox_weight * (pred_own - target).abs().sum() / max(n, 1)}
+        if self.crat.enable:
+            losses["loss_box_trans"] = self.crat.box_lambda * self._box_transfusion(
+                x_pos, pred_all, pred_own, target, y
+            )
         return losses
 
     def _allowed(self, labels: Tensor) -> Tensor | None:
@@ -309,23 +334,67 @@ class ClasswiseHeads(BaseModel):
     # -- refusing non-finite losses -------------------------------------------------------
 
     def parse_losses(self, losses: dict):
-        """mmengine's loss parsing, raising before any update if the total loss is NaN/inf.
+        return parse_finite_losses(self, losses)
 
-        Both the plain and the DDP train steps call this between the forward
-        pass and the optimizer step, so a non-finite step is never applied and
-        the last checkpoint on disk stays the last good state.
-        """
-        parsed, log_vars = super().parse_losses(losses)
-        self.last_log_vars = log_vars  # named by NonFiniteGuardHook if the gradients are not finite
-        if not torch.isfinite(parsed):
-            from mmengine.logging import MessageHub
 
-            from crat_ft.hooks import non_finite_advice
+def parse_finite_losses(model: BaseModel, losses: dict):
+    """mmengine's loss parsing, raising before any update if the total loss is NaN/inf.
 
-            step = MessageHub.get_current_instance().get_info("iter", -1)
-            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in log_vars.items())
-            raise NonFiniteLossError(f"non-finite loss at iteration {step + 1} ({parts}); {non_finite_advice(None)}")
-        return parsed, log_vars
+    Both the plain and the DDP train steps call the model's ``parse_losses``
+    between the forward pass and the optimizer step, so a non-finite step is
+    never applied and the last checkpoint on disk stays the last good state.
+    """
+    parsed, log_vars = BaseModel.parse_losses(model, losses)
+    model.last_log_vars = log_vars  # named by NonFiniteGuardHook if the gradients are not finite
+    if not torch.isfinite(parsed):
+        from mmengine.logging import MessageHub
+
+        from crat_ft.hooks import non_finite_advice
+
+        step = MessageHub.get_current_instance().get_info("iter", -1)
+        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in log_vars.items())
+        raise NonFiniteLossError(f"non-finite loss at iteration {step + 1} ({parts}); {non_finite_advice(None)}")
+    return parsed, log_vars
+
+
+class CascadeHeads(BaseModel):
+    """The class-wise heads of every stage of a Cascade R-CNN, retrained together.
+
+    Each step takes one batch per stage (drawn from that stage's cache) and
+    sums the stages' losses, each scaled by mmdet's ``stage_loss_weights`` as
+    :class:`mmdet.models.roi_heads.CascadeRoIHead` does (loss names are
+    prefixed ``s<i>.`` as there).
+
+    Args:
+        stages: one :class:`ClasswiseHeads` per stage.
+        stage_loss_weights: the detector's ``roi_head.stage_loss_weights``.
+    """
+
+    def __init__(self, stages: list[ClasswiseHeads], stage_loss_weights: list[float]) -> None:
+        super().__init__()
+        if len(stage_loss_weights) != len(stages):
+            raise UserError(
+                f"roi_head.stage_loss_weights has {len(stage_loss_weights)} weights for {len(stages)} stages; fix the config"
+            )
+        self.stages = nn.ModuleList(stages)
+        self.stage_loss_weights = [float(w) for w in stage_loss_weights]
+
+    def init_weights(self) -> None:
+        """No-op, as :meth:`ClasswiseHeads.init_weights`."""
+
+    def forward(self, *batches: dict, mode: str = "loss"):
+        if len(batches) != len(self.stages):
+            raise ValueError(f"expected one batch per stage ({len(self.stages)}), got {len(batches)}")
+        if mode != "loss":
+            return [heads(**batch, mode=mode) for heads, batch in zip(self.stages, batches)]
+        losses = {}
+        for i, (heads, batch, weight) in enumerate(zip(self.stages, batches, self.stage_loss_weights)):
+            for name, value in heads(**batch, mode="loss").items():
+                losses[f"s{i}.{name}"] = value * weight if "loss" in name else value
+        return losses
+
+    def parse_losses(self, losses: dict):
+        return parse_finite_losses(self, losses)
 
 
 class NonFiniteLossError(UserError):

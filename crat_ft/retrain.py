@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -24,79 +25,111 @@ def build_cache_loader(reader, sampler_cfg: dict, seed: int, num_workers: int, r
     """The retraining DataLoader over a cache: a :class:`crat_ft.sampling.RoIBatchSampler` of whole batches.
 
     Args:
-        reader: the :class:`crat_ft.cache.RoIReader`.
+        reader: the :class:`crat_ft.cache.RoIReader`, or a Cascade R-CNN's list
+            of them (one per stage: each step yields a batch of every stage).
         sampler_cfg: the fine-tune config's ``sampler`` section.
-        seed: the training seed (each rank draws its own batches from ``seed * 1000 + rank``).
+        seed: the training seed (each rank draws its own batches from ``seed * 1000 + rank``,
+            stage ``s`` of a cascade from that plus ``500 s``).
         num_workers: DataLoader worker processes.
         rank: this process's rank.
     """
     import torch
 
-    from crat_ft.sampling import CachedBatchDataset, RoIBatchSampler
+    from crat_ft.sampling import CachedBatchDataset, RoIBatchSampler, StageBatchDataset, StageBatchSampler
 
-    sampler = RoIBatchSampler.from_reader(
-        reader,
-        strategy=sampler_cfg["strategy"],
-        mask_strategy=sampler_cfg["mask_strategy"],
-        rois_per_batch=sampler_cfg["rois_per_batch"],
-        pos_fraction=sampler_cfg["pos_fraction"],
-        masks_per_batch=sampler_cfg["masks_per_batch"],
-        mask_group=sampler_cfg["mask_group"],
-        seed=seed * 1000 + rank,
-        rfs_t=sampler_cfg["rfs_t"],
-    )
+    readers = reader if isinstance(reader, (list, tuple)) else [reader]
+    samplers = [
+        RoIBatchSampler.from_reader(
+            r,
+            strategy=sampler_cfg["strategy"],
+            mask_strategy=sampler_cfg["mask_strategy"],
+            rois_per_batch=sampler_cfg["rois_per_batch"],
+            pos_fraction=sampler_cfg["pos_fraction"],
+            masks_per_batch=sampler_cfg["masks_per_batch"],
+            mask_group=sampler_cfg["mask_group"],
+            seed=seed * 1000 + rank + 500 * s,
+            rfs_t=sampler_cfg["rfs_t"],
+        )
+        for s, r in enumerate(readers)
+    ]
+    if isinstance(reader, (list, tuple)):
+        dataset, sampler = StageBatchDataset(readers), StageBatchSampler(samplers)
+    else:
+        dataset, sampler = CachedBatchDataset(reader), samplers[0]
     return torch.utils.data.DataLoader(
-        CachedBatchDataset(reader),
-        sampler=sampler,
-        batch_size=None,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        dataset, sampler=sampler, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0
     )
 
 
 def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
-    """The :class:`crat_ft.heads.ClasswiseHeads` for a cache, initialised from the detector.
+    """The heads for a cache, initialised from the detector.
+
+    Args:
+        reader: the :class:`crat_ft.cache.RoIReader` of a single-stage
+            detector's cache (gives a :class:`crat_ft.heads.ClasswiseHeads`), or
+            a Cascade R-CNN's list of them, one per stage (gives a
+            :class:`crat_ft.heads.CascadeHeads`).
 
     From a cache at box level ``roi`` (mask level ``roi``) the detector's bbox
     (mask) head trunk is built and retrained too (see :func:`crat_ft.heads.build_trunk`).
     """
-    from crat_ft.detector import CLASSWISE_LAYERS, predictor_cfgs
+    from crat_ft.heads import CascadeHeads
+
+    if not isinstance(reader, (list, tuple)):
+        return _stage_heads(ft, reader, detector_cfg, detector_state, 0, 1)
+    stages = [_stage_heads(ft, r, detector_cfg, detector_state, s, len(reader)) for s, r in enumerate(reader)]
+    return CascadeHeads(stages, detector_cfg.model.roi_head.get("stage_loss_weights", [1.0] * len(stages)))
+
+
+def _stage_heads(ft: dict, reader, detector_cfg, detector_state: dict, stage: int, stages: int):
+    """The :class:`crat_ft.heads.ClasswiseHeads` of one stage."""
+    from crat_ft.detector import classwise_layers, predictor_cfgs, stage_cfgs
     from crat_ft.ft_config import CratConfig, heads_loss_cls
     from crat_ft.heads import ClasswiseHeads, build_trunk
 
     meta = reader.meta
+    if int(meta.get("stage", 0)) != stage or int(meta.get("num_stages", 1)) != stages:
+        raise UserError(
+            f"{reader.path} is stage {meta.get('stage', 0)} of {meta.get('num_stages', 1)}, expected stage {stage} of "
+            f"{stages}; pass the cache directory extract-features wrote"
+        )
+    layers = classwise_layers(stages)[stage]
     has_mask = bool(int(meta["mask_size"]))
-    box_trunk = mask_trunk = None
     roi_cfg = detector_cfg.model.roi_head
+    bbox_cfg = stage_cfgs(roi_cfg.bbox_head, stages)[stage]
+    mask_cfg = stage_cfgs(roi_cfg.get("mask_head"), stages)[stage] if has_mask else None
+    agnostic = bool(bbox_cfg.get("reg_class_agnostic", False))
+    box_trunk = mask_trunk = None
     if meta["box_level"] == "roi":
         box_trunk = build_trunk(
-            dict(roi_cfg.bbox_head), detector_state, CLASSWISE_LAYERS["fc_cls"].rsplit(".", 1)[0], ("fc_cls", "fc_reg")
+            dict(bbox_cfg), detector_state, layers["fc_cls"].rsplit(".", 1)[0], ("fc_cls", "fc_reg")
         )
     if has_mask and meta["mask_level"] == "roi":
         mask_trunk = build_trunk(
-            dict(roi_cfg.mask_head), detector_state, CLASSWISE_LAYERS["conv_logits"].rsplit(".", 1)[0], ("conv_logits",)
+            dict(mask_cfg), detector_state, layers["conv_logits"].rsplit(".", 1)[0], ("conv_logits",)
         )
     # widths of the class-wise layers' inputs, as the checkpoint has them
-    box_dim = int(detector_state[CLASSWISE_LAYERS["fc_reg"] + ".weight"].shape[1])
-    mask_channels = int(detector_state[CLASSWISE_LAYERS["conv_logits"] + ".weight"].shape[1]) if has_mask else 0
+    box_dim = int(detector_state[layers["fc_cls"] + ".weight"].shape[1])
+    mask_channels = int(detector_state[layers["conv_logits"] + ".weight"].shape[1]) if has_mask else 0
     if box_trunk is None and int(meta["box_shape"][0]) != box_dim:
         raise UserError(
-            f"the cache's box features have width {meta['box_shape'][0]} but the detector's fc_reg takes {box_dim}; re-extract the cache"
+            f"the cache's box features have width {meta['box_shape'][0]} but the detector's fc_cls takes {box_dim}; re-extract the cache"
         )
     if mask_trunk is None and has_mask and int(meta["mask_shape"][0]) != mask_channels:
         raise UserError(
             f"the cache's mask features have {meta['mask_shape'][0]} channels but the detector's conv_logits "
             f"takes {mask_channels}; re-extract the cache"
         )
-    predictors = predictor_cfgs(roi_cfg.bbox_head, roi_cfg.get("mask_head") if has_mask else None)
+    predictors = predictor_cfgs(bbox_cfg, mask_cfg)
     heads = ClasswiseHeads(
         cls_predictor_cfg=predictors["classifier"],
-        reg_predictor_cfg=predictors["box regressor"],
+        reg_predictor_cfg=predictors.get("box regressor"),
         mask_predictor_cfg=predictors.get("mask predictor"),
+        reg_class_agnostic=agnostic,
         num_classes=reader.num_classes,
         box_feat_dim=box_dim,
         mask_channels=mask_channels,
-        bbox_coder=dict(detector_cfg.model.roi_head.bbox_head.bbox_coder),
+        bbox_coder=dict(bbox_cfg.bbox_coder),
         loss_cls=heads_loss_cls(ft, meta),
         loss_bbox_weight=ft["heads"]["loss_bbox_weight"],
         loss_mask_weight=ft["heads"]["loss_mask_weight"],
@@ -106,7 +139,7 @@ def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
         box_trunk=box_trunk,
         mask_trunk=mask_trunk,
     )
-    heads.load_from_detector(detector_state, CLASSWISE_LAYERS)
+    heads.load_from_detector(detector_state, layers)
     return heads
 
 
@@ -154,6 +187,13 @@ def _retrain_locked(
     ft = load_ft_config(ft_config, cfg_options)
     reader, det_config, det_ckpt, detector_cfg, detector_state = open_cache_and_detector(ft, cache, trust_checkpoint)
     heads = build_heads(ft, reader, detector_cfg, detector_state)
+    if isinstance(reader, list) and any(h.fc_reg is None for h in heads.stages):
+        print(
+            "retrain-heads: the box regressors are class-agnostic, so they stay as they are and CRAT's box branch "
+            "does not apply; retraining every stage's classifier and mask predictor (CRAT on the masks)",
+            file=sys.stderr,
+            flush=True,
+        )
     loader = build_cache_loader(reader, ft["sampler"], ft["train"]["seed"], ft["train"]["num_workers"], rank)
     start = resume_point(work_dir) if resume else None
     runner = build_runner(
@@ -163,7 +203,9 @@ def _retrain_locked(
     out = work_dir / HEADS_FILE
     if rank == 0:
         state = {k: v.detach().cpu() for k, v in unwrap(runner.model).state_dict().items()}
-        meta = heads_meta(ft, reader.meta, det_config, det_ckpt, runner.iter)
+        first = reader[0] if isinstance(reader, list) else reader
+        meta = heads_meta(ft, first.meta, det_config, det_ckpt, runner.iter)
+        meta["num_stages"] = len(reader) if isinstance(reader, list) else 1
         atomic_torch_save({"state_dict": state, "meta": meta}, out)
     return out
 
@@ -172,18 +214,27 @@ def open_cache_and_detector(ft: dict, cache, trust_checkpoint: bool):
     """The cache reader and the detector it was made from (checked by sha256).
 
     Returns:
-        ``(reader, detector config path, checkpoint path, detector config, detector state dict)``.
+        ``(reader, detector config path, checkpoint path, detector config, detector state dict)``;
+        for a Cascade R-CNN's cache, ``reader`` is a list with one reader per stage.
     """
-    from crat_ft.cache import INDEX_FILE, RoIReader
+    from crat_ft.cache import RoIReader, stage_indexes
     from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
     from crat_ft.config import load_config
     from crat_ft.errors import sha_mismatch
     from crat_ft.files import sha256_file
 
-    cache = Path(cache)
-    if cache.is_dir():
-        cache = cache / INDEX_FILE
-    reader = RoIReader(cache, in_memory=ft["train"]["in_memory"])
+    indexes = stage_indexes(cache)
+    readers = [
+        RoIReader(index, in_memory=ft["train"]["in_memory"], box_memory_bytes=(8 << 30) // len(indexes))
+        for index in indexes
+    ]
+    reader = readers[0]
+    stages = int(reader.meta.get("num_stages", 1))
+    if stages != len(readers):
+        raise UserError(
+            f"{cache} holds {len(readers)} stage cache(s) but they were made for a {stages}-stage detector; "
+            "let extract-features finish every stage (rerun it with --resume)"
+        )
     det_config = ft["detector"]["config"] or reader.meta.get("config_path")
     det_ckpt = ft["detector"]["checkpoint"] or reader.meta.get("checkpoint_path")
     if not det_config or not det_ckpt:
@@ -200,7 +251,18 @@ def open_cache_and_detector(ft: dict, cache, trust_checkpoint: bool):
             sha,
             "re-extract features with this checkpoint or pass the matching one",
         )
-    return reader, det_config, det_ckpt, load_config(det_config), state_dict_of(ckpt)
+    for r in readers[1:]:
+        if r.meta["checkpoint_sha256"] != sha:
+            raise UserError(f"{r.path} was made from another checkpoint than {readers[0].path}; re-extract the cache")
+    detector_cfg = load_config(det_config)
+    from crat_ft.detector import num_stages
+
+    if num_stages(detector_cfg) != stages:
+        raise UserError(
+            f"the cache was made for a {stages}-stage detector but {det_config} has {num_stages(detector_cfg)} stage(s); "
+            "pass the config the cache was made with"
+        )
+    return (readers if stages > 1 else reader), det_config, det_ckpt, detector_cfg, state_dict_of(ckpt)
 
 
 def build_runner(

@@ -232,3 +232,39 @@ class CachedBatchDataset(torch.utils.data.Dataset):
             "mask_target": torch.from_numpy(masks["mask_target"]).float(),
             "mask_label": torch.from_numpy(masks["mask_label"].astype(np.int64)),
         }
+
+
+class StageBatchSampler(torch.utils.data.Sampler):
+    """A Cascade R-CNN's steps: one item of each stage's :class:`RoIBatchSampler` per step.
+
+    Each stage draws from its own cache with its own seed; an epoch is as
+    long as the shortest stage's.
+    """
+
+    def __init__(self, samplers: list[RoIBatchSampler]) -> None:
+        self.samplers = samplers
+        self.steps = min(len(s) for s in samplers)
+
+    def set_epoch(self, epoch: int) -> None:
+        for s in self.samplers:
+            s.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for step in range(self.steps):
+            yield tuple(s.batch(step) for s in self.samplers)
+
+
+class StageBatchDataset(torch.utils.data.Dataset):
+    """Turns a :class:`StageBatchSampler` item into one batch dict per stage."""
+
+    def __init__(self, readers: list) -> None:
+        self.datasets = [CachedBatchDataset(r) for r in readers]
+
+    def __len__(self) -> int:
+        return len(self.datasets[0])
+
+    def __getitem__(self, items: tuple) -> tuple:
+        return tuple(d[item] for d, item in zip(self.datasets, items))

@@ -23,6 +23,8 @@ from crat_ft.cache.schema import (
     open_cache,
     pack_masks,
     shard_name,
+    stage_dir,
+    stage_indexes,
     unpack_masks,
 )
 from crat_ft.cache.summary import summarize
@@ -47,6 +49,8 @@ __all__ = [
     "open_cache",
     "pack_masks",
     "shard_name",
+    "stage_dir",
+    "stage_indexes",
     "summarize",
     "unpack_masks",
 ]

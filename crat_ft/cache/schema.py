@@ -23,7 +23,10 @@ A cache file (a shard, or the merged index) holds::
     /images/roi_start, /images/roi_count, /images/mask_start, /images/mask_count  (I,) int64
     /images/scale_factor (I, 2) float32  network input / original image scale (w, h)
 
-and attributes (see :data:`REQUIRED_ATTRS`). Files are written under a
+and attributes (see :data:`REQUIRED_ATTRS`). A Cascade R-CNN's cache is a
+directory per stage, ``stage-0/``, ``stage-1/``, ... (each a cache as above, with
+attributes ``stage`` and ``num_stages``): stage ``s`` holds the RoIs and
+features stage ``s``'s class-wise layers see. Files are written under a
 temporary name and renamed when complete; a file without ``complete=True`` is
 never accepted.
 """
@@ -74,6 +77,33 @@ def shard_name(i: int, n: int) -> str:
     return f"shard-{i:05d}-of-{n:05d}.h5"
 
 
+def stage_dir(out: Path, stage: int, stages: int) -> Path:
+    """Directory of stage ``stage``'s cache: ``out`` itself for a single-stage detector."""
+    return out if stages == 1 else out / f"stage-{stage}"
+
+
+def stage_indexes(cache: str | os.PathLike) -> list[Path]:
+    """The index file of each stage of a cache given as its directory or its index file.
+
+    Raises:
+        UserError: no cache there.
+    """
+    cache = Path(cache)
+    if cache.is_file() or cache.suffix == ".h5":
+        return [cache]
+    if (cache / INDEX_FILE).exists():
+        return [cache / INDEX_FILE]
+    stages = []
+    while (cache / f"stage-{len(stages)}").is_dir():
+        stages.append(cache / f"stage-{len(stages)}" / INDEX_FILE)
+    if stages:
+        return stages
+    raise UserError(
+        f"{cache} holds no feature cache ({INDEX_FILE}, or stage-0/{INDEX_FILE} for a cascade); "
+        "create it with `crat-ft extract-features`, and let every shard finish"
+    )
+
+
 def config_hash(model_cfg_text: str) -> str:
     return hashlib.sha256(model_cfg_text.encode()).hexdigest()[:16]
 
@@ -120,8 +150,14 @@ def base_attrs(
     mask_shape: Sequence[int],
     mask_size: int,
     bbox_coder: dict,
+    stage: int = 0,
+    num_stages: int = 1,
+    reg_class_agnostic: bool = False,
 ) -> dict:
     return {
+        "stage": int(stage),
+        "num_stages": int(num_stages),
+        "reg_class_agnostic": bool(reg_class_agnostic),
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "crat_ft_version": crat_ft.__version__,

@@ -35,6 +35,7 @@ def summarize(path: str | os.PathLike) -> str:
         f"  bytes: box features {nbytes['rois/box_feat'] / 2**20:.1f} MiB, "
         f"mask features {nbytes['masks/feat'] / 2**20:.1f} MiB, mask targets {nbytes['masks/target'] / 2**20:.2f} MiB",
         f"  policy: {json.dumps(meta['policy'], sort_keys=True)}",
+        *_stage_lines(meta),
         "  positives (masks) per frequency group:",
     ]
     for g, gname in (("r", "rare"), ("c", "common"), ("f", "frequent")):
@@ -46,3 +47,15 @@ def summarize(path: str | os.PathLike) -> str:
     for i in range(c):
         lines.append(f"    {names[i]:<24} {freq[i]}  {int(pos[i]):7d} ({int(masks[i])})")
     return "\n".join(lines)
+
+
+def _stage_lines(meta: dict) -> list[str]:
+    """What a cascade stage's cache is, and what CRAT retrains from it."""
+    lines = []
+    if int(meta.get("num_stages", 1)) > 1:
+        lines.append(f"  stage {meta['stage']} of a {meta['num_stages']}-stage cascade")
+    if meta.get("reg_class_agnostic"):
+        lines.append(
+            "  box regressor: class-agnostic, kept as it is; CRAT's box branch does not apply (classifier and masks only)"
+        )
+    return lines
