@@ -51,8 +51,11 @@ model = dict(
             out_channels=64,
             featmap_strides=[4, 8, 16, 32],
         ),
-        bbox_head=[_bbox_head([0.1, 0.1, 0.2, 0.2]), _bbox_head([0.05, 0.05, 0.1, 0.1]),
-                   _bbox_head([0.033, 0.033, 0.067, 0.067])],  # fmt: skip
+        bbox_head=[
+            _bbox_head([0.1, 0.1, 0.2, 0.2]),
+            _bbox_head([0.05, 0.05, 0.1, 0.1]),
+            _bbox_head([0.033, 0.033, 0.067, 0.067]),
+        ],  # fmt: skip
         mask_roi_extractor=dict(
             type="SingleRoIExtractor",
             roi_layer=dict(type="RoIAlign", output_size=14, sampling_ratio=0),

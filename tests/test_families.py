@@ -1,0 +1,143 @@
+"""Every checkpoint family of mmdet's LVIS model zoo, built from mmdet's own config files.
+
+Each detector is built with random weights (nothing is downloaded) and
+``num_classes`` set to the tiny data's 40; it is extracted, retrained a few
+iterations and exported through the CLI. On the cached features, the heads
+crat-ft retrained must compute exactly what the exported detector's mmdet
+heads compute, stage by stage, and differ from what the original computed.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from crat_ft.paths import demo_config
+
+pytestmark = pytest.mark.slow
+
+NUM_CLASSES = 40
+LVIS_R50 = "lvis/mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1.py"
+FAMILIES = {
+    "mask-rcnn": LVIS_R50,
+    "seesaw": "seesaw_loss/mask-rcnn_r50_fpn_seesaw-loss_sample1e-3-ms-2x_lvis-v1.py",
+    "seesaw-normed-mask": "seesaw_loss/mask-rcnn_r50_fpn_seesaw-loss-normed-mask_sample1e-3-ms-2x_lvis-v1.py",
+    "cascade-seesaw-normed-mask": (
+        "seesaw_loss/cascade-mask-rcnn_r101_fpn_seesaw-loss-normed-mask_sample1e-3-ms-2x_lvis-v1.py"
+    ),
+    "faster-rcnn": LVIS_R50,  # mmdet's LVIS Mask R-CNN with its mask branch removed
+}
+
+
+def _mmdet_config(family: str, tmp_path: Path) -> Path:
+    """mmdet's config of ``family`` with 40 classes (every stage, every loss that counts them), dumped to a file."""
+    import mmdet
+    from mmengine.config import Config
+
+    path = Path(mmdet.__file__).parent / ".mim" / "configs" / FAMILIES[family]
+    if not path.is_file():
+        pytest.skip("mmdet's packaged configs are not installed")
+    cfg = Config.fromfile(str(path))
+    roi = cfg.model.roi_head
+    for key in ("bbox_head", "mask_head"):
+        heads = roi.get(key)
+        for head in heads if isinstance(heads, list) else [heads] if heads else []:
+            head.num_classes = NUM_CLASSES
+            if "num_classes" in head.get("loss_cls", {}):
+                head.loss_cls.num_classes = NUM_CLASSES
+    if family == "faster-rcnn":
+        roi.mask_roi_extractor = None
+        roi.mask_head = None
+    out = tmp_path / f"{family}.py"
+    cfg.dump(str(out))
+    return out
+
+
+def _random_checkpoint(config: Path, path: Path) -> dict:
+    from mmdet.registry import MODELS
+
+    from crat_ft.config import load_config
+    from crat_ft.registry import register_all
+
+    register_all()
+    torch.manual_seed(0)
+    model = MODELS.build(load_config(config).model)  # init_weights() not called: nothing is downloaded
+    state = model.state_dict()
+    torch.save({"state_dict": state, "meta": {}}, path)
+    return state
+
+
+def _stage_layers(model) -> list[tuple]:
+    from crat_ft.detector import stage_heads
+
+    return stage_heads(model)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_retrained_heads_equal_the_exported_mmdet_heads(family, tiny_data, tmp_path):
+    from mmdet.apis import init_detector
+
+    from crat_ft.cache import RoIReader, stage_indexes
+    from crat_ft.checkpoint import allow_mmengine_pickles
+    from crat_ft.config import load_config
+    from crat_ft.ft_config import load_ft_config
+    from crat_ft.retrain import build_heads
+
+    config = _mmdet_config(family, tmp_path)
+    ckpt = tmp_path / "random.pth"
+    original = _random_checkpoint(config, ckpt)
+    cache = tmp_path / "cache"
+    r = run_cli("extract-features", config, ckpt, "--data-root", tiny_data, "--out", cache, "--max-images", 2,
+                "--batch-size", 1, "--mask-pos-per-class", 400)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    options = ["train.max_iters=3", "train.checkpoint_interval=3", "train.warmup_iters=1", "train.lr=0.05",
+               "sampler.rois_per_batch=64", "sampler.masks_per_batch=8", "crat.mask_weights=mask"]  # fmt: skip
+    if "seesaw" in family:
+        options.append("heads.loss_cls.type=SeesawLoss")
+    work = tmp_path / "heads"
+    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", cache, "--work-dir", work,
+                "--cfg-options", *options)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    cascade = family.startswith("cascade")
+    assert ("the box regressors are class-agnostic" in r.stderr) == cascade, r.stderr[-2000:]
+    out = tmp_path / "merged.pth"
+    r = run_cli("export", config, ckpt, work / "heads.pth", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    readers = [RoIReader(index) for index in stage_indexes(cache)]
+    assert len(readers) == (3 if cascade else 1)
+    ft = load_ft_config(demo_config("crat_synthetic.py"), options)
+    heads = build_heads(ft, readers if cascade else readers[0], load_config(config), original)
+    heads.load_state_dict(torch.load(work / "heads.pth", weights_only=True)["state_dict"])
+    stages = list(heads.stages) if cascade else [heads]
+    allow_mmengine_pickles()
+    merged_cfg = out.with_suffix(".py")
+    model = init_detector(str(merged_cfg if merged_cfg.exists() else config), str(out), device="cpu")
+    before = init_detector(str(config), str(ckpt), device="cpu")
+    for s, (ours, reader, (bbox_head, mask_head), (old_bbox, old_mask)) in enumerate(
+        zip(stages, readers, _stage_layers(model), _stage_layers(before))
+    ):
+        rois = reader.read_rois(np.arange(min(48, len(reader.labels))))
+        x = torch.from_numpy(rois["box_feat"]).float()
+        with torch.no_grad():
+            got = ours.predict(x, None)
+            torch.testing.assert_close(got["cls_score"], bbox_head.fc_cls(x), msg=f"stage {s} classifier")
+            assert not torch.allclose(got["cls_score"], old_bbox.fc_cls(x)), f"stage {s} classifier not retrained"
+            if bbox_head.reg_class_agnostic:
+                assert ours.fc_reg is None and "bbox_pred" not in got
+                torch.testing.assert_close(bbox_head.fc_reg.weight, old_bbox.fc_reg.weight)  # kept as it is
+            else:
+                torch.testing.assert_close(got["bbox_pred"], bbox_head.fc_reg(x), msg=f"stage {s} regressor")
+                assert not torch.allclose(got["bbox_pred"], old_bbox.fc_reg(x))
+            if mask_head is None:
+                assert ours.conv_logits is None and family == "faster-rcnn"
+                continue
+            masks = reader.read_masks(np.arange(min(8, len(reader.mask_roi))))
+            mx = torch.from_numpy(masks["mask_feat"]).float()
+            assert len(mx), f"stage {s} cached no masks"
+            logits = ours.predict(x, mx)["mask_logits"]
+            torch.testing.assert_close(logits, mask_head.conv_logits(mx), msg=f"stage {s} mask predictor")
+            assert not torch.allclose(logits, old_mask.conv_logits(mx)), f"stage {s} mask predictor not retrained"
+            assert type(mask_head.conv_logits).__name__ == ("NormedConv2d" if "normed-mask" in family else "Conv2d")
