@@ -174,6 +174,15 @@ def sync_dataset_classes(cfg, splits: Iterable[str] = DATALOADERS) -> list[str]:
     return names or []
 
 
+def dataset_class_names(cfg) -> list[str]:
+    """The class names :func:`sync_dataset_classes` filled in (of the first dataloader that has them)."""
+    for _, ds in _datasets(cfg):
+        classes = (ds.get("metainfo") or {}).get("classes")
+        if classes:
+            return list(classes)
+    return []
+
+
 def base_dataset_cfg(cfg, loader: str = "train_dataloader"):
     """The dataset config of a dataloader, unwrapped from ClassBalancedDataset/RepeatDataset wrappers."""
     ds = cfg[loader].dataset

@@ -14,7 +14,7 @@ usually with class-agnostic (4, D) regressors, which crat-ft leaves as they are.
 
 from __future__ import annotations
 
-from crat_ft.config import head_num_classes
+from crat_ft.config import dataset_class_names, head_num_classes
 from crat_ft.errors import UserError
 
 CLASSWISE_LAYERS = {
@@ -88,6 +88,26 @@ def check_checkpoint_classes(cfg, state_dict: dict, checkpoint_name: str) -> Non
                     f"checkpoint {checkpoint_name} has {n} classes ({layers[layer]}) but the config has "
                     f"num_classes={k}; use the config the checkpoint was trained with, or set its num_classes to {n}"
                 )
+
+
+def checkpoint_class_names(meta: dict | None) -> list[str] | None:
+    """Class names a checkpoint records: mmdet 3.x ``dataset_meta.classes`` or mmdet 2.x ``CLASSES``."""
+    meta = meta or {}
+    names = (meta.get("dataset_meta") or {}).get("classes") or meta.get("CLASSES")
+    return [str(n) for n in names] if names else None
+
+
+def check_checkpoint_class_names(meta: dict | None, names: list[str], checkpoint_name: str) -> None:
+    """Refuse a checkpoint whose recorded class names differ from the dataset's (same count, other classes
+    or order: every label would silently mean another class)."""
+    recorded = checkpoint_class_names(meta)
+    if not recorded or not names or len(recorded) != len(names) or recorded == list(names):
+        return
+    i = next(i for i, (a, b) in enumerate(zip(recorded, names)) if a != b)
+    raise UserError(
+        f"checkpoint {checkpoint_name} was trained with other classes than the dataset's: class {i} is {recorded[i]!r} "
+        f"in the checkpoint and {names[i]!r} in the annotation file; use the dataset (category list) the checkpoint was trained on"
+    )
 
 
 SUPPORTED = (
@@ -198,6 +218,7 @@ def build_frozen_detector(cfg, checkpoint: str, *, trust_checkpoint: bool = Fals
     ckpt = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
     state = state_dict_of(ckpt)
     check_checkpoint_classes(cfg, state, str(checkpoint))
+    check_checkpoint_class_names(ckpt.get("meta"), dataset_class_names(cfg), str(checkpoint))
     if not cfg.model.get("train_cfg") or not cfg.model.train_cfg.get("rcnn"):
         raise UserError(
             "model.train_cfg.rcnn is missing from the config; its assigner defines positive RoIs: use the training config of the checkpoint"

@@ -145,8 +145,8 @@ def _prepare_outputs(out: Path, csv_path: Path) -> Path:
 def _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint: bool):
     """The detector config set up for mmdet's test loop with crat-ft's LVIS metric and ``checkpoint``."""
     from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
-    from crat_ft.config import ann_file_of, prepare_config
-    from crat_ft.detector import check_checkpoint_classes
+    from crat_ft.config import ann_file_of, dataset_class_names, prepare_config
+    from crat_ft.detector import check_checkpoint_class_names, check_checkpoint_classes
     from crat_ft.registry import register_all
     from crat_ft.runner import unique_names
 
@@ -154,6 +154,7 @@ def _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint: b
     cfg = prepare_config(config, cfg_options, data_root, ("test_dataloader",))
     ckpt = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
     check_checkpoint_classes(cfg, state_dict_of(ckpt), str(checkpoint))
+    check_checkpoint_class_names(ckpt.get("meta"), dataset_class_names(cfg), str(checkpoint))
     evaluator = cfg.get("test_evaluator")
     evaluators = evaluator if isinstance(evaluator, list) else [evaluator]
     lvis = [e for e in evaluators if isinstance(e, dict) and e.get("type") == "CratLVISMetric"]

@@ -141,3 +141,80 @@ def test_retrained_heads_equal_the_exported_mmdet_heads(family, tiny_data, tmp_p
             torch.testing.assert_close(logits, mask_head.conv_logits(mx), msg=f"stage {s} mask predictor")
             assert not torch.allclose(logits, old_mask.conv_logits(mx)), f"stage {s} mask predictor not retrained"
             assert type(mask_head.conv_logits).__name__ == ("NormedConv2d" if "normed-mask" in family else "Conv2d")
+
+
+CASCADE_DEMO = "cascade-mask-rcnn_r18_fpn_tiny_seesaw-normed-mask_synthetic.py"
+
+
+def test_cascade_demo_detector_through_every_command(tiny_data, tmp_path):
+    """The demo detector as a Cascade Seesaw normed-mask R-CNN: dry run, extraction, resume, inspect-cache,
+    retraining, export and evaluate --heads."""
+    import json
+
+    config = demo_config(CASCADE_DEMO)
+    ckpt = tmp_path / "cascade.pth"
+    original = _random_checkpoint(config, ckpt)
+    base = ["extract-features", config, ckpt, "--data-root", tiny_data, "--max-images", 4, "--segment-images", 2]
+    r = run_cli(*base, "--out", tmp_path / "dry", "--dry-run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [f"dry run: stage {s}:" in r.stdout for s in range(3)] == [True] * 3
+    assert "all 3 stages: total" in r.stdout and not (tmp_path / "dry").exists()
+    cache = tmp_path / "cache"
+    r = run_cli(*base, "--out", cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in cache.iterdir()) == ["stage-0", "stage-1", "stage-2"]
+    assert [f"shard 0/1 stage {s}: 4 images" in r.stderr for s in range(3)] == [True] * 3
+    # a finished cascade cache: a resume with the same settings changes nothing, other settings are refused
+    index_bytes = (cache / "stage-2" / "shard-00000-of-00001.h5").read_bytes()
+    r = run_cli(*base, "--out", cache, "--resume")
+    assert r.returncode == 0 and (cache / "stage-2" / "shard-00000-of-00001.h5").read_bytes() == index_bytes
+    r = run_cli(*base[:-1], 3, "--out", cache, "--resume")
+    assert r.returncode == 2 and "was made with segment_images=2, this run has segment_images=3" in r.stderr
+    r = run_cli(*base, "--out", cache)
+    assert r.returncode == 2 and "stage-0/shard-00000-of-00001.h5 already exists; pass --resume" in r.stderr
+
+    r = run_cli("inspect-cache", cache)
+    assert r.returncode == 0 and [f"stage {s} of a 3-stage cascade" in r.stdout for s in range(3)] == [True] * 3
+    assert r.stdout.count("box regressor: class-agnostic, kept as it is; CRAT's box branch does not apply") == 3
+
+    work = tmp_path / "heads"
+    options = ["heads.loss_cls.type=SeesawLoss", "train.max_iters=3", "train.checkpoint_interval=3",
+               "train.warmup_iters=1", "sampler.rois_per_batch=64", "sampler.masks_per_batch=8"]  # fmt: skip
+    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", cache, "--work-dir", work,
+                "--cfg-options", *options)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert "regressor is class-agnostic; set crat.mask_weights=mask" in r.stderr
+    r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", cache, "--work-dir", work,
+                "--cfg-options", *options, "crat.mask_weights=mask")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    heads = torch.load(work / "heads.pth", weights_only=True)
+    assert heads["meta"]["num_stages"] == 3
+    state = heads["state_dict"]
+    for s in range(3):
+        assert f"stages.{s}.fc_reg.weight" not in state and state[f"stages.{s}.mask_stats.seen"].sum() > 0
+    # a single-stage config is refused for cascade heads
+    r = run_cli("export", demo_config("mask-rcnn_r18_fpn_tiny_synthetic.py"), ckpt, work / "heads.pth", "--out",
+                tmp_path / "x.pth")  # fmt: skip
+    assert r.returncode == 2 and "holds heads of a 3-stage detector but" in r.stderr
+    out = tmp_path / "merged.pth"
+    r = run_cli("export", config, ckpt, work / "heads.pth", "--out", out, "--logit-adjust", 0.5)
+    assert r.returncode == 0, r.stderr[-3000:]
+    merged = torch.load(out, weights_only=True)["state_dict"]
+    prior = torch.tensor(heads["meta"]["class_instance_count"], dtype=torch.float).clamp_min(1)
+    prior = prior / prior.sum()
+    for s in range(3):
+        torch.testing.assert_close(
+            merged[f"roi_head.mask_head.{s}.conv_logits.weight"], state[f"stages.{s}.conv_logits.weight"]
+        )
+        # logit adjustment moves every stage's foreground biases by the same -0.5 log prior
+        shift = merged[f"roi_head.bbox_head.{s}.fc_cls.bias"] - state[f"stages.{s}.fc_cls.bias"]
+        torch.testing.assert_close(shift[:NUM_CLASSES], -0.5 * prior.log())
+        assert float(shift[NUM_CLASSES:].abs().max()) == 0.0
+        torch.testing.assert_close(
+            merged[f"roi_head.bbox_head.{s}.fc_reg.weight"], original[f"roi_head.bbox_head.{s}.fc_reg.weight"]
+        )
+    r = run_cli("evaluate", config, ckpt, "--heads", work / "heads.pth", "--data-root", tiny_data, "--out",
+                tmp_path / "m.json")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert sorted(metrics) == ["bbox", "segm"] and 0.0 <= metrics["segm"]["AP"] <= 100.0

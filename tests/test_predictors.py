@@ -163,3 +163,20 @@ def test_mmdet2_format_checkpoint_extracts_the_same_cache(tiny_data, tiny_detect
                 "--segment-images", 4, "--mask-pos-per-class", 400)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same(_tables(tiny_cache), _tables(out / "index.h5"))
+
+
+def test_checkpoint_trained_on_other_classes_is_refused(tiny_data, tiny_detector, tmp_path):
+    """A checkpoint whose recorded class names (mmdet 2.x CLASSES) differ from the dataset's, with the same count:
+    every label would mean another class, so extraction and evaluation refuse it in one line."""
+    ckpt = torch.load(tiny_detector, weights_only=True)
+    classes = list(ckpt["meta"]["dataset_meta"]["classes"])
+    classes[3], classes[7] = classes[7], classes[3]
+    torch.save({"meta": {"CLASSES": tuple(classes), "mmdet_version": "2.28.2"}, "state_dict": ckpt["state_dict"]},
+               tmp_path / "swapped.pth")  # fmt: skip
+    expected = f"class 3 is {classes[3]!r} in the checkpoint and {classes[7]!r} in the annotation file"
+    r = run_cli(*extract_args(tmp_path / "swapped.pth", tiny_data), "--out", tmp_path / "c")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and expected in r.stderr, r.stderr[-2000:]
+    assert not list((tmp_path / "c").rglob("*.h5"))
+    r = run_cli("evaluate", demo_config_path(), tmp_path / "swapped.pth", "--data-root", tiny_data, "--out",
+                tmp_path / "m.json")  # fmt: skip
+    assert r.returncode == 2 and expected in r.stderr, r.stderr[-2000:]
