@@ -360,6 +360,26 @@ def export(config, checkpoint, heads, out, tau_norm, logit_adjust, combine_origi
         )
 
 
+@cli.command("export-plain")
+@click.argument("config", type=click.Path())
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The plain mmdet checkpoint.")
+@TRUST
+@CFG_OPTIONS
+def export_plain(config, checkpoint, out, trust_checkpoint, cfg_options):
+    """A detector trained end to end with crat-ft's mmdet plugin heads, as stock mmdet loads it.
+
+    Writes OUT without the Fisher statistics and OUT's stem + .py: CONFIG with mmdet's own head types
+    and metric, and no crat_ft imports.
+    """
+    from crat_ft.plugin import export_plain as run
+
+    path, cfg_path = run(
+        config, checkpoint, out, cfg_options=_split_options(cfg_options), trust_checkpoint=trust_checkpoint
+    )
+    click.echo(f"plain mmdet checkpoint: {path}\nconfig for it: {cfg_path}")
+
+
 @cli.command("fisher-neighbors")
 @click.argument("heads", type=click.Path())
 @click.option("--class", "class_name", default=None, help="One class (default: every rare class).")

@@ -189,11 +189,11 @@ class Extractor:
                 candidates = self.refine(s, feats, sample, priors, gt_inds)[ng:]  # mmdet drops the gt rows
         return blocks
 
-    def _bbox_forward(self, stage: int, feats: tuple, rois):
+    def bbox_forward(self, stage: int, feats: tuple, rois):
         roi = self.model.roi_head
         return roi._bbox_forward(stage, feats, rois) if self.cascade else roi._bbox_forward(feats, rois)
 
-    def _mask_forward(self, stage: int, feats: tuple, rois):
+    def mask_forward(self, stage: int, feats: tuple, rois):
         roi = self.model.roi_head
         return roi._mask_forward(stage, feats, rois) if self.cascade else roi._mask_forward(feats, rois)
 
@@ -225,7 +225,7 @@ class Extractor:
         from mmdet.structures.bbox import bbox2roi
 
         head = self.heads[stage][0]
-        out = self._bbox_forward(stage, feats, bbox2roi([priors]))
+        out = self.bbox_forward(stage, feats, bbox2roi([priors]))
         scores = out["cls_score"]
         if getattr(head, "custom_activation", False):
             scores = head.loss_cls.get_activation(scores)
@@ -242,7 +242,7 @@ class Extractor:
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=priors.device)
         boxes = priors[rows_t]
         gidx = gt_inds[rows_t] - 1
-        bbox_out = self._bbox_forward(stage, feats, bbox2roi([boxes]))
+        bbox_out = self.bbox_forward(stage, feats, bbox2roi([boxes]))
         feat = self.tap.box_in[stage] if self.box_level == "fc" else bbox_out["bbox_feats"]
         head = self.heads[stage][0]
         label = torch.full((len(rows),), head.num_classes, dtype=torch.long, device=priors.device)
@@ -267,7 +267,7 @@ class Extractor:
             }
         mrows_t = torch.as_tensor(mask_rows, dtype=torch.long, device=boxes.device)
         mboxes = boxes[mrows_t]
-        mask_out = self._mask_forward(stage, feats, bbox2roi([mboxes]))
+        mask_out = self.mask_forward(stage, feats, bbox2roi([mboxes]))
         feat = self.tap.mask_in[stage] if self.mask_level == "logits" else mask_out["mask_feats"]
         targets = mask_target([mboxes], [gidx[mrows_t]], [gt.masks], self.rcnn_cfgs[stage])
         return {

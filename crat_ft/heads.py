@@ -31,24 +31,11 @@ from crat_ft.ft_config import CratConfig
 from crat_ft.transfusion import (
     FisherStats,
     box_sample_fisher,
-    box_sample_grad,
-    box_transfusion_loss,
-    mask_sample_grad,
+    box_transfusion,
+    mask_transfusion,
     mask_transfusion_loss,
-    normed_mask_sample_grad,
     transfusion_weights,
 )
-
-
-def reference_fisher(labels: Tensor, num_classes: int, grads: Tensor) -> Tensor:
-    """``fisher='reference'``: every sample gets its class's squared *batch-summed* gradient.
-
-    Args:
-        grads: (P, *shape) per-sample gradients (not squared).
-    """
-    flat = grads.reshape(grads.shape[0], -1)
-    sums = torch.zeros(num_classes, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, labels, flat)
-    return sums.square()[labels].reshape(grads.shape)
 
 
 class ClasswiseHeads(BaseModel):
@@ -279,27 +266,10 @@ class ClasswiseHeads(BaseModel):
         return counts[None, :] < counts[labels][:, None]
 
     def _box_transfusion(self, x_pos, pred_all, pred_own, target, y) -> Tensor:
-        if self.crat.fisher == "reference":
-            grads = box_sample_grad(x_pos.detach(), pred_own.detach(), target)
-            fisher = reference_fisher(y, self.num_classes, grads)
-        else:
-            fisher = box_sample_fisher(x_pos.detach(), pred_own.detach(), target)
-        self.box_stats.update(fisher, y)
-        self.box_stats.all_reduce()
-        w = transfusion_weights(
-            fisher, self.box_stats, y, self.crat.box_tau, top_k=self.crat.top_k, allowed=self._allowed(y)
-        )
-        return box_transfusion_loss(pred_all, target, w)
-
-    def _mask_grad(self, feats: Tensor, z_own: Tensor, target: Tensor, y: Tensor) -> Tensor:
-        """(M, K) per-sample gradients w.r.t. the own-class rows of conv_logits, for its layer type."""
-        layer = self.conv_logits
-        if type(layer).__name__ == "NormedConv2d":
-            return normed_mask_sample_grad(
-                feats.detach(), z_own.detach(), target, layer.weight.detach().flatten(1)[y],
-                temperature=layer.tempearture, power=layer.power, eps=layer.eps,
-            )  # fmt: skip
-        return mask_sample_grad(feats.detach(), z_own.detach(), target)
+        return box_transfusion(
+            x_pos, pred_all, pred_own, target, y, self.box_stats, temperature=self.crat.box_tau,
+            fisher=self.crat.fisher, top_k=self.crat.top_k, allowed=self._allowed(y),
+        )  # fmt: skip
 
     def _mask_transfusion(self, feats, logits_all, z_own, target, y, mask_box_fields) -> Tensor:
         if self.crat.mask_weights == "box":
@@ -320,16 +290,10 @@ class ClasswiseHeads(BaseModel):
                 fisher, self.box_stats, y, self.crat.box_tau, top_k=self.crat.top_k, allowed=self._allowed(y)
             )
             return mask_transfusion_loss(logits_all, target, w)
-        if self.crat.fisher == "reference":
-            fisher = reference_fisher(y, self.num_classes, self._mask_grad(feats, z_own, target, y))
-        else:
-            fisher = self._mask_grad(feats, z_own, target, y).square()
-        self.mask_stats.update(fisher, y)
-        self.mask_stats.all_reduce()
-        w = transfusion_weights(
-            fisher, self.mask_stats, y, self.crat.mask_tau, top_k=self.crat.top_k, allowed=self._allowed(y)
-        )
-        return mask_transfusion_loss(logits_all, target, w)
+        return mask_transfusion(
+            self.conv_logits, feats, logits_all, z_own, target, y, self.mask_stats, temperature=self.crat.mask_tau,
+            fisher=self.crat.fisher, top_k=self.crat.top_k, allowed=self._allowed(y),
+        )  # fmt: skip
 
     # -- refusing non-finite losses -------------------------------------------------------
 

@@ -38,6 +38,10 @@ __all__ = [
     "transfusion_weights",
     "box_transfusion_loss",
     "mask_transfusion_loss",
+    "reference_fisher",
+    "mask_layer_sample_grad",
+    "box_transfusion",
+    "mask_transfusion",
 ]
 
 
@@ -300,3 +304,94 @@ def mask_transfusion_loss(logits_all: Tensor, target: Tensor, weights: Tensor) -
     z = logits_all[n_idx, c_idx]  # (Q, S, S)
     bce = F.binary_cross_entropy_with_logits(z, target[n_idx].to(z.dtype), reduction="none").mean(dim=(1, 2))
     return (weights[n_idx, c_idx].to(bce.dtype) * bce).sum()
+
+
+# -- one step of each branch, as the decoupled heads and the mmdet plugin both run it -------------
+
+
+def reference_fisher(labels: Tensor, num_classes: int, grads: Tensor) -> Tensor:
+    """``fisher='reference'``: every sample gets its class's squared *batch-summed* gradient.
+
+    Args:
+        grads: (P, *shape) per-sample gradients (not squared).
+    """
+    flat = grads.reshape(grads.shape[0], -1)
+    sums = torch.zeros(num_classes, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, labels, flat)
+    return sums.square()[labels].reshape(grads.shape)
+
+
+def mask_layer_sample_grad(layer: nn.Module, feats: Tensor, z_own: Tensor, target: Tensor, labels: Tensor) -> Tensor:
+    """(P, K) per-sample gradients w.r.t. the own-class rows of a 1x1 mask predictor ``layer``:
+    a plain convolution, or mmdet's ``NormedConv2d`` (through its normalisation)."""
+    if type(layer).__name__ == "NormedConv2d":
+        return normed_mask_sample_grad(
+            feats.detach(), z_own.detach(), target, layer.weight.detach().flatten(1)[labels],
+            temperature=layer.tempearture, power=layer.power, eps=layer.eps,
+        )  # fmt: skip
+    return mask_sample_grad(feats.detach(), z_own.detach(), target)
+
+
+def box_transfusion(
+    feats: Tensor,
+    pred_all: Tensor,
+    pred_own: Tensor,
+    target: Tensor,
+    labels: Tensor,
+    stats: FisherStats,
+    *,
+    temperature: float,
+    fisher: str = "sample",
+    top_k: int | None = None,
+    allowed: Tensor | None = None,
+) -> Tensor:
+    """One step of the box branch: per-sample Fisher → update (and all-reduce) Φ → weights → loss.
+
+    Args:
+        feats: (P, D) inputs of ``fc_reg`` for the positives.
+        pred_all: (P, C, 4) every class's regression output.
+        pred_own: (P, 4) the own class's.
+        target: (P, 4) encoded targets.
+        labels: (P,) own classes.
+        stats: the box :class:`FisherStats` (updated in place).
+        fisher: ``'sample'`` (per-sample Fisher) or ``'reference'`` (the class's batch-summed gradient, squared).
+
+    Returns:
+        The unweighted box transfusion loss (:func:`box_transfusion_loss`).
+    """
+    if fisher == "reference":
+        sample = reference_fisher(labels, stats.num_classes, box_sample_grad(feats.detach(), pred_own.detach(), target))
+    else:
+        sample = box_sample_fisher(feats.detach(), pred_own.detach(), target)
+    stats.update(sample, labels)
+    stats.all_reduce()
+    w = transfusion_weights(sample, stats, labels, temperature, top_k=top_k, allowed=allowed)
+    return box_transfusion_loss(pred_all, target, w)
+
+
+def mask_transfusion(
+    layer: nn.Module,
+    feats: Tensor,
+    logits_all: Tensor,
+    z_own: Tensor,
+    target: Tensor,
+    labels: Tensor,
+    stats: FisherStats,
+    *,
+    temperature: float,
+    fisher: str = "sample",
+    top_k: int | None = None,
+    allowed: Tensor | None = None,
+) -> Tensor:
+    """One step of the mask branch with the mask statistics (see :func:`box_transfusion`).
+
+    Args:
+        layer: the mask predictor (``conv_logits``), for its per-sample gradient.
+        feats: (P, K, S, S) its inputs; ``logits_all`` (P, C, S, S) its outputs;
+            ``z_own`` (P, S, S) the own class's logits; ``target`` (P, S, S).
+    """
+    grads = mask_layer_sample_grad(layer, feats, z_own, target, labels)
+    sample = reference_fisher(labels, stats.num_classes, grads) if fisher == "reference" else grads.square()
+    stats.update(sample, labels)
+    stats.all_reduce()
+    w = transfusion_weights(sample, stats, labels, temperature, top_k=top_k, allowed=allowed)
+    return mask_transfusion_loss(logits_all, target, w)

@@ -1,0 +1,14 @@
+# The demo detector trained end to end with CRAT: the same Mask R-CNN, its bbox and mask heads
+# replaced by crat-ft's mmdet plugin heads, which add CRAT's transfusion losses (paper settings).
+#
+#   crat-ft train-detector configs/demo/mask-rcnn_r18_fpn_tiny_crat-e2e_synthetic.py --work-dir W --data-root D
+
+_base_ = "./mask-rcnn_r18_fpn_tiny_synthetic.py"
+
+custom_imports = dict(imports=["crat_ft.evaluation", "crat_ft.plugin"], allow_failed_imports=False)
+crat = dict(box_lambda=0.001, mask_lambda=0.01, box_tau=0.05, mask_tau=0.05, momentum=0.01)
+model = dict(
+    roi_head=dict(
+        bbox_head=dict(type="CratShared2FCBBoxHead", crat=crat), mask_head=dict(type="CratFCNMaskHead", crat=crat)
+    )
+)
