@@ -162,3 +162,66 @@ def test_plugin_trains_with_mmdet_checkpoints_its_statistics_and_exports_to_stoc
         init_detector(str(demo_config(E2E)), str(work / "detector.pth"), device="cpu"), str(image)
     )
     torch.testing.assert_close(torch.load(tmp_path / "stock.pt"), ours.pred_instances.scores[:20])
+
+
+LVIS_E2E = {
+    "crat-e2e_mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1.py": ("CrossEntropyLoss", "Linear"),
+    "crat-e2e_mask-rcnn_r50_fpn_eqlv2_1x_lvis-v1.py": ("EQLV2Loss", "Linear"),
+    "crat-e2e_mask-rcnn_r50_fpn_seesaw-loss_sample1e-3-ms-2x_lvis-v1.py": ("SeesawLoss", "NormedLinear"),
+}
+
+
+@pytest.mark.parametrize("name", list(LVIS_E2E))
+def test_lvis_e2e_configs_inherit_mmdets_files_and_build_the_plugin_heads(name):
+    from mmdet.registry import MODELS
+
+    from crat_ft.config import load_config
+    from crat_ft.paths import config_root
+    from crat_ft.plugin import plain_config
+    from crat_ft.registry import register_all
+
+    register_all()
+    path = config_root() / "lvis" / name
+    assert '_base_ = "mmdet::' in path.read_text() or '_base_ = "./crat-e2e' in path.read_text()
+    cfg = load_config(path)
+    model = MODELS.build(cfg.model)
+    loss, classifier = LVIS_E2E[name]
+    head, mask_head = model.roi_head.bbox_head, model.roi_head.mask_head
+    assert type(head).__name__ == "CratShared2FCBBoxHead" and type(mask_head).__name__ == "CratFCNMaskHead"
+    assert head.num_classes == 1203 and type(head.loss_cls).__name__ == loss
+    assert type(head.fc_cls).__name__ == classifier
+    assert (head.crat.box_lambda, mask_head.crat.mask_lambda, head.crat.box_tau, head.crat.momentum) == (
+        0.001,
+        0.01,
+        0.05,
+        0.01,
+    )
+    if "eqlv2" in name:
+        assert cfg.train_dataloader.dataset.oversample_thr == 0.0  # every repeat factor is 1: uniform sampling
+    plain = plain_config(cfg)
+    assert plain.model.roi_head.bbox_head.type == "Shared2FCBBoxHead" and "crat" not in plain.model.roi_head.mask_head
+    assert "custom_imports" not in plain
+
+
+@pytest.mark.slow
+def test_mmdets_own_train_tool_trains_with_the_plugin(tiny_data, tmp_path):
+    from pathlib import Path
+
+    import mmdet
+
+    tool = Path(mmdet.__file__).parent / ".mim" / "tools" / "train.py"
+    if not tool.is_file():
+        pytest.skip("mmdet's packaged tools are not installed")
+    root = f"{tiny_data}/"
+    p = subprocess.run(
+        [sys.executable, str(tool), str(demo_config(E2E)), "--work-dir", str(tmp_path), "--cfg-options",
+         "train_cfg.max_iters=2", "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1",
+         f"train_dataloader.dataset.data_root={root}", f"test_dataloader.dataset.data_root={root}",
+         f"test_evaluator.ann_file={root}annotations/lvis_v1_val.json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    logs = "".join(f.read_text() for f in tmp_path.rglob("*.log"))
+    assert "loss_bbox_transfusion" in logs and "loss_mask_transfusion" in logs
+    state = torch.load(tmp_path / "iter_2.pth", weights_only=False)["state_dict"]
+    assert state["roi_head.mask_head.mask_stats.seen"].sum() > 0
