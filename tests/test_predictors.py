@@ -180,3 +180,29 @@ def test_checkpoint_trained_on_other_classes_is_refused(tiny_data, tiny_detector
     r = run_cli("evaluate", demo_config_path(), tmp_path / "swapped.pth", "--data-root", tiny_data, "--out",
                 tmp_path / "m.json")  # fmt: skip
     assert r.returncode == 2 and expected in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model = dict(roi_head=dict(bbox_head=dict(reg_class_agnostic=True), mask_roi_extractor=None, "
+            "mask_head=None))",
+            "uses class-agnostic regression (reg_class_agnostic=True) and the detector has no mask head, so it has no "
+            "class-wise box or mask layer for CRAT",
+        ),
+        (
+            "model = dict(roi_head=dict(type='PISARoIHead'))",
+            "PISARoIHead runs its heads its own way, which crat-ft does not reproduce; crat-ft supports StandardRoIHead "
+            "or CascadeRoIHead",
+        ),
+    ],
+)
+def test_unsupported_detector_parts_are_refused_in_one_line(override, message, tiny_data, tmp_path):
+    config = tmp_path / "unsupported.py"
+    config.write_text(f"_base_ = '{demo_config_path()}'\n{override}\n")
+    _random_detector(config, tmp_path / "d.pth")
+    r = run_cli("extract-features", config, tmp_path / "d.pth", "--data-root", tiny_data, "--out", tmp_path / "c")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert message in r.stderr
+    assert not list((tmp_path / "c").rglob("*.h5"))
