@@ -15,6 +15,13 @@ The LVIS v1 protocol, as lvis-api's ``LVISEval`` implements it:
 Every summary figure is a mean of per-category figures, so categories can be
 evaluated in chunks with bounded memory and merged exactly
 (``cat_chunk_size``).
+
+``protocol="fixed"`` is AP-fixed (Dave et al. 2021, "Evaluating
+Large-Vocabulary Object Detectors: The Devil is in the Details"): no
+per-image cap; each category keeps its ``dets_per_class`` (10,000)
+highest-scoring detections over the whole dataset, then the same federated
+evaluation runs. Where no image has more than ``max_dets`` detections and no
+category more than ``dets_per_class``, both protocols give the same numbers.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from crat_ft.errors import UserError
 from crat_ft.lvis_json import categories_by_id, check_lvis_dict, load_lvis_json
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+PROTOCOLS = ("standard", "fixed")
+DETS_PER_CLASS = 10_000
 IOU_TYPES = ("bbox", "segm")
 _AREA_KEYS = {"APs": "small", "APm": "medium", "APl": "large"}
 _FREQ_KEYS = {"APr": "r", "APc": "c", "APf": "f"}
@@ -47,6 +56,22 @@ def top_k_per_image(results: Iterable[dict], max_dets: int) -> list[dict]:
     for dets in by_image.values():
         if len(dets) > max_dets:
             dets = sorted(dets, key=lambda d: d["score"], reverse=True)[:max_dets]
+        kept.extend(dets)
+    return kept
+
+
+def top_k_per_class(results: Iterable[dict], k: int) -> list[dict]:
+    """Keep the ``k`` highest-scoring detections of each category over the whole dataset (AP-fixed).
+
+    A stable sort by descending score: ties keep their input order.
+    """
+    by_cat: dict[int, list[dict]] = defaultdict(list)
+    for det in results:
+        by_cat[det["category_id"]].append(det)
+    kept = []
+    for dets in by_cat.values():
+        if len(dets) > k:
+            dets = sorted(dets, key=lambda d: d["score"], reverse=True)[:k]
         kept.extend(dets)
     return kept
 
@@ -146,6 +171,8 @@ def lvis_metrics(
     iou_type: str = "bbox",
     max_dets: int = 300,
     *,
+    protocol: str = "standard",
+    dets_per_class: int = DETS_PER_CLASS,
     cat_chunk_size: int | None = None,
     per_class: bool = False,
 ) -> dict:
@@ -156,7 +183,10 @@ def lvis_metrics(
         results: LVIS result dicts (``image_id``, ``category_id``, ``score``,
             and ``bbox`` [x, y, w, h] or ``segmentation`` RLE).
         iou_type: ``"bbox"`` or ``"segm"``.
-        max_dets: detections kept per image across categories (LVIS: 300).
+        max_dets: detections kept per image across categories (LVIS: 300; protocol ``standard``).
+        protocol: ``"standard"`` (LVIS v1: top ``max_dets`` per image) or
+            ``"fixed"`` (AP-fixed: top ``dets_per_class`` per category over the dataset, no per-image cap).
+        dets_per_class: AP-fixed's budget per category (10,000).
         cat_chunk_size: evaluate this many categories at a time to bound
             memory (the result is identical); ``None`` evaluates all at once.
         per_class: also return ``"per_class"``: ``{category_id: AP}``.
@@ -169,20 +199,33 @@ def lvis_metrics(
         raise UserError(f"iou_type: expected one of {IOU_TYPES}, got {iou_type!r}")
     if max_dets < 1:
         raise UserError(f"max_dets: expected a positive integer, got {max_dets}")
+    if protocol not in PROTOCOLS:
+        raise UserError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+    if dets_per_class < 1:
+        raise UserError(f"dets_per_class: expected a positive integer, got {dets_per_class}")
     gt_doc = load_lvis_json(gt) if not isinstance(gt, dict) else gt
     if isinstance(gt, dict):
         check_lvis_dict(gt_doc, "gt")
     cats = categories_by_id(gt_doc)
     cat_ids = [c["id"] for c in cats]
     _check_results(results, iou_type, {img["id"] for img in gt_doc["images"]}, set(cat_ids))
-    results = _federated(top_k_per_image(results, max_dets), gt_doc, iou_type)
+    if protocol == "standard":
+        results = _federated(top_k_per_image(results, max_dets), gt_doc, iou_type)
+        engine_cap = max_dets
+    else:
+        results = _federated(top_k_per_class(results, dets_per_class), gt_doc, iou_type)
+        # no per-image cap: the engine's per (image, category) cap is set above the largest count
+        counts = defaultdict(int)
+        for d in results:
+            counts[d["image_id"], d["category_id"]] += 1
+        engine_cap = max(counts.values(), default=1)
 
     chunk = cat_chunk_size or len(cat_ids)
     parts = []
     area_labels = None
     gt_api = _gt_api(gt_doc)
     for start in range(0, len(cat_ids), chunk):
-        precision, area_labels = _evaluate_chunk(gt_api, results, iou_type, max_dets, cat_ids[start : start + chunk])
+        precision, area_labels = _evaluate_chunk(gt_api, results, iou_type, engine_cap, cat_ids[start : start + chunk])
         parts.append(precision)
     precision = np.concatenate(parts, axis=2)  # [T, R, K, A]
     a_all = area_labels.index("all")

@@ -1,0 +1,139 @@
+"""AP-fixed (Dave et al. 2021) against a small independent LVIS bbox evaluator written here."""
+
+import numpy as np
+import pytest
+from test_evaluation import _random_dets, _square, crafted_gt, det
+
+from crat_ft.evaluation import lvis_metrics, top_k_per_class
+
+IOUS = np.linspace(0.5, 0.95, 10)
+RECALLS = np.linspace(0.0, 1.0, 101)
+
+
+def _iou(a, b):
+    ax1, ay1, aw, ah = a
+    bx1, by1, bw, bh = b
+    iw = max(0.0, min(ax1 + aw, bx1 + bw) - max(ax1, bx1))
+    ih = max(0.0, min(ay1 + ah, by1 + bh) - max(ay1, by1))
+    inter = iw * ih
+    return inter / (aw * ah + bw * bh - inter)
+
+
+def reference_ap(gt, dets, *, per_image=None, per_class=None):
+    """{category_id: AP} of LVIS's federated protocol, area range 'all', written from the definitions:
+    optional cap per image (across categories) or per category (over the dataset), a detection counts
+    only where its category is annotated positive or negative, greedy matching of score-sorted
+    detections to the unmatched gt of highest IoU, unmatched detections ignored where the category is
+    not exhaustive, 101-point interpolated precision averaged over IoU 0.50:0.95."""
+    dets = [dict(d, order=i) for i, d in enumerate(dets)]
+    if per_image is not None:
+        dets = [d for img in {d["image_id"] for d in dets}
+                for d in sorted([d for d in dets if d["image_id"] == img], key=lambda d: -d["score"])[:per_image]]  # fmt: skip
+    if per_class is not None:
+        dets = [d for c in {d["category_id"] for d in dets}
+                for d in sorted([d for d in dets if d["category_id"] == c], key=lambda d: -d["score"])[:per_class]]  # fmt: skip
+    images = {i["id"]: i for i in gt["images"]}
+    aps = {}
+    for cat in sorted(c["id"] for c in gt["categories"]):
+        pos = {a["image_id"] for a in gt["annotations"] if a["category_id"] == cat}
+        neg = {i for i, img in images.items() if cat in img.get("neg_category_ids", [])}
+        n_gt = sum(1 for a in gt["annotations"] if a["category_id"] == cat)
+        if n_gt == 0:
+            aps[cat] = -1.0
+            continue
+        per_thr = []
+        for thr in IOUS:
+            scores, tps, ignored = [], [], []
+            for img in sorted(pos | neg):
+                gts = [a["bbox"] for a in gt["annotations"] if a["image_id"] == img and a["category_id"] == cat]
+                mine = [d for d in dets if d["image_id"] == img and d["category_id"] == cat]
+                mine.sort(key=lambda d: (-d["score"], d["order"]))
+                used = set()
+                for d in mine:
+                    best, best_iou = None, min(thr, 1 - 1e-10)
+                    for g, box in enumerate(gts):
+                        if g not in used and _iou(d["bbox"], box) >= best_iou:
+                            best, best_iou = g, _iou(d["bbox"], box)
+                    if best is not None:
+                        used.add(best)
+                    scores.append(d["score"])
+                    tps.append(best is not None)
+                    ignored.append(best is None and cat in images[img].get("not_exhaustive_category_ids", []))
+            order = np.argsort(-np.asarray(scores, float), kind="mergesort")
+            keep = ~np.asarray(ignored, bool)[order] if order.size else np.zeros(0, bool)
+            tp = np.asarray(tps, bool)[order][keep] if order.size else np.zeros(0, bool)
+            tp_sum, fp_sum = np.cumsum(tp), np.cumsum(~tp)
+            recall = tp_sum / n_gt
+            precision = tp_sum / np.maximum(tp_sum + fp_sum, np.finfo(float).eps)
+            for i in range(len(precision) - 1, 0, -1):
+                precision[i - 1] = max(precision[i - 1], precision[i])
+            idx = np.searchsorted(recall, RECALLS, side="left")
+            per_thr.append(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
+        aps[cat] = float(np.mean(per_thr))
+    return aps
+
+
+def _check(gt, dets, protocol, **caps):
+    got = lvis_metrics(gt, dets, "bbox", protocol=protocol, per_class=True, **caps)["per_class"]
+    ref = reference_ap(
+        gt, dets, per_image=caps.get("max_dets", 300) if protocol == "standard" else None,
+        per_class=caps.get("dets_per_class", 10_000) if protocol == "fixed" else None,
+    )  # fmt: skip
+    assert got == pytest.approx(ref, abs=1e-9)
+    return got
+
+
+def test_ties_missing_classes_and_negative_categories_match_the_reference():
+    gt = crafted_gt()
+    dets = [
+        det(1, 1, _square(10, 10), 0.8),  # TP, tied with the FP below ...
+        det(2, 1, _square(5, 80), 0.8),  # ... FP in another image
+        det(2, 1, _square(51, 50), 0.8),  # TP, same score again
+        det(1, 2, _square(70, 70), 0.9),  # not evaluated: category 2 neither positive nor negative in image 1
+        det(2, 3, _square(0, 0), 0.99),  # FP on a verified negative image
+        det(2, 3, _square(30, 30), 0.99),  # a tie on that negative image
+        det(3, 3, _square(0, 70), 0.3),  # unmatched, category 3 not exhaustive in image 3: ignored
+    ]  # category 2's gt is never detected: AP 0; every class with gt has an AP
+    for protocol in ("standard", "fixed"):
+        got = _check(gt, dets, protocol)
+        assert got[2] == 0.0 and got[3] == 0.0 and 0 < got[1] < 1
+
+
+def test_the_10000_cap_per_class_and_no_cap_per_image():
+    gt = crafted_gt()
+    # 10,000 high-scoring FPs of category 1 on image 1 (> 300 in one image), then its two TPs
+    junk = [det(1, 1, _square(60, 60, 10), 0.9 - i * 1e-6) for i in range(10_000)]
+    tps = [det(1, 1, _square(10, 10), 0.5), det(2, 1, _square(50, 50), 0.4)]
+    fixed = lvis_metrics(gt, junk + tps, "bbox", protocol="fixed", per_class=True)["per_class"]
+    assert fixed[1] == 0.0  # both TPs fall beyond the class's 10,000
+    wider = lvis_metrics(gt, junk + tps, "bbox", protocol="fixed", dets_per_class=10_002, per_class=True)["per_class"]
+    # every TP kept, at recall 1 after 10,000 FPs: precision 2/10002 at recalls 0..1
+    assert wider[1] == pytest.approx(2 / 10_002, rel=1e-6)
+    standard = lvis_metrics(gt, junk + tps, "bbox", per_class=True)["per_class"]
+    # the standard protocol keeps 300 of image 1's detections (the TP there is cut) and image 2's TP
+    assert standard[1] == pytest.approx(np.mean([1 / 301 if r <= 0.5 else 0.0 for r in RECALLS]), rel=1e-6)
+    assert len(top_k_per_class(junk + tps, 10_000)) == 10_000
+
+
+def test_small_caps_match_the_reference():
+    gt = crafted_gt()
+    rng = np.random.default_rng(0)
+    dets = [det(int(rng.integers(1, 4)), int(rng.integers(1, 4)),
+                _square(*rng.integers(0, 80, 2), s=int(rng.integers(10, 40))), float(rng.random())) for _ in range(60)]  # fmt: skip
+    dets += [det(1, 1, _square(10, 10), 0.7), det(2, 1, _square(50, 50), 0.2), det(3, 3, _square(60, 10), 0.6)]
+    for caps in ({"max_dets": 7}, {"max_dets": 300}):
+        _check(gt, dets, "standard", **caps)
+    for caps in ({"dets_per_class": 5}, {"dets_per_class": 10_000}):
+        _check(gt, dets, "fixed", **caps)
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_fixed_equals_standard_under_both_caps(tiny_data, iou_type):
+    """No image over 300 detections and no class over 10,000: AP-fixed and AP are the same numbers."""
+    import json
+
+    gt = json.loads((tiny_data / "annotations" / "lvis_v1_val.json").read_text())
+    dets = _random_dets(gt, 1, with_masks=iou_type == "segm")
+    standard = lvis_metrics(gt, dets, iou_type, per_class=True)
+    fixed = lvis_metrics(gt, dets, iou_type, protocol="fixed", per_class=True)
+    assert standard == fixed and standard["AP"] > 0
