@@ -360,6 +360,30 @@ def export(config, checkpoint, heads, out, tau_norm, logit_adjust, combine_origi
         )
 
 
+@cli.command("evaluate-results")
+@click.argument("gt", type=click.Path())
+@click.argument("results", type=click.Path())
+@click.option("--iou-type", "iou_types", type=click.Choice(["bbox", "segm"]), multiple=True,
+              help="bbox and/or segm (default: bbox, plus segm when the detections have masks).")  # fmt: skip
+@click.option("--protocol", type=click.Choice(["standard", "fixed"]), default="standard", show_default=True,
+              help="standard: LVIS v1, 300 detections per image; fixed: AP-fixed, 10,000 per class, no per-image cap.")  # fmt: skip
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON here.")
+def evaluate_results(gt, results, iou_types, protocol, out):
+    """LVIS metrics of RESULTS (a JSON results file of mmdet, detectron2 or lvis-api) against annotation file GT."""
+    import json
+
+    from crat_ft.evaluation import evaluate_results as run
+    from crat_ft.evaluation import format_table
+    from crat_ft.files import atomic_write_text
+
+    metrics = run(gt, results, iou_types=list(iou_types) or None, protocol=protocol)
+    title = "LVIS v1 metrics (%)" if protocol == "standard" else "LVIS AP-fixed metrics (%, 10,000 per class)"
+    click.echo(format_table(metrics, title=title))
+    if out:
+        atomic_write_text(out, json.dumps({"protocol": protocol, **metrics}, indent=2))
+        click.echo(f"metrics: {out}")
+
+
 @cli.command("export-plain")
 @click.argument("config", type=click.Path())
 @click.argument("checkpoint", type=click.Path())

@@ -270,3 +270,64 @@ def write_per_class_csv(path: str | os.PathLike, categories: list[dict], per_cla
                 ap = per_class.get(iou, {}).get(c["id"])
                 row.append("" if ap is None else f"{ap:.6f}")
             w.writerow(row)
+
+
+def load_results_file(path: str | os.PathLike) -> list[dict]:
+    """Detections from a JSON results file (mmdet's ``outfile_prefix`` ``.bbox.json``/``.segm.json``,
+    detectron2's ``lvis_instances_results.json``, lvis-api's format: a list of detection dicts).
+
+    Raises:
+        UserError: missing, not JSON, a pickle, an annotation file, or not a list of detections.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"results file {path} does not exist; check the path")
+    if path.suffix in (".pkl", ".pickle"):
+        raise UserError(
+            f"{path} is a pickle (mmdet's --out); crat-ft reads JSON results: rerun mmdet's test with "
+            "--cfg-options test_evaluator.outfile_prefix=PREFIX and pass PREFIX.bbox.json or PREFIX.segm.json"
+        )
+    try:
+        doc = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"results file {path} is not JSON ({str(exc).splitlines()[0]}); pass a JSON results file"
+        ) from None
+    if isinstance(doc, dict) and "annotations" in doc and "images" in doc:
+        raise UserError(
+            f"{path} is an annotation file (it has images and annotations), not results; pass the detections file"
+        )
+    if not isinstance(doc, list) or not all(isinstance(d, dict) for d in doc):
+        raise UserError(
+            f"results file {path} should be a JSON list of detections (image_id, category_id, score, bbox "
+            f"[and segmentation]), got a {type(doc).__name__}"
+        )
+    return doc
+
+
+def evaluate_results(
+    gt: str | os.PathLike,
+    results: str | os.PathLike,
+    *,
+    iou_types: Sequence[str] | None = None,
+    protocol: str = "standard",
+    max_dets: int = 300,
+) -> dict:
+    """``crat-ft evaluate-results``: LVIS metrics of a results file another tool wrote.
+
+    Args:
+        iou_types: default ``bbox``, plus ``segm`` when the detections carry masks.
+
+    Returns:
+        ``{iou_type: metrics}`` (see :func:`lvis_metrics`).
+    """
+    gt_doc = load_lvis_json(gt)
+    dets = load_results_file(results)
+    if not dets:
+        raise UserError(f"results file {results} holds no detections; nothing to evaluate")
+    if iou_types is None:
+        iou_types = ["bbox"] + (["segm"] if "segmentation" in dets[0] else [])
+    return {iou: lvis_metrics(gt_doc, dets, iou, max_dets, protocol=protocol) for iou in iou_types}

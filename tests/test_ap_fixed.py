@@ -137,3 +137,49 @@ def test_fixed_equals_standard_under_both_caps(tiny_data, iou_type):
     standard = lvis_metrics(gt, dets, iou_type, per_class=True)
     fixed = lvis_metrics(gt, dets, iou_type, protocol="fixed", per_class=True)
     assert standard == fixed and standard["AP"] > 0
+
+
+def test_evaluate_results_reads_other_tools_files_and_refuses_wrong_ones(tiny_data, tmp_path):
+    """`crat-ft evaluate-results`: the metrics of a results file equal lvis_metrics'; wrong files get one line."""
+    import json
+
+    from conftest import run_cli
+
+    ann = tiny_data / "annotations" / "lvis_v1_val.json"
+    gt = json.loads(ann.read_text())
+    dets = _random_dets(gt, 2, with_masks=True)  # detectron2 / lvis-api style: bbox and segmentation
+    results = tmp_path / "lvis_instances_results.json"
+    results.write_text(json.dumps(dets))
+    r = run_cli("evaluate-results", ann, results, "--out", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert written["protocol"] == "standard" and sorted(written) == ["bbox", "protocol", "segm"]
+    for iou in ("bbox", "segm"):
+        assert written[iou] == pytest.approx(lvis_metrics(gt, dets, iou))
+    assert f"{100 * written['segm']['APr']:7.1f}" in r.stdout.splitlines()[-2]
+    # mmdet's outfile_prefix.bbox.json: boxes only, evaluated with AP-fixed
+    bbox_only = tmp_path / "prefix.bbox.json"
+    bbox_only.write_text(json.dumps([{k: v for k, v in d.items() if k != "segmentation"} for d in dets]))
+    r = run_cli("evaluate-results", ann, bbox_only, "--protocol", "fixed", "--out", tmp_path / "f.json")
+    assert r.returncode == 0 and "AP-fixed" in r.stdout, r.stderr[-2000:]
+    fixed = json.loads((tmp_path / "f.json").read_text())
+    assert sorted(fixed) == ["bbox", "protocol"] and fixed["bbox"] == pytest.approx(written["bbox"])
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([dict(d, image_id=d["image_id"] + 10**6) for d in dets[:5]]))
+    pickle_file = tmp_path / "results.pkl"
+    pickle_file.write_bytes(b"\x80\x04N.")
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    cases = [
+        (other, "has image_id", "not in the ground truth; evaluate against the matching annotation file"),
+        (ann, "is an annotation file (it has images and annotations), not results", ""),
+        (pickle_file, "is a pickle (mmdet's --out); crat-ft reads JSON results", ""),
+        (broken, "is not JSON", ""),
+    ]
+    for path, first, second in cases:
+        r = run_cli("evaluate-results", ann, path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+        assert first in r.stderr and second in r.stderr
+    r = run_cli("evaluate-results", ann, bbox_only, "--iou-type", "segm")
+    assert r.returncode == 2 and "lacks 'segmentation'" in r.stderr
