@@ -143,7 +143,10 @@ def train_detector(config, work_dir, data_root, seed, resume, cfg_options):
 @click.argument("config", type=click.Path())
 @click.argument("checkpoint", type=click.Path())
 @click.option(
-    "--out", required=True, type=click.Path(dir_okay=False), help='Metrics JSON: {"bbox": {...}, "segm": {...}}.'
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help='Metrics JSON: {"bbox": {...}, "segm": {...}, "fixed": {AP-fixed, same keys}}.',
 )
 @click.option(
     "--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's)."
@@ -172,7 +175,10 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, trust_che
         per_class_csv=per_class_csv,
         heads=heads,
     )
+    fixed = metrics.pop("fixed", None)
     click.echo(format_table(metrics, title="LVIS v1 metrics (%)"))
+    if fixed:
+        click.echo(format_table(fixed, title="AP-fixed (%, 10,000 detections per class, no per-image cap)"))
     click.echo(f"metrics: {out}")
 
 

@@ -69,6 +69,14 @@ def delta_table(summary: dict) -> str:
         )
         d = {k: 100 * (summary["crat"][iou][k] - summary["baseline"][iou][k]) for k in DELTA_KEYS}
         lines.append("CRAT - baseline: " + "  ".join(f"{k} {v:+.1f}" for k, v in d.items()))
+        if all("fixed" in summary[k] for k in ("stage1", "baseline", "crat")):
+            lines.append(
+                "AP-fixed (10,000 per class, no per-image cap): "
+                + "  ".join(
+                    f"{k} AP {100 * summary[k]['fixed'][iou]['AP']:.1f} APr {100 * summary[k]['fixed'][iou]['APr']:.1f}"
+                    for k in ("stage1", "baseline", "crat")
+                )
+            )
     return "\n".join(lines)
 
 

@@ -30,6 +30,9 @@ class CratLVISMetric(BaseMetric):
         max_dets: detections per image across categories (LVIS: 300).
         cat_chunk_size: categories per evaluation chunk (bounded memory).
         per_class_csv: if set, write the per-class AP table there.
+        ap_fixed: also compute AP-fixed (10,000 detections per class, no per-image
+            cap; ``last_results["fixed"]``). It sees what the model outputs: raise
+            ``model.test_cfg.rcnn.max_per_img`` for it to see more than 300 per image.
     """
 
     default_prefix = "lvis"
@@ -42,6 +45,7 @@ class CratLVISMetric(BaseMetric):
         max_dets: int = 300,
         cat_chunk_size: int | None = None,
         per_class_csv: str | None = None,
+        ap_fixed: bool = True,
         collect_device: str = "cpu",
         prefix: str | None = None,
     ) -> None:
@@ -54,6 +58,7 @@ class CratLVISMetric(BaseMetric):
         self.ann_file = ann_file
         self.max_dets = max_dets
         self.cat_chunk_size = cat_chunk_size
+        self.ap_fixed = ap_fixed
         self.per_class_csv = per_class_csv
         self._doc = None
         self.last_results: dict = {}
@@ -104,6 +109,13 @@ class CratLVISMetric(BaseMetric):
             out[iou] = m
         self.last_results = {"metrics": out, "per_class": per_class}
         logger.info("\n" + format_table(out, title=f"LVIS metrics ({len(results)} detections)"))
+        if self.ap_fixed:
+            fixed = {
+                iou: lvis_metrics(self.doc, results, iou, protocol="fixed", cat_chunk_size=self.cat_chunk_size)
+                for iou in self.iou_types
+            }
+            self.last_results["fixed"] = fixed
+            logger.info("\n" + format_table(fixed, title="LVIS AP-fixed metrics (10,000 per class)"))
         if self.per_class_csv:
             write_per_class_csv(self.per_class_csv, categories_by_id(self.doc), per_class)
         return {f"{iou}_{k}": v for iou, m in out.items() for k, v in m.items()}

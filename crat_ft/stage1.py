@@ -91,8 +91,8 @@ def evaluate_detector(
 ) -> dict:
     """Evaluate a detector checkpoint on the config's test split with the LVIS protocol.
 
-    Writes ``out`` as ``{"bbox": {...}, "segm": {...}}`` (keys of
-    :data:`crat_ft.evaluation.METRIC_KEYS`) and the per-class CSV beside it
+    Writes ``out`` as ``{"bbox": {...}, "segm": {...}, "fixed": {"bbox": ..., "segm": ...}}``
+    (keys of :data:`crat_ft.evaluation.METRIC_KEYS`; ``fixed`` holds AP-fixed) and the per-class CSV beside it
     (``<out stem>_per_class.csv`` unless ``per_class_csv`` is given).
 
     With ``heads``, the retrained class-wise layers are merged into the
@@ -192,7 +192,9 @@ def _run_test_and_write(cfg, trust_checkpoint: bool, out: Path, csv_path: Path, 
                 runner.register_hook(ConsoleProgressHook("evaluate"))
                 runner.test()
             metric = next(m for m in runner.test_evaluator.metrics if isinstance(m, CratLVISMetric))
-            results = metric.last_results["metrics"]
+            results = dict(metric.last_results["metrics"])
+            if "fixed" in metric.last_results:
+                results["fixed"] = metric.last_results["fixed"]
         with storage_errors(out):
             temp_name(out).write_text(json.dumps(results, indent=2))
         commit_together([(temp_name(csv_path), csv_path), (temp_name(out), out)], journal)

@@ -90,10 +90,15 @@ def test_train_and_evaluate_end_to_end(tiny_data, tiny_detector, tmp_path):
     r = run_cli("evaluate", demo_config_path(), tiny_detector, "--out", out, "--data-root", tiny_data)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads(out.read_text())
-    assert set(metrics) == {"bbox", "segm"}
+    fixed = metrics.pop("fixed")
+    assert set(metrics) == set(fixed) == {"bbox", "segm"}
     for iou in metrics:
-        assert set(metrics[iou]) == set(METRIC_KEYS)
+        assert set(metrics[iou]) == set(fixed[iou]) == set(METRIC_KEYS)
         assert all(v == -1 or 0 <= v <= 1 for v in metrics[iou].values())
+    # the demo detector outputs at most 300 detections per image and far fewer than 10,000 per class:
+    # AP-fixed equals AP
+    assert fixed == metrics
+    assert "AP-fixed (%, 10,000 detections per class, no per-image cap)" in r.stdout
     csv_lines = (tmp_path / "metrics_per_class.csv").read_text().splitlines()
     assert csv_lines[0] == "class,frequency,train_instances,bbox_AP,segm_AP"
     assert len(csv_lines) == 41

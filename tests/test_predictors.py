@@ -144,7 +144,11 @@ def test_box_only_detector_extracts_retrains_exports_and_evaluates(tiny_data, tm
     import json
 
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert list(metrics) == ["bbox"] and 0.0 <= metrics["bbox"]["AP"] <= 100.0
+    assert (
+        list(metrics) == ["bbox", "fixed"]
+        and list(metrics["fixed"]) == ["bbox"]
+        and 0.0 <= metrics["bbox"]["AP"] <= 100.0
+    )
 
 
 def test_mmdet2_format_checkpoint_extracts_the_same_cache(tiny_data, tiny_detector, tiny_cache, tmp_path):
