@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from crat_ft.detections import Detections
 from crat_ft.errors import UserError
 from crat_ft.lvis_json import categories_by_id, check_lvis_dict, load_lvis_json
 
@@ -76,6 +77,57 @@ def top_k_per_class(results: Iterable[dict], k: int) -> list[dict]:
     return kept
 
 
+def _top_k_rows(group: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """Rows kept by :func:`top_k_per_image` (``group`` = image ids) or :func:`top_k_per_class`, in its order:
+    groups by first appearance, a group within its cap in input order, a capped one by descending score."""
+    n = len(score)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    idx = np.arange(n)
+    by_score = np.lexsort((idx, -score, group))  # grouped, then descending score, ties in input order
+    g_sorted = group[by_score]
+    starts = np.r_[0, np.nonzero(g_sorted[1:] != g_sorted[:-1])[0] + 1]
+    sizes = np.diff(np.r_[starts, n])
+    rank = np.empty(n, np.int64)
+    rank[by_score] = idx - np.repeat(starts, sizes)
+    size = np.empty(n, np.int64)
+    size[by_score] = np.repeat(sizes, sizes)
+    _, first = np.unique(group, return_index=True)
+    first_of = dict(zip(np.unique(group).tolist(), np.argsort(np.argsort(first)).tolist()))
+    group_order = np.fromiter((first_of[g] for g in group.tolist()), np.int64, n)
+    within = np.where(size > k, rank, idx)
+    keep = rank < k
+    rows = idx[keep]
+    return rows[np.lexsort((within[keep], group_order[keep]))]
+
+
+def _federated_rows(dets: Detections, rows: np.ndarray, gt_doc: dict) -> np.ndarray:
+    """The rows LVIS evaluates: category in the image's positive or negative set (order kept)."""
+    width = max((c["id"] for c in gt_doc["categories"]), default=0) + 1
+    allowed = {img["id"] * width + c for img in gt_doc["images"] for c in img.get("neg_category_ids", [])}
+    allowed.update(a["image_id"] * width + a["category_id"] for a in gt_doc["annotations"])
+    keys = dets.image_id[rows] * width + dets.category_id[rows]
+    return rows[np.isin(keys, np.fromiter(allowed, np.int64, len(allowed)))]
+
+
+def _check_columns(dets: Detections, iou_type: str, image_ids: set, cat_ids: set) -> None:
+    bad = ~np.isin(dets.image_id, np.fromiter(image_ids, np.int64, len(image_ids)))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(
+            f"results[{i}] has image_id {int(dets.image_id[i])} not in the ground truth; evaluate against the matching annotation file"
+        )
+    bad = ~np.isin(dets.category_id, np.fromiter(cat_ids, np.int64, len(cat_ids)))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(
+            f"results[{i}] has category_id {int(dets.category_id[i])} not in the ground truth categories; "
+            "the model and dataset classes disagree"
+        )
+    if iou_type == "segm" and len(dets) and not dets.has_masks:
+        raise UserError("results[0] lacks 'segmentation'; LVIS segm results need image_id, category_id, score and segmentation")
+
+
 def _check_results(results: Sequence[dict], iou_type: str, image_ids: set, cat_ids: set) -> None:
     field = "bbox" if iou_type == "bbox" else "segmentation"
     for i, det in enumerate(results):
@@ -93,31 +145,6 @@ def _check_results(results: Sequence[dict], iou_type: str, image_ids: set, cat_i
                 f"results[{i}] has category_id {det['category_id']} not in the ground truth categories; "
                 "the model and dataset classes disagree"
             )
-
-
-def _federated(results: list[dict], gt_doc: dict, iou_type: str) -> list[dict]:
-    """Copies of the detections LVIS evaluates: category in the image's positive or negative set.
-
-    faster-coco-eval applies the same rule internally, but then fails on a
-    dropped detection whose image has no ground truth in the evaluated
-    categories; dropping them first is identical and avoids that. A bbox evaluation
-    leaves masks out. A segm evaluation keeps the boxes: like lvis-api, the
-    area of a detection that has a box is the box area (``w * h``), which
-    decides its small/medium/large range.
-    """
-    keep = defaultdict(set)
-    for img in gt_doc["images"]:
-        keep[img["id"]].update(img.get("neg_category_ids", []))
-    for ann in gt_doc["annotations"]:
-        keep[ann["image_id"]].add(ann["category_id"])
-    out = []
-    for d in results:
-        if d["category_id"] in keep[d["image_id"]]:
-            d = dict(d)  # evaluation adds fields; the caller's dicts stay as they were
-            if iou_type == "bbox":
-                d.pop("segmentation", None)
-            out.append(d)
-    return out
 
 
 def _gt_api(gt_doc: dict):
@@ -139,12 +166,10 @@ def _gt_api(gt_doc: dict):
     return gt
 
 
-def _evaluate_chunk(gt, results: list[dict], iou_type: str, max_dets: int, cat_ids: list[int]):
-    """Run faster-coco-eval on some categories; returns (precision [T, R, K, A], area labels)."""
+def _evaluate_chunk(gt, dts: list[dict], iou_type: str, max_dets: int, cat_ids: list[int]):
+    """Run faster-coco-eval on some categories (``dts``: their detections); returns (precision [T, R, K, A], area labels)."""
     from faster_coco_eval import COCO, COCOeval_faster
 
-    wanted = set(cat_ids)
-    dts = [d for d in results if d["category_id"] in wanted]
     if dts:
         dt = gt.loadRes(dts)
     else:
@@ -167,7 +192,7 @@ def _mean_valid(x: np.ndarray) -> float:
 
 def lvis_metrics(
     gt: str | os.PathLike | dict,
-    results: Sequence[dict],
+    results: Sequence[dict] | Detections,
     iou_type: str = "bbox",
     max_dets: int = 300,
     *,
@@ -181,7 +206,9 @@ def lvis_metrics(
     Args:
         gt: path of an LVIS annotation file, or its parsed dict.
         results: LVIS result dicts (``image_id``, ``category_id``, ``score``,
-            and ``bbox`` [x, y, w, h] or ``segmentation`` RLE).
+            and ``bbox`` [x, y, w, h] or ``segmentation`` RLE), or the same as
+            :class:`crat_ft.detections.Detections` columns (only the category
+            chunk being evaluated is ever turned into dicts).
         iou_type: ``"bbox"`` or ``"segm"``.
         max_dets: detections kept per image across categories (LVIS: 300; protocol ``standard``).
         protocol: ``"standard"`` (LVIS v1: top ``max_dets`` per image) or
@@ -208,24 +235,31 @@ def lvis_metrics(
         check_lvis_dict(gt_doc, "gt")
     cats = categories_by_id(gt_doc)
     cat_ids = [c["id"] for c in cats]
-    _check_results(results, iou_type, {img["id"] for img in gt_doc["images"]}, set(cat_ids))
+    image_ids = {img["id"] for img in gt_doc["images"]}
+    if isinstance(results, Detections):
+        dets = results
+        _check_columns(dets, iou_type, image_ids, set(cat_ids))
+    else:
+        _check_results(results, iou_type, image_ids, set(cat_ids))
+        dets = Detections.from_dicts(results, masks=iou_type == "segm")
     if protocol == "standard":
-        results = _federated(top_k_per_image(results, max_dets), gt_doc, iou_type)
+        rows = _federated_rows(dets, _top_k_rows(dets.image_id, dets.score, max_dets), gt_doc)
         engine_cap = max_dets
     else:
-        results = _federated(top_k_per_class(results, dets_per_class), gt_doc, iou_type)
+        rows = _federated_rows(dets, _top_k_rows(dets.category_id, dets.score, dets_per_class), gt_doc)
         # no per-image cap: the engine's per (image, category) cap is set above the largest count
-        counts = defaultdict(int)
-        for d in results:
-            counts[d["image_id"], d["category_id"]] += 1
-        engine_cap = max(counts.values(), default=1)
+        pairs = dets.image_id[rows] * (max(cat_ids) + 1) + dets.category_id[rows]
+        engine_cap = int(np.unique(pairs, return_counts=True)[1].max()) if len(rows) else 1
 
     chunk = cat_chunk_size or len(cat_ids)
     parts = []
     area_labels = None
     gt_api = _gt_api(gt_doc)
+    row_cats = dets.category_id[rows]
     for start in range(0, len(cat_ids), chunk):
-        precision, area_labels = _evaluate_chunk(gt_api, results, iou_type, engine_cap, cat_ids[start : start + chunk])
+        wanted = cat_ids[start : start + chunk]
+        dts = dets.to_dicts(rows[np.isin(row_cats, wanted)], with_masks=iou_type == "segm")
+        precision, area_labels = _evaluate_chunk(gt_api, dts, iou_type, engine_cap, wanted)
         parts.append(precision)
     precision = np.concatenate(parts, axis=2)  # [T, R, K, A]
     a_all = area_labels.index("all")

@@ -2,8 +2,12 @@
 
 Importing this module registers it; configs name it as
 ``test_evaluator = dict(type='CratLVISMetric', ann_file=..., metric=['bbox', 'segm'])``.
-The metric collects one list of detections per image and evaluates them with
-:func:`crat_ft.evaluation.lvis_metrics` (see docs/architecture.md#evaluation-protocol).
+Each process writes its detections to disk as they arrive
+(:class:`crat_ft.detections.DetectionSpill`, columns, masks as RLE bytes);
+mmengine gathers only a (process, image number) pair per image, so no
+detection crosses processes or stays in memory as a dict. The main process
+then evaluates them with :func:`crat_ft.evaluation.lvis_metrics`, a chunk of
+categories at a time (see docs/architecture.md#evaluation-protocol).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from mmdet.registry import METRICS
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import MMLogger
 
+from crat_ft.detections import Detections, DetectionSpill, load_spilled
 from crat_ft.errors import UserError
 from crat_ft.evaluation import IOU_TYPES, format_table, lvis_metrics, write_per_class_csv
 from crat_ft.lvis_json import categories_by_id, load_lvis_json
@@ -30,6 +35,8 @@ class CratLVISMetric(BaseMetric):
         max_dets: detections per image across categories (LVIS: 300).
         cat_chunk_size: categories per evaluation chunk (bounded memory).
         per_class_csv: if set, write the per-class AP table there.
+        spill_dir: where the processes write their detections (the same directory
+            for every rank; default: a temporary directory). Removed after evaluation.
         ap_fixed: also compute AP-fixed (10,000 detections per class, no per-image
             cap; ``last_results["fixed"]``). It sees what the model outputs: raise
             ``model.test_cfg.rcnn.max_per_img`` for it to see more than 300 per image.
@@ -46,6 +53,7 @@ class CratLVISMetric(BaseMetric):
         cat_chunk_size: int | None = None,
         per_class_csv: str | None = None,
         ap_fixed: bool = True,
+        spill_dir: str | None = None,
         collect_device: str = "cpu",
         prefix: str | None = None,
     ) -> None:
@@ -59,6 +67,8 @@ class CratLVISMetric(BaseMetric):
         self.max_dets = max_dets
         self.cat_chunk_size = cat_chunk_size
         self.ap_fixed = ap_fixed
+        self.spill_dir = spill_dir
+        self._spill = None
         self.per_class_csv = per_class_csv
         self._doc = None
         self.last_results: dict = {}
@@ -69,40 +79,74 @@ class CratLVISMetric(BaseMetric):
             self._doc = load_lvis_json(self.ann_file)
         return self._doc
 
+    def _spiller(self) -> DetectionSpill:
+        if self._spill is None:
+            import tempfile
+            from pathlib import Path
+
+            from mmengine.dist import get_rank
+
+            if self.spill_dir is None:
+                self.spill_dir = tempfile.mkdtemp(prefix="crat-ft-detections-")
+            Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
+            self._spill = DetectionSpill(self.spill_dir, tag=f"rank{get_rank()}")
+        return self._spill
+
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
         import pycocotools.mask as mask_util
 
-        # one entry per image: mmengine truncates ``results`` to the dataset size
-        cat_ids = [c["id"] for c in categories_by_id(self.doc)]
+        cat_ids = np.array([c["id"] for c in categories_by_id(self.doc)], np.int64)
+        spill = self._spiller()
         for sample in data_samples:
-            dets = []
             pred = sample["pred_instances"]
-            img_id = sample["img_id"]
-            bboxes = pred["bboxes"].cpu().numpy()
-            scores = pred["scores"].cpu().numpy()
-            labels = pred["labels"].cpu().numpy()
-            masks = pred["masks"].cpu().numpy() if "masks" in pred and "segm" in self.iou_types else None
-            for i in range(len(scores)):
-                x0, y0, x1, y1 = (float(v) for v in bboxes[i])
-                det = {
-                    "image_id": img_id,
-                    "category_id": cat_ids[int(labels[i])],
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "score": float(scores[i]),
-                }
-                if masks is not None:
-                    rle = mask_util.encode(np.asfortranarray(masks[i].astype(np.uint8)))
-                    rle["counts"] = rle["counts"].decode()
-                    det["segmentation"] = rle
-                dets.append(det)
-            self.results.append(dets)
+            xyxy = pred["bboxes"].cpu().numpy().astype(np.float64).reshape(-1, 4)
+            n = len(xyxy)
+            dets = Detections(
+                image_id=np.full(n, int(sample["img_id"]), np.int64),
+                category_id=cat_ids[pred["labels"].cpu().numpy().astype(np.int64)],
+                score=pred["scores"].cpu().numpy().astype(np.float64),
+                bbox=np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1),
+            )
+            if "masks" in pred and "segm" in self.iou_types:
+                masks = pred["masks"].cpu().numpy().astype(np.uint8)
+                rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if n else []
+                counts = [r["counts"] for r in rles]
+                dets.rle = np.frombuffer(b"".join(counts), np.uint8)
+                dets.rle_offset = np.concatenate([[0], np.cumsum([len(c) for c in counts])]).astype(np.int64)
+                dets.rle_size = np.asarray([r["size"] for r in rles], np.int64).reshape(n, 2)
+            # one small entry per image: mmengine truncates ``results`` to the dataset size
+            self.results.append((spill.tag, spill.add(dets)))
+
+    def evaluate(self, size: int) -> dict:
+        """Every process writes out what it buffered before the main one reads all of it."""
+        from mmengine.dist import barrier
+
+        self._spiller().flush()
+        barrier()
+        try:
+            return super().evaluate(size)
+        finally:
+            self._remove_spill()
+
+    def _remove_spill(self) -> None:
+        import shutil
+
+        from mmengine.dist import barrier, is_main_process
+
+        barrier()
+        if is_main_process() and self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+        self._spill = None
 
     def compute_metrics(self, results: list) -> dict:
         logger = MMLogger.get_current_instance()
-        results = [d for per_image in results for d in per_image]
+        keep: dict[str, set[int]] = {}
+        for tag, seq in results:
+            keep.setdefault(tag, set()).add(seq)
+        results = load_spilled(self.spill_dir, keep)
         out, per_class = {}, {}
         for iou in self.iou_types:
-            if iou == "segm" and results and "segmentation" not in results[0]:
+            if iou == "segm" and len(results) and not results.has_masks:
                 raise UserError("segm metric requested but the model predicts no masks; use metric=['bbox']")
             m = lvis_metrics(self.doc, results, iou, self.max_dets, cat_chunk_size=self.cat_chunk_size, per_class=True)
             per_class[iou] = m.pop("per_class")

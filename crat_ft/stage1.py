@@ -183,7 +183,12 @@ def _run_test_and_write(cfg, trust_checkpoint: bool, out: Path, csv_path: Path, 
     from crat_ft.metric import CratLVISMetric
 
     evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
-    next(e for e in evaluators if e.get("type") == "CratLVISMetric")["per_class_csv"] = str(temp_name(csv_path))
+    lvis = next(e for e in evaluators if e.get("type") == "CratLVISMetric")
+    lvis["per_class_csv"] = str(temp_name(csv_path))
+    # detections go to disk beside --out, in one directory all ranks share (a dead run's is cleaned at start)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    spill = out.with_name(f".{out.stem}.detections-{run_id}") if run_id else temp_name(out.with_suffix(".detections"))
+    lvis["spill_dir"] = str(spill)
     try:
         with owned_tempdir("crat-ft-eval") as tmp:
             cfg.work_dir = str(tmp)

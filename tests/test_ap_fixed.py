@@ -183,3 +183,42 @@ def test_evaluate_results_reads_other_tools_files_and_refuses_wrong_ones(tiny_da
         assert first in r.stderr and second in r.stderr
     r = run_cli("evaluate-results", ann, bbox_only, "--iou-type", "segm")
     assert r.returncode == 2 and "lacks 'segmentation'" in r.stderr
+
+
+def test_metric_spills_detections_to_disk_and_gathers_only_image_numbers(tiny_data, tmp_path):
+    """CratLVISMetric keeps (process, image number) pairs in memory, the detections in spill files, and
+    gives lvis_metrics' numbers on the same detections; images beyond the dataset size (a distributed
+    sampler's padding) are left out."""
+    import json
+
+    import pycocotools.mask as mask_util
+    import torch
+
+    from crat_ft.metric import CratLVISMetric
+
+    ann = tiny_data / "annotations" / "lvis_v1_val.json"
+    gt = json.loads(ann.read_text())
+    dets = _random_dets(gt, 3, with_masks=True)
+    cat_ids = sorted(c["id"] for c in gt["categories"])
+    spill = tmp_path / "spill"
+    metric = CratLVISMetric(ann_file=str(ann), spill_dir=str(spill))
+    samples = []
+    for img in gt["images"]:
+        mine = [d for d in dets if d["image_id"] == img["id"]]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)]).reshape(-1, 4)
+        masks = np.stack([mask_util.decode(d["segmentation"]) for d in mine]) if mine else np.zeros((0, 1, 1))
+        samples.append({"img_id": img["id"], "pred_instances": {
+            "bboxes": boxes, "scores": torch.tensor([d["score"] for d in mine], dtype=torch.float64),
+            "labels": torch.tensor([cat_ids.index(d["category_id"]) for d in mine], dtype=torch.long),
+            "masks": torch.from_numpy(masks.astype(bool))}})  # fmt: skip
+    metric.process({}, samples)
+    metric.process({}, samples[:1])  # padding: the first image again, beyond the dataset size
+    assert len(metric.results) == len(gt["images"]) + 1 and all(isinstance(r, tuple) for r in metric.results)
+    metric._spiller().flush()
+    assert sorted(p.name for p in spill.iterdir()) == ["part-rank0-00000"]
+    result = metric.evaluate(len(gt["images"]))
+    assert not spill.exists()  # removed after the evaluation
+    for iou in ("bbox", "segm"):
+        expected = lvis_metrics(gt, dets, iou)
+        assert {k: result[f"lvis/{iou}_{k}"] for k in expected} == pytest.approx(expected, abs=1e-12)
+    assert metric.last_results["fixed"]["segm"] == pytest.approx(lvis_metrics(gt, dets, "segm", protocol="fixed"))

@@ -1,0 +1,204 @@
+"""Detections as columns, in memory or spilled to disk (docs/architecture.md#evaluation-protocol).
+
+LVIS evaluation at full scale holds ~6 million detections (19,809 val images
+x 300), each with an RLE mask. As Python dicts that is tens of GiB; as columns
+it is ~40 bytes per detection plus the RLE bytes, which stay on disk
+(memory-mapped) until the category chunk that needs them is evaluated.
+
+Columns of :class:`Detections` (``n`` rows): ``image_id`` (n,) int64,
+``category_id`` (n,) int64, ``score`` (n,) float64, ``bbox`` (n, 4) float64
+(x, y, w, h), and for masks ``rle`` (the RLE ``counts`` strings of all rows,
+concatenated, uint8), ``rle_offset`` (n + 1,) int64 and ``rle_size`` (n, 2)
+int64 (height, width).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from crat_ft.errors import UserError
+
+COLUMNS = ("image_id", "category_id", "score", "bbox")
+MASK_COLUMNS = ("rle", "rle_offset", "rle_size")
+
+
+@dataclass
+class Detections:
+    """Detections as columns; see the module docstring. Mask columns are None for boxes only."""
+
+    image_id: np.ndarray
+    category_id: np.ndarray
+    score: np.ndarray
+    bbox: np.ndarray
+    rle: np.ndarray | None = None
+    rle_offset: np.ndarray | None = None
+    rle_size: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.rle is not None
+
+    @classmethod
+    def from_dicts(cls, dets: Sequence[dict], masks: bool | None = None) -> "Detections":
+        """Columns of LVIS result dicts (``segmentation`` RLEs with ``counts`` as str or bytes)."""
+        n = len(dets)
+        masks = bool(n) and "segmentation" in dets[0] if masks is None else masks
+        out = cls(
+            image_id=np.fromiter((d["image_id"] for d in dets), np.int64, n),
+            category_id=np.fromiter((d["category_id"] for d in dets), np.int64, n),
+            score=np.fromiter((d["score"] for d in dets), np.float64, n),
+            bbox=np.asarray([d["bbox"] for d in dets], np.float64).reshape(n, 4)
+            if n and "bbox" in dets[0]
+            else np.zeros((n, 4)),
+        )
+        if masks:
+            counts = [d["segmentation"]["counts"] for d in dets]
+            counts = [c.encode() if isinstance(c, str) else bytes(c) for c in counts]
+            out.rle = np.frombuffer(b"".join(counts), np.uint8)
+            out.rle_offset = np.concatenate([[0], np.cumsum([len(c) for c in counts])]).astype(np.int64)
+            out.rle_size = np.asarray([d["segmentation"]["size"] for d in dets], np.int64).reshape(n, 2)
+        return out
+
+    @classmethod
+    def concat(cls, parts: Sequence["Detections"]) -> "Detections":
+        """One table of several (all with masks, or all without)."""
+        if not parts:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 4)))
+        out = cls(*(np.concatenate([getattr(p, c) for p in parts]) for c in COLUMNS))
+        if parts[0].has_masks:
+            out.rle = np.concatenate([p.rle for p in parts])
+            starts = np.cumsum([0] + [len(p.rle) for p in parts[:-1]])
+            out.rle_offset = np.concatenate([[0]] + [p.rle_offset[1:] + s for p, s in zip(parts, starts)])
+            out.rle_size = np.concatenate([p.rle_size for p in parts])
+        return out
+
+    def take(self, rows: np.ndarray) -> "Detections":
+        """The table of ``rows`` (in memory)."""
+        out = Detections(*(getattr(self, c)[rows] for c in COLUMNS))
+        if self.has_masks:
+            counts = [bytes(self.rle[self.rle_offset[r] : self.rle_offset[r + 1]]) for r in rows.tolist()]
+            out.rle = np.frombuffer(b"".join(counts), np.uint8)
+            out.rle_offset = np.concatenate([[0], np.cumsum([len(c) for c in counts])]).astype(np.int64)
+            out.rle_size = self.rle_size[rows]
+        return out
+
+    def to_dicts(self, rows: np.ndarray, *, with_masks: bool) -> list[dict]:
+        """LVIS result dicts of ``rows`` (a segm evaluation keeps the boxes: lvis-api takes the area from them)."""
+        out = []
+        for r in rows.tolist():
+            d = {
+                "image_id": int(self.image_id[r]),
+                "category_id": int(self.category_id[r]),
+                "score": float(self.score[r]),
+                "bbox": self.bbox[r].tolist(),
+            }
+            if with_masks:
+                counts = bytes(self.rle[self.rle_offset[r] : self.rle_offset[r + 1]])
+                d["segmentation"] = {"size": self.rle_size[r].tolist(), "counts": counts.decode()}
+            out.append(d)
+        return out
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """One ``.npy`` per column in ``directory`` (created), readable memory-mapped by :meth:`load`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                np.save(directory / f"{f.name}.npy", value)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Detections":
+        """A table saved by :meth:`save`; the RLE bytes stay memory-mapped on disk."""
+        directory = Path(directory)
+        try:
+            cols = {c: np.load(directory / f"{c}.npy") for c in COLUMNS}
+            if (directory / "rle.npy").exists():
+                cols["rle"] = np.load(directory / "rle.npy", mmap_mode="r")
+                cols["rle_offset"] = np.load(directory / "rle_offset.npy")
+                cols["rle_size"] = np.load(directory / "rle_size.npy")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"spilled detections in {directory} are unreadable ({exc}); rerun the evaluation") from None
+        return cls(**cols)
+
+
+class DetectionSpill:
+    """Writes one process's detections to disk in parts as they arrive (evaluation never holds them all as dicts).
+
+    Each :meth:`add` takes one image's detections; every ``part_rows``
+    detections a part ``<directory>/part-<tag>-<k>/`` is written. Images are
+    numbered in arrival order, so a reader can keep exactly the images the
+    test loop reports (mmengine pads the last batch of a distributed sampler).
+    """
+
+    def __init__(self, directory: str | os.PathLike, tag: str, part_rows: int = 500_000) -> None:
+        self.directory, self.tag, self.part_rows = Path(directory), tag, part_rows
+        self.buffer: list[Detections] = []
+        self.sequence: list[np.ndarray] = []
+        self.rows = 0
+        self.parts = 0
+        self.images = 0
+
+    def add(self, dets: Detections) -> int:
+        """Buffer one image's detections; returns its sequence number."""
+        seq = self.images
+        self.images += 1
+        self.buffer.append(dets)
+        self.sequence.append(np.full(len(dets), seq, np.int64))
+        self.rows += len(dets)
+        if self.rows >= self.part_rows:
+            self.flush()
+        return seq
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        part = self.directory / f"part-{self.tag}-{self.parts:05d}"
+        Detections.concat(self.buffer).save(part)
+        np.save(part / "sequence.npy", np.concatenate(self.sequence))
+        self.buffer, self.sequence, self.rows = [], [], 0
+        self.parts += 1
+
+
+def load_spilled(directory: str | os.PathLike, keep: dict[str, set[int]] | None = None) -> Detections:
+    """Every part under ``directory`` as one table, keeping, per spill tag, only the image sequence
+    numbers in ``keep``. The RLE bytes of all parts are copied into one file there and memory-mapped."""
+    directory = Path(directory)
+    parts = []
+    for part in sorted(directory.glob("part-*")):
+        dets = Detections.load(part)
+        if keep is not None:
+            tag = part.name[len("part-") :].rsplit("-", 1)[0]
+            seq = np.load(part / "sequence.npy")
+            rows = np.nonzero(np.isin(seq, np.fromiter(keep.get(tag, ()), np.int64)))[0]
+            if len(rows) != len(dets):
+                dets = dets.take(rows)
+        parts.append(dets)
+    if not parts or not parts[0].has_masks:
+        return Detections.concat(parts)
+    # the masks: one memory-mapped buffer, filled part by part
+    rle_parts = [p.rle for p in parts]
+    starts = np.cumsum([0] + [len(r) for r in rle_parts[:-1]])
+    offsets = np.concatenate([[0]] + [p.rle_offset[1:] + s for p, s in zip(parts, starts)]).astype(np.int64)
+    for p in parts:
+        p.rle = np.zeros(0, np.uint8)
+    out = Detections.concat(parts)
+    path = directory / "rle-all.npy"
+    if not sum(len(r) for r in rle_parts):
+        out.rle, out.rle_offset = np.zeros(0, np.uint8), offsets
+        return out
+    merged = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(sum(len(r) for r in rle_parts),))
+    for r, s in zip(rle_parts, starts):
+        merged[s : s + len(r)] = r
+    merged.flush()
+    del merged
+    out.rle, out.rle_offset = np.load(path, mmap_mode="r"), offsets
+    return out
