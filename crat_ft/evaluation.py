@@ -125,7 +125,9 @@ def _check_columns(dets: Detections, iou_type: str, image_ids: set, cat_ids: set
             "the model and dataset classes disagree"
         )
     if iou_type == "segm" and len(dets) and not dets.has_masks:
-        raise UserError("results[0] lacks 'segmentation'; LVIS segm results need image_id, category_id, score and segmentation")
+        raise UserError(
+            "results[0] lacks 'segmentation'; LVIS segm results need image_id, category_id, score and segmentation"
+        )
 
 
 def _check_results(results: Sequence[dict], iou_type: str, image_ids: set, cat_ids: set) -> None:
@@ -166,23 +168,58 @@ def _gt_api(gt_doc: dict):
     return gt
 
 
-def _evaluate_chunk(gt, dts: list[dict], iou_type: str, max_dets: int, cat_ids: list[int]):
-    """Run faster-coco-eval on some categories (``dts``: their detections); returns (precision [T, R, K, A], area labels)."""
+AREA_LABELS = ["all", "small", "medium", "large"]
+
+
+def _evaluate_chunk(gt, dts: list[dict], iou_type: str, max_dets: int, cat_ids: list[int], img_ids: list[int]):
+    """Run faster-coco-eval on some categories (``dts``: their detections) over the images where they are
+    annotated (positive or negative: no other image can hold a match or an evaluated detection);
+    returns (precision [T, R, K, A], area labels).
+
+    The engine walks every (image, category) pair it is given, so handing it only these images,
+    rather than the whole split, is what keeps a large-vocabulary evaluation fast.
+    """
     from faster_coco_eval import COCO, COCOeval_faster
 
-    if dts:
-        dt = gt.loadRes(dts)
-    else:
-        dt = COCO()
-        dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
-        dt.createIndex()
+    if not img_ids:  # no ground truth anywhere and no evaluated detection: undefined for every category
+        return np.full((10, 101, len(cat_ids), len(AREA_LABELS)), -1.0), AREA_LABELS
+    # the detection index built directly (faster-coco-eval's loadRes copies the category list on every
+    # call): the dicts are this chunk's own, made by Detections.to_dicts, and get the fields loadRes adds
+    for k, d in enumerate(dts, 1):
+        d["id"], d["iscrowd"], d["area"] = k, 0, d["bbox"][2] * d["bbox"][3]
+    dt = COCO()
+    dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": dts}
+    dt.createIndex()
     ev = COCOeval_faster(gt, dt, iouType=iou_type, lvis_style=True, print_function=lambda *a, **k: None)
     ev.params.catIds = list(cat_ids)
+    ev.params.imgIds = list(img_ids)
     ev.params.maxDets = [max_dets]
     ev.evaluate()
     ev.accumulate()
     precision = np.asarray(ev.eval["precision"])[..., 0]  # [T, R, K, A] at the one maxDets
     return precision, list(ev.params.areaRngLbl)
+
+
+CHUNK_ROWS = 400_000
+CHUNK_CATEGORIES = 64
+
+
+def _category_chunks(cat_ids: list[int], row_cats: np.ndarray, size: int | None) -> list[list[int]]:
+    """Consecutive groups of categories: ``size`` at a time, or (``None``) up to :data:`CHUNK_CATEGORIES`
+    while the chunk stays under :data:`CHUNK_ROWS` detections (at least one category): the rows bound
+    the dicts built at once, the categories the (image, category) pairs the engine walks."""
+    if size is not None:
+        return [cat_ids[i : i + size] for i in range(0, len(cat_ids), size)]
+    counts = dict(zip(*np.unique(row_cats, return_counts=True)))
+    chunks, current, rows = [], [], 0
+    for c in cat_ids:
+        n = int(counts.get(c, 0))
+        if current and (rows + n > CHUNK_ROWS or len(current) == CHUNK_CATEGORIES):
+            chunks.append(current)
+            current, rows = [], 0
+        current.append(c)
+        rows += n
+    return chunks + [current]
 
 
 def _mean_valid(x: np.ndarray) -> float:
@@ -215,7 +252,8 @@ def lvis_metrics(
             ``"fixed"`` (AP-fixed: top ``dets_per_class`` per category over the dataset, no per-image cap).
         dets_per_class: AP-fixed's budget per category (10,000).
         cat_chunk_size: evaluate this many categories at a time to bound
-            memory (the result is identical); ``None`` evaluates all at once.
+            memory (the result is identical); ``None``: as many as keep a chunk
+            under :data:`CHUNK_ROWS` detections.
         per_class: also return ``"per_class"``: ``{category_id: AP}``.
 
     Returns:
@@ -251,15 +289,20 @@ def lvis_metrics(
         pairs = dets.image_id[rows] * (max(cat_ids) + 1) + dets.category_id[rows]
         engine_cap = int(np.unique(pairs, return_counts=True)[1].max()) if len(rows) else 1
 
-    chunk = cat_chunk_size or len(cat_ids)
     parts = []
     area_labels = None
     gt_api = _gt_api(gt_doc)
     row_cats = dets.category_id[rows]
-    for start in range(0, len(cat_ids), chunk):
-        wanted = cat_ids[start : start + chunk]
+    annotated = defaultdict(set)  # category -> images where it is positive or negative
+    for img in gt_doc["images"]:
+        for c in img.get("neg_category_ids", []):
+            annotated[c].add(img["id"])
+    for a in gt_doc["annotations"]:
+        annotated[a["category_id"]].add(a["image_id"])
+    for wanted in _category_chunks(cat_ids, row_cats, cat_chunk_size):
         dts = dets.to_dicts(rows[np.isin(row_cats, wanted)], with_masks=iou_type == "segm")
-        precision, area_labels = _evaluate_chunk(gt_api, dts, iou_type, engine_cap, wanted)
+        images = sorted(set().union(*(annotated[c] for c in wanted)))
+        precision, area_labels = _evaluate_chunk(gt_api, dts, iou_type, engine_cap, wanted, images)
         parts.append(precision)
     precision = np.concatenate(parts, axis=2)  # [T, R, K, A]
     a_all = area_labels.index("all")
