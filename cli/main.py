@@ -158,9 +158,18 @@ def train_detector(config, work_dir, data_root, seed, resume, cfg_options):
     default=None,
     help="Evaluate CHECKPOINT with these retrained heads merged in (no file written).",
 )
+@click.option(
+    "--protocol",
+    "protocols",
+    type=click.Choice(["fixed", "pool"]),
+    multiple=True,
+    default=("fixed",),
+    show_default=True,
+    help="Also report AP-fixed (10,000 detections per class, no per-image cap) and/or AP-pool (one curve over all classes).",
+)
 @TRUST
 @CFG_OPTIONS
-def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, trust_checkpoint, cfg_options):
+def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols, trust_checkpoint, cfg_options):
     """Evaluate CHECKPOINT on the config's test split with the LVIS v1 protocol."""
     from crat_ft.evaluation import format_table
     from crat_ft.stage1 import evaluate_detector
@@ -174,11 +183,12 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, trust_che
         trust_checkpoint=trust_checkpoint,
         per_class_csv=per_class_csv,
         heads=heads,
+        extra_protocols=protocols,
     )
-    fixed = metrics.pop("fixed", None)
+    extra = {p: metrics.pop(p) for p in protocols}
     click.echo(format_table(metrics, title="LVIS v1 metrics (%)"))
-    if fixed:
-        click.echo(format_table(fixed, title="AP-fixed (%, 10,000 detections per class, no per-image cap)"))
+    for p, m in extra.items():
+        click.echo(format_table(m, title=PROTOCOL_TITLES[p]))
     click.echo(f"metrics: {out}")
 
 
@@ -366,13 +376,21 @@ def export(config, checkpoint, heads, out, tau_norm, logit_adjust, combine_origi
         )
 
 
+PROTOCOL_TITLES = {
+    "standard": "LVIS v1 metrics (%)",
+    "fixed": "AP-fixed (%, 10,000 detections per class, no per-image cap)",
+    "pool": "AP-pool (%, 10,000 detections per class, one curve over all classes)",
+}
+
+
 @cli.command("evaluate-results")
 @click.argument("gt", type=click.Path())
 @click.argument("results", type=click.Path())
 @click.option("--iou-type", "iou_types", type=click.Choice(["bbox", "segm"]), multiple=True,
               help="bbox and/or segm (default: bbox, plus segm when the detections have masks).")  # fmt: skip
-@click.option("--protocol", type=click.Choice(["standard", "fixed"]), default="standard", show_default=True,
-              help="standard: LVIS v1, 300 detections per image; fixed: AP-fixed, 10,000 per class, no per-image cap.")  # fmt: skip
+@click.option("--protocol", type=click.Choice(["standard", "fixed", "pool"]), default="standard", show_default=True,
+              help="standard: LVIS v1, 300 detections per image; fixed: AP-fixed, 10,000 per class, no per-image cap; "
+                   "pool: AP-pool, AP-fixed's budget and one curve over all classes.")  # fmt: skip
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON here.")
 def evaluate_results(gt, results, iou_types, protocol, out):
     """LVIS metrics of RESULTS (a JSON results file of mmdet, detectron2 or lvis-api) against annotation file GT."""
@@ -383,8 +401,7 @@ def evaluate_results(gt, results, iou_types, protocol, out):
     from crat_ft.files import atomic_write_text
 
     metrics = run(gt, results, iou_types=list(iou_types) or None, protocol=protocol)
-    title = "LVIS v1 metrics (%)" if protocol == "standard" else "LVIS AP-fixed metrics (%, 10,000 per class)"
-    click.echo(format_table(metrics, title=title))
+    click.echo(format_table(metrics, title=PROTOCOL_TITLES[protocol]))
     if out:
         atomic_write_text(out, json.dumps({"protocol": protocol, **metrics}, indent=2))
         click.echo(f"metrics: {out}")

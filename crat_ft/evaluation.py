@@ -22,6 +22,13 @@ per-image cap; each category keeps its ``dets_per_class`` (10,000)
 highest-scoring detections over the whole dataset, then the same federated
 evaluation runs. Where no image has more than ``max_dets`` detections and no
 category more than ``dets_per_class``, both protocols give the same numbers.
+
+``protocol="pool"`` is AP-pool (same paper): AP-fixed's budget, then one
+precision-recall curve over the detections of all categories together
+(matching stays within a category), which rewards scores that are comparable
+across categories. APr/APc/APf pool the categories of one frequency group.
+It is computed by the same engine: every (image, category) pair where the
+category is annotated becomes an image of one pooled category.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from crat_ft.errors import UserError
 from crat_ft.lvis_json import categories_by_id, check_lvis_dict, load_lvis_json
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
-PROTOCOLS = ("standard", "fixed")
+PROTOCOLS = ("standard", "fixed", "pool")
 DETS_PER_CLASS = 10_000
 IOU_TYPES = ("bbox", "segm")
 _AREA_KEYS = {"APs": "small", "APm": "medium", "APl": "large"}
@@ -248,8 +255,9 @@ def lvis_metrics(
             chunk being evaluated is ever turned into dicts).
         iou_type: ``"bbox"`` or ``"segm"``.
         max_dets: detections kept per image across categories (LVIS: 300; protocol ``standard``).
-        protocol: ``"standard"`` (LVIS v1: top ``max_dets`` per image) or
-            ``"fixed"`` (AP-fixed: top ``dets_per_class`` per category over the dataset, no per-image cap).
+        protocol: ``"standard"`` (LVIS v1: top ``max_dets`` per image),
+            ``"fixed"`` (AP-fixed: top ``dets_per_class`` per category over the dataset, no per-image cap)
+            or ``"pool"`` (AP-pool: AP-fixed's budget, one curve over all categories; no ``per_class``).
         dets_per_class: AP-fixed's budget per category (10,000).
         cat_chunk_size: evaluate this many categories at a time to bound
             memory (the result is identical); ``None``: as many as keep a chunk
@@ -264,6 +272,8 @@ def lvis_metrics(
         raise UserError(f"iou_type: expected one of {IOU_TYPES}, got {iou_type!r}")
     if max_dets < 1:
         raise UserError(f"max_dets: expected a positive integer, got {max_dets}")
+    if protocol == "pool" and per_class:
+        raise UserError("AP-pool is one curve over all categories: it has no per-class AP; use protocol 'fixed'")
     if protocol not in PROTOCOLS:
         raise UserError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
     if dets_per_class < 1:
@@ -289,6 +299,8 @@ def lvis_metrics(
         pairs = dets.image_id[rows] * (max(cat_ids) + 1) + dets.category_id[rows]
         engine_cap = int(np.unique(pairs, return_counts=True)[1].max()) if len(rows) else 1
 
+    if protocol == "pool":
+        return _pooled_metrics(gt_doc, dets, rows, iou_type, engine_cap)
     parts = []
     area_labels = None
     gt_api = _gt_api(gt_doc)
@@ -319,6 +331,60 @@ def lvis_metrics(
         metrics[key] = _mean_valid(precision[:, :, freq == group, a_all])
     if per_class:
         metrics["per_class"] = {cid: _mean_valid(precision[:, :, k, a_all]) for k, cid in enumerate(cat_ids)}
+    return metrics
+
+
+def _pooled_metrics(gt_doc: dict, dets: Detections, rows: np.ndarray, iou_type: str, engine_cap: int) -> dict:
+    """AP-pool: each group of categories (all; each frequency group) as one pooled category whose
+    images are the (image, category) pairs where a category of the group is positive or negative."""
+    images = {img["id"]: img for img in gt_doc["images"]}
+    freq = {c["id"]: c["frequency"] for c in gt_doc["categories"]}
+    pairs = {}  # (image, category) -> pooled image id
+    for img in gt_doc["images"]:
+        for c in img.get("neg_category_ids", []):
+            pairs.setdefault((img["id"], c), len(pairs) + 1)
+    for a in gt_doc["annotations"]:
+        pairs.setdefault((a["image_id"], a["category_id"]), len(pairs) + 1)
+
+    def pooled(group: str | None):
+        keep = [(ic, k) for ic, k in pairs.items() if group is None or freq[ic[1]] == group]
+        pooled_images = []
+        for (i, c), k in keep:
+            img = images[i]
+            pooled_images.append({
+                "id": k, "height": img["height"], "width": img["width"],
+                "neg_category_ids": [1] if c in img.get("neg_category_ids", []) else [],
+                "not_exhaustive_category_ids": [1] if c in img.get("not_exhaustive_category_ids", []) else [],
+            })  # fmt: skip
+        anns = [
+            dict(a, image_id=pairs[a["image_id"], a["category_id"]], category_id=1)
+            for a in gt_doc["annotations"]
+            if group is None or freq[a["category_id"]] == group
+        ]
+        doc = {"images": pooled_images, "annotations": anns,
+               "categories": [{"id": 1, "name": "pooled", "frequency": group or "f"}]}  # fmt: skip
+        mine = rows[
+            np.fromiter((group is None or freq[c] == group for c in dets.category_id[rows].tolist()), bool, len(rows))
+        ]
+        dts = dets.to_dicts(mine, with_masks=iou_type == "segm")
+        for d in dts:
+            d["image_id"], d["category_id"] = pairs[d["image_id"], d["category_id"]], 1
+        if not anns:
+            return None, AREA_LABELS
+        return _evaluate_chunk(_gt_api(doc), dts, iou_type, engine_cap, [1], [k for _, k in keep])
+
+    precision, labels = pooled(None)
+    a_all = labels.index("all")
+    metrics = {
+        "AP": _mean_valid(precision[:, :, :, a_all]),
+        "AP50": _mean_valid(precision[0, :, :, a_all]),
+        "AP75": _mean_valid(precision[5, :, :, a_all]),
+    }
+    for key, label in _AREA_KEYS.items():
+        metrics[key] = _mean_valid(precision[:, :, :, labels.index(label)])
+    for key, group in _FREQ_KEYS.items():
+        group_precision, _ = pooled(group)
+        metrics[key] = -1.0 if group_precision is None else _mean_valid(group_precision[:, :, :, a_all])
     return metrics
 
 

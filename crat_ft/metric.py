@@ -21,7 +21,7 @@ from mmengine.logging import MMLogger
 
 from crat_ft.detections import Detections, DetectionSpill, load_spilled
 from crat_ft.errors import UserError
-from crat_ft.evaluation import IOU_TYPES, format_table, lvis_metrics, write_per_class_csv
+from crat_ft.evaluation import IOU_TYPES, PROTOCOLS, format_table, lvis_metrics, write_per_class_csv
 from crat_ft.lvis_json import categories_by_id, load_lvis_json
 
 
@@ -37,9 +37,10 @@ class CratLVISMetric(BaseMetric):
         per_class_csv: if set, write the per-class AP table there.
         spill_dir: where the processes write their detections (the same directory
             for every rank; default: a temporary directory). Removed after evaluation.
-        ap_fixed: also compute AP-fixed (10,000 detections per class, no per-image
-            cap; ``last_results["fixed"]``). It sees what the model outputs: raise
-            ``model.test_cfg.rcnn.max_per_img`` for it to see more than 300 per image.
+        extra_protocols: also compute these protocols of :func:`lvis_metrics`
+            (``"fixed"``: AP-fixed, ``"pool"``: AP-pool; ``last_results[protocol]``).
+            They see what the model outputs: raise ``model.test_cfg.rcnn.max_per_img``
+            for them to see more than 300 detections per image.
     """
 
     default_prefix = "lvis"
@@ -52,7 +53,7 @@ class CratLVISMetric(BaseMetric):
         max_dets: int = 300,
         cat_chunk_size: int | None = None,
         per_class_csv: str | None = None,
-        ap_fixed: bool = True,
+        extra_protocols: Sequence[str] = ("fixed",),
         spill_dir: str | None = None,
         collect_device: str = "cpu",
         prefix: str | None = None,
@@ -66,7 +67,10 @@ class CratLVISMetric(BaseMetric):
         self.ann_file = ann_file
         self.max_dets = max_dets
         self.cat_chunk_size = cat_chunk_size
-        self.ap_fixed = ap_fixed
+        for p in extra_protocols:
+            if p not in PROTOCOLS or p == "standard":
+                raise UserError(f"CratLVISMetric.extra_protocols: expected items of ('fixed', 'pool'), got {p!r}")
+        self.extra_protocols = list(extra_protocols)
         self.spill_dir = spill_dir
         self._spill = None
         self.per_class_csv = per_class_csv
@@ -153,13 +157,13 @@ class CratLVISMetric(BaseMetric):
             out[iou] = m
         self.last_results = {"metrics": out, "per_class": per_class}
         logger.info("\n" + format_table(out, title=f"LVIS metrics ({len(results)} detections)"))
-        if self.ap_fixed:
-            fixed = {
-                iou: lvis_metrics(self.doc, results, iou, protocol="fixed", cat_chunk_size=self.cat_chunk_size)
+        for protocol in self.extra_protocols:
+            extra = {
+                iou: lvis_metrics(self.doc, results, iou, protocol=protocol, cat_chunk_size=self.cat_chunk_size)
                 for iou in self.iou_types
             }
-            self.last_results["fixed"] = fixed
-            logger.info("\n" + format_table(fixed, title="LVIS AP-fixed metrics (10,000 per class)"))
+            self.last_results[protocol] = extra
+            logger.info("\n" + format_table(extra, title=f"LVIS AP-{protocol} metrics (10,000 per class)"))
         if self.per_class_csv:
             write_per_class_csv(self.per_class_csv, categories_by_id(self.doc), per_class)
         return {f"{iou}_{k}": v for iou, m in out.items() for k, v in m.items()}

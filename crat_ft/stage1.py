@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from crat_ft.errors import UserError
 from crat_ft.files import atomic_torch_save
@@ -88,8 +88,10 @@ def evaluate_detector(
     trust_checkpoint: bool = False,
     per_class_csv: str | os.PathLike | None = None,
     heads: str | os.PathLike | None = None,
+    extra_protocols: Sequence[str] = ("fixed",),
 ) -> dict:
-    """Evaluate a detector checkpoint on the config's test split with the LVIS protocol.
+    """Evaluate a detector checkpoint on the config's test split with the LVIS protocol
+    (and ``extra_protocols``: ``"fixed"`` AP-fixed, ``"pool"`` AP-pool, each under its own key).
 
     Writes ``out`` as ``{"bbox": {...}, "segm": {...}, "fixed": {"bbox": ..., "segm": ...}}``
     (keys of :data:`crat_ft.evaluation.METRIC_KEYS`; ``fixed`` holds AP-fixed) and the per-class CSV beside it
@@ -124,10 +126,11 @@ def evaluate_detector(
                 cfg_options=cfg_options,
             )
             return evaluate_detector(
-                merged_cfg or config, merged, out, cfg_options=cfg_options, data_root=data_root, per_class_csv=csv_path
-            )
+                merged_cfg or config, merged, out, cfg_options=cfg_options, data_root=data_root, per_class_csv=csv_path,
+                extra_protocols=extra_protocols,
+            )  # fmt: skip
     cfg = _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint)
-    return _run_test_and_write(cfg, trust_checkpoint, out, csv_path, journal)
+    return _run_test_and_write(cfg, trust_checkpoint, out, csv_path, journal, extra_protocols)
 
 
 def _prepare_outputs(out: Path, csv_path: Path) -> Path:
@@ -173,7 +176,9 @@ def _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint: b
     return cfg
 
 
-def _run_test_and_write(cfg, trust_checkpoint: bool, out: Path, csv_path: Path, journal: Path) -> dict:
+def _run_test_and_write(
+    cfg, trust_checkpoint: bool, out: Path, csv_path: Path, journal: Path, extra_protocols: Sequence[str]
+) -> dict:
     """Run the test loop in a private work dir; rename the JSON and the per-class CSV into place together."""
     from mmengine.runner import Runner
 
@@ -185,6 +190,7 @@ def _run_test_and_write(cfg, trust_checkpoint: bool, out: Path, csv_path: Path, 
     evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
     lvis = next(e for e in evaluators if e.get("type") == "CratLVISMetric")
     lvis["per_class_csv"] = str(temp_name(csv_path))
+    lvis["extra_protocols"] = list(extra_protocols)
     # detections go to disk beside --out, in one directory all ranks share (a dead run's is cleaned at start)
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     spill = out.with_name(f".{out.stem}.detections-{run_id}") if run_id else temp_name(out.with_suffix(".detections"))
@@ -198,8 +204,8 @@ def _run_test_and_write(cfg, trust_checkpoint: bool, out: Path, csv_path: Path, 
                 runner.test()
             metric = next(m for m in runner.test_evaluator.metrics if isinstance(m, CratLVISMetric))
             results = dict(metric.last_results["metrics"])
-            if "fixed" in metric.last_results:
-                results["fixed"] = metric.last_results["fixed"]
+            for protocol in metric.extra_protocols:
+                results[protocol] = metric.last_results[protocol]
         with storage_errors(out):
             temp_name(out).write_text(json.dumps(results, indent=2))
         commit_together([(temp_name(csv_path), csv_path), (temp_name(out), out)], journal)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from test_evaluation import _random_dets, _square, crafted_gt, det
 
+from crat_ft.errors import UserError
 from crat_ft.evaluation import lvis_metrics, top_k_per_class
 
 IOUS = np.linspace(0.5, 0.95, 10)
@@ -19,12 +20,7 @@ def _iou(a, b):
     return inter / (aw * ah + bw * bh - inter)
 
 
-def reference_ap(gt, dets, *, per_image=None, per_class=None):
-    """{category_id: AP} of LVIS's federated protocol, area range 'all', written from the definitions:
-    optional cap per image (across categories) or per category (over the dataset), a detection counts
-    only where its category is annotated positive or negative, greedy matching of score-sorted
-    detections to the unmatched gt of highest IoU, unmatched detections ignored where the category is
-    not exhaustive, 101-point interpolated precision averaged over IoU 0.50:0.95."""
+def _capped(dets, per_image=None, per_class=None):
     dets = [dict(d, order=i) for i, d in enumerate(dets)]
     if per_image is not None:
         dets = [d for img in {d["image_id"] for d in dets}
@@ -32,45 +28,74 @@ def reference_ap(gt, dets, *, per_image=None, per_class=None):
     if per_class is not None:
         dets = [d for c in {d["category_id"] for d in dets}
                 for d in sorted([d for d in dets if d["category_id"] == c], key=lambda d: -d["score"])[:per_class]]  # fmt: skip
+    return dets
+
+
+def _matches(gt, dets, cat, thr):
+    """(scores, true positive flags, ignored flags, number of gt) of one category at one IoU threshold."""
     images = {i["id"]: i for i in gt["images"]}
+    pos = {a["image_id"] for a in gt["annotations"] if a["category_id"] == cat}
+    neg = {i for i, img in images.items() if cat in img.get("neg_category_ids", [])}
+    scores, tps, ignored = [], [], []
+    for img in sorted(pos | neg):
+        gts = [a["bbox"] for a in gt["annotations"] if a["image_id"] == img and a["category_id"] == cat]
+        mine = [d for d in dets if d["image_id"] == img and d["category_id"] == cat]
+        mine.sort(key=lambda d: (-d["score"], d["order"]))
+        used = set()
+        for d in mine:
+            best, best_iou = None, min(thr, 1 - 1e-10)
+            for g, box in enumerate(gts):
+                if g not in used and _iou(d["bbox"], box) >= best_iou:
+                    best, best_iou = g, _iou(d["bbox"], box)
+            if best is not None:
+                used.add(best)
+            scores.append(d["score"])
+            tps.append(best is not None)
+            ignored.append(best is None and cat in images[img].get("not_exhaustive_category_ids", []))
+    n_gt = sum(1 for a in gt["annotations"] if a["category_id"] == cat)
+    return scores, tps, ignored, n_gt
+
+
+def _interpolated_ap(scores, tps, ignored, n_gt):
+    order = np.argsort(-np.asarray(scores, float), kind="mergesort")
+    keep = ~np.asarray(ignored, bool)[order] if order.size else np.zeros(0, bool)
+    tp = np.asarray(tps, bool)[order][keep] if order.size else np.zeros(0, bool)
+    tp_sum, fp_sum = np.cumsum(tp), np.cumsum(~tp)
+    recall = tp_sum / n_gt
+    precision = tp_sum / np.maximum(tp_sum + fp_sum, np.finfo(float).eps)
+    for i in range(len(precision) - 1, 0, -1):
+        precision[i - 1] = max(precision[i - 1], precision[i])
+    idx = np.searchsorted(recall, RECALLS, side="left")
+    return np.mean([precision[i] if i < len(precision) else 0.0 for i in idx])
+
+
+def reference_ap(gt, dets, *, per_image=None, per_class=None):
+    """{category_id: AP} of LVIS's federated protocol, area range 'all', written from the definitions:
+    optional cap per image (across categories) or per category (over the dataset), a detection counts
+    only where its category is annotated positive or negative, greedy matching of score-sorted
+    detections to the unmatched gt of highest IoU, unmatched detections ignored where the category is
+    not exhaustive, 101-point interpolated precision averaged over IoU 0.50:0.95."""
+    dets = _capped(dets, per_image, per_class)
     aps = {}
     for cat in sorted(c["id"] for c in gt["categories"]):
-        pos = {a["image_id"] for a in gt["annotations"] if a["category_id"] == cat}
-        neg = {i for i, img in images.items() if cat in img.get("neg_category_ids", [])}
-        n_gt = sum(1 for a in gt["annotations"] if a["category_id"] == cat)
-        if n_gt == 0:
-            aps[cat] = -1.0
-            continue
-        per_thr = []
-        for thr in IOUS:
-            scores, tps, ignored = [], [], []
-            for img in sorted(pos | neg):
-                gts = [a["bbox"] for a in gt["annotations"] if a["image_id"] == img and a["category_id"] == cat]
-                mine = [d for d in dets if d["image_id"] == img and d["category_id"] == cat]
-                mine.sort(key=lambda d: (-d["score"], d["order"]))
-                used = set()
-                for d in mine:
-                    best, best_iou = None, min(thr, 1 - 1e-10)
-                    for g, box in enumerate(gts):
-                        if g not in used and _iou(d["bbox"], box) >= best_iou:
-                            best, best_iou = g, _iou(d["bbox"], box)
-                    if best is not None:
-                        used.add(best)
-                    scores.append(d["score"])
-                    tps.append(best is not None)
-                    ignored.append(best is None and cat in images[img].get("not_exhaustive_category_ids", []))
-            order = np.argsort(-np.asarray(scores, float), kind="mergesort")
-            keep = ~np.asarray(ignored, bool)[order] if order.size else np.zeros(0, bool)
-            tp = np.asarray(tps, bool)[order][keep] if order.size else np.zeros(0, bool)
-            tp_sum, fp_sum = np.cumsum(tp), np.cumsum(~tp)
-            recall = tp_sum / n_gt
-            precision = tp_sum / np.maximum(tp_sum + fp_sum, np.finfo(float).eps)
-            for i in range(len(precision) - 1, 0, -1):
-                precision[i - 1] = max(precision[i - 1], precision[i])
-            idx = np.searchsorted(recall, RECALLS, side="left")
-            per_thr.append(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
-        aps[cat] = float(np.mean(per_thr))
+        per_thr = [_matches(gt, dets, cat, thr) for thr in IOUS]
+        aps[cat] = -1.0 if per_thr[0][3] == 0 else float(np.mean([_interpolated_ap(*m) for m in per_thr]))
     return aps
+
+
+def reference_pool_ap(gt, dets, *, per_class=10_000, group=None):
+    """AP-pool: the same matches, one curve over the detections of all categories (of one frequency group).
+    Score ties across categories keep category order, then image order (the pooled engine's order)."""
+    dets = _capped(dets, per_class=per_class)
+    cats = sorted(c["id"] for c in gt["categories"] if group is None or c["frequency"] == group)
+    per_thr = []
+    for thr in IOUS:
+        pooled = [[], [], [], 0]
+        for cat in cats:
+            for k, part in enumerate(_matches(gt, dets, cat, thr)):
+                pooled[k] = pooled[k] + part
+        per_thr.append(_interpolated_ap(*pooled))
+    return float(np.mean(per_thr))
 
 
 def _check(gt, dets, protocol, **caps):
@@ -163,6 +188,10 @@ def test_evaluate_results_reads_other_tools_files_and_refuses_wrong_ones(tiny_da
     r = run_cli("evaluate-results", ann, bbox_only, "--protocol", "fixed", "--out", tmp_path / "f.json")
     assert r.returncode == 0 and "AP-fixed" in r.stdout, r.stderr[-2000:]
     fixed = json.loads((tmp_path / "f.json").read_text())
+    r = run_cli("evaluate-results", ann, bbox_only, "--protocol", "pool", "--out", tmp_path / "p.json")
+    assert r.returncode == 0 and "AP-pool" in r.stdout, r.stderr[-2000:]
+    pool = json.loads((tmp_path / "p.json").read_text())
+    assert pool["bbox"] == pytest.approx(lvis_metrics(gt, dets, "bbox", protocol="pool"))
     assert sorted(fixed) == ["bbox", "protocol"] and fixed["bbox"] == pytest.approx(written["bbox"])
 
     other = tmp_path / "other.json"
@@ -222,3 +251,25 @@ def test_metric_spills_detections_to_disk_and_gathers_only_image_numbers(tiny_da
         expected = lvis_metrics(gt, dets, iou)
         assert {k: result[f"lvis/{iou}_{k}"] for k in expected} == pytest.approx(expected, abs=1e-12)
     assert metric.last_results["fixed"]["segm"] == pytest.approx(lvis_metrics(gt, dets, "segm", protocol="fixed"))
+
+
+def test_ap_pool_matches_the_reference():
+    """AP-pool pools every category's detections into one curve: an FP of one class with a high score
+    costs every class; AP50 and the frequency groups pool the same way."""
+    gt = crafted_gt()
+    rng = np.random.default_rng(4)
+    dets = [det(1, 1, _square(10, 10), 0.7), det(2, 1, _square(50, 50), 0.35), det(3, 2, _square(20, 60, 40), 0.6),
+            det(3, 3, _square(60, 10), 0.3), det(2, 3, _square(0, 0), 0.95), det(3, 3, _square(0, 70), 0.9)]  # fmt: skip
+    dets += [det(int(rng.integers(1, 4)), int(rng.integers(1, 4)),
+                 _square(*rng.integers(0, 80, 2), s=int(rng.integers(10, 40))), float(rng.random())) for _ in range(25)]  # fmt: skip
+    got = lvis_metrics(gt, dets, "bbox", protocol="pool")
+    assert got["AP"] == pytest.approx(reference_pool_ap(gt, dets), abs=1e-9)
+    for key, group in (("APr", "r"), ("APc", "c"), ("APf", "f")):
+        assert got[key] == pytest.approx(reference_pool_ap(gt, dets, group=group), abs=1e-9)
+    # with one category, pooling changes nothing: AP-pool of the frequent group is its AP-fixed
+    fixed = lvis_metrics(gt, dets, "bbox", protocol="fixed")
+    assert got["APf"] == pytest.approx(fixed["APf"], abs=1e-12)
+    # pooled across classes, a confident FP of the rare class lowers the pool below the mean of the APs
+    assert got["AP"] < fixed["AP"]
+    with pytest.raises(UserError, match="AP-pool is one curve over all categories"):
+        lvis_metrics(gt, dets, "bbox", protocol="pool", per_class=True)
