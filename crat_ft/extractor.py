@@ -98,11 +98,11 @@ class Extractor:
 
     A Cascade R-CNN is extracted stage by stage as mmdet trains it: stage 0
     sees the gt boxes and the RPN proposals; stage ``s + 1`` sees the gt boxes
-    and stage ``s``'s candidates regressed by stage ``s``'s box head (with the
-    gt label for positives and the top-scoring class otherwise, mmdet's
-    ``refine_bboxes``), each assigned by its own stage's assigner. mmdet
-    refines only the RoIs its sampler drew; here every candidate is refined
-    and the :class:`crat_ft.roi_policy.RoIPolicy` selects from them.
+    and the RoIs mmdet's sampler draws from stage ``s``'s candidates
+    (:meth:`training_sample`), regressed by stage ``s``'s box head (with the gt
+    label for positives and the top-scoring class otherwise, mmdet's
+    ``refine_bboxes``), each assigned by its own stage's assigner. The
+    :class:`crat_ft.roi_policy.RoIPolicy` selects the cached RoIs of every stage.
     """
 
     model: object
@@ -186,8 +186,35 @@ class Extractor:
                 )
             )
             if s + 1 < self.stages:
-                candidates = self.refine(s, feats, sample, priors, gt_inds)[ng:]  # mmdet drops the gt rows
+                import torch
+
+                drawn = self.training_sample(s, gt_inds, np.random.default_rng([self.policy.seed, img_id, view, s, 1]))
+                drawn_t = torch.as_tensor(drawn, dtype=torch.long, device=priors.device)
+                refined = self.refine(s, feats, sample, priors[drawn_t], gt_inds[drawn_t])
+                candidates = refined[torch.as_tensor(drawn >= ng, device=priors.device)]  # mmdet drops the gt rows
         return blocks
+
+    def training_sample(self, stage: int, gt_inds, rng: np.random.Generator) -> np.ndarray:
+        """Rows mmdet's sampler would draw from this stage's candidates: the RoIs it refines for the next stage.
+
+        For ``RandomSampler`` (every cascade config of mmdet's LVIS zoo): up to ``num · pos_fraction``
+        positives, then negatives up to ``num`` (``neg_pos_ub`` bounding them by the positives when
+        set), drawn uniformly without replacement, positives first, as mmdet orders them. Other
+        samplers: every candidate.
+        """
+        inds = gt_inds.cpu().numpy()
+        cfg = self.rcnn_cfgs[stage].get("sampler", {})
+        if cfg.get("type") != "RandomSampler":
+            return np.arange(len(inds))
+        num = int(cfg.get("num", 512))
+        pos, neg = np.nonzero(inds > 0)[0], np.nonzero(inds == 0)[0]
+        n_pos = min(len(pos), int(num * float(cfg.get("pos_fraction", 0.25))))
+        n_neg = num - n_pos
+        ub = cfg.get("neg_pos_ub", -1)
+        if ub is not None and ub >= 0:
+            n_neg = min(n_neg, int(ub * max(1, n_pos)))
+        n_neg = min(len(neg), n_neg)
+        return np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)])
 
     def bbox_forward(self, stage: int, feats: tuple, rois):
         roi = self.model.roi_head
@@ -221,7 +248,7 @@ class Extractor:
         return priors, gt_inds, ious, ng
 
     def refine(self, stage: int, feats: tuple, sample, priors, gt_inds):
-        """Every prior regressed by the stage's box head, as mmdet's ``refine_bboxes`` does in training."""
+        """``priors`` regressed by the stage's box head, as mmdet's ``refine_bboxes`` does in training."""
         from mmdet.structures.bbox import bbox2roi
 
         head = self.heads[stage][0]
