@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", choices=["plain", "cascade"], default=None, help="measure one of the two configs")
     args = ap.parse_args()
 
     import torch
@@ -123,6 +124,8 @@ def main() -> None:
         )
         print(f"{args.images} images at 1333 x 800, batch {args.batch_size}, {args.threads} threads, CPU")
         for label, name in CONFIGS.items():
+            if args.only and (args.only == "cascade") != ("cascade" in name):
+                continue
             config = _config_with_classes(name, 40, tmp / f"{Path(name).stem}.py")
             ckpt = _random_checkpoint(config, tmp / f"{Path(name).stem}.pth")
             cfg = prepare_config(config, (), data, ("train_dataloader",))
