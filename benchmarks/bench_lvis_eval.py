@@ -6,6 +6,7 @@ all summary metrics. Both run in this one process, one after the other, so
 the ratio is measured under the same machine load.
 
     .venv/bin/python benchmarks/bench_lvis_eval.py [--images 300] [--classes 100]
+        [--heavy-every 5 --heavy-dets 400]   # every fifth image over the 300 cap
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def synthetic_gt(n_images: int, n_classes: int, seed: int) -> dict:
     return {"images": images, "annotations": anns, "categories": cats}
 
 
-def detections(gt: dict, per_image: int, seed: int) -> list[dict]:
+def detections(gt: dict, per_image: int, seed: int, heavy_every: int = 0, heavy_dets: int = 0) -> list[dict]:
     import pycocotools.mask as mask_util
 
     rng = np.random.default_rng(seed)
@@ -67,9 +68,9 @@ def detections(gt: dict, per_image: int, seed: int) -> list[dict]:
         by_img.setdefault(a["image_id"], []).append(a)
     out = []
     n_cls = len(gt["categories"])
-    for img in gt["images"]:
+    for n, img in enumerate(gt["images"]):
         anns = by_img.get(img["id"], [])
-        for k in range(per_image):
+        for k in range(heavy_dets if heavy_every and n % heavy_every == 0 else per_image):
             if anns and k < 3 * len(anns):
                 a = anns[k % len(anns)]
                 x, y, w, h = a["bbox"]
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--dets-per-image", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heavy-every", type=int, default=0, help="every k-th image gets --heavy-dets detections")
+    ap.add_argument("--heavy-dets", type=int, default=400)
     args = ap.parse_args()
 
     np.float = float  # lvis-api 0.5.3 uses np.float, removed in numpy 1.24
@@ -113,7 +116,7 @@ def main() -> None:
     from crat_ft.evaluation import METRIC_KEYS, lvis_metrics
 
     gt = synthetic_gt(args.images, args.classes, args.seed)
-    dets = detections(gt, args.dets_per_image, args.seed + 1)
+    dets = detections(gt, args.dets_per_image, args.seed + 1, args.heavy_every, args.heavy_dets)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "gt.json"
         path.write_text(json.dumps(gt))
