@@ -55,6 +55,10 @@ TRUST = click.option(
     help="Allow the checkpoint to unpickle arbitrary Python objects (only for files you trust).",
 )
 
+VERBOSE = click.option(
+    "--verbose", is_flag=True, help="Show mmengine's and mmdet's own output on the console instead of the log file."
+)
+
 
 def _split_options(options: tuple[str, ...]) -> list[str]:
     return [part for opt in options for part in opt.split()]
@@ -131,11 +135,18 @@ def make_demo_data(out, seed, train_images, val_images, classes):
 @click.option("--seed", type=int, default=None, help="Training seed (overrides randomness.seed).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --work-dir.")
 @CFG_OPTIONS
-def train_detector(config, work_dir, data_root, seed, resume, cfg_options):
+@VERBOSE
+def train_detector(config, work_dir, data_root, seed, resume, cfg_options, verbose):
     """Train an mmdet detector (stage 1) with mmengine's Runner."""
+    from pathlib import Path
+
+    from crat_ft.progress import framework_log
     from crat_ft.stage1 import train_detector as run
 
-    path = run(config, work_dir, cfg_options=_split_options(cfg_options), data_root=data_root, seed=seed, resume=resume)
+    with framework_log(Path(work_dir) / "crat-ft.log", verbose=verbose):
+        path = run(
+            config, work_dir, cfg_options=_split_options(cfg_options), data_root=data_root, seed=seed, resume=resume
+        )
     click.echo(f"detector weights: {path}")
 
 
@@ -169,22 +180,28 @@ def train_detector(config, work_dir, data_root, seed, resume, cfg_options):
 )
 @TRUST
 @CFG_OPTIONS
-def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols, trust_checkpoint, cfg_options):
+@VERBOSE
+def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols, trust_checkpoint, cfg_options,
+             verbose):  # fmt: skip
     """Evaluate CHECKPOINT on the config's test split with the LVIS v1 protocol."""
+    from pathlib import Path
+
     from crat_ft.evaluation import format_table
+    from crat_ft.progress import framework_log
     from crat_ft.stage1 import evaluate_detector
 
-    metrics = evaluate_detector(
-        config,
-        checkpoint,
-        out,
-        cfg_options=_split_options(cfg_options),
-        data_root=data_root,
-        trust_checkpoint=trust_checkpoint,
-        per_class_csv=per_class_csv,
-        heads=heads,
-        extra_protocols=protocols,
-    )
+    with framework_log(Path(out).with_suffix(".log"), verbose=verbose):
+        metrics = evaluate_detector(
+            config,
+            checkpoint,
+            out,
+            cfg_options=_split_options(cfg_options),
+            data_root=data_root,
+            trust_checkpoint=trust_checkpoint,
+            per_class_csv=per_class_csv,
+            heads=heads,
+            extra_protocols=protocols,
+        )
     extra = {p: metrics.pop(p) for p in protocols}
     click.echo(format_table(metrics, title="LVIS v1 metrics (%)"))
     for p, m in extra.items():
@@ -231,6 +248,7 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols
 )
 @TRUST
 @CFG_OPTIONS
+@VERBOSE
 def extract_features(
     config,
     checkpoint,
@@ -254,6 +272,7 @@ def extract_features(
     skip_space_check,
     trust_checkpoint,
     cfg_options,
+    verbose,
 ):
     """Cache a frozen detector's RoI features for the training split to HDF5."""
     from crat_ft.extract import dry_run as run_dry
@@ -281,17 +300,25 @@ def extract_features(
     if dry_run:
         click.echo(run_dry(config, checkpoint, **kwargs))
         return
-    path = run(
-        config,
-        checkpoint,
-        out,
-        shard=shard,
-        resume=resume,
-        max_images=max_images,
-        segment_images=segment_images,
-        space_check=not skip_space_check,
-        **kwargs,
-    )
+    from pathlib import Path
+
+    from crat_ft.extract import parse_shard
+    from crat_ft.progress import framework_log
+
+    i, n = parse_shard(shard)
+    log = Path(out) / ("extract-features.log" if n == 1 else f"extract-features-shard-{i}-of-{n}.log")
+    with framework_log(log, verbose=verbose):
+        path = run(
+            config,
+            checkpoint,
+            out,
+            shard=shard,
+            resume=resume,
+            max_images=max_images,
+            segment_images=segment_images,
+            space_check=not skip_space_check,
+            **kwargs,
+        )
     click.echo(f"feature cache: {path}")
 
 
@@ -313,18 +340,23 @@ def inspect_cache(cache):
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --work-dir.")
 @TRUST
 @CFG_OPTIONS
-def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_options):
+@VERBOSE
+def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_options, verbose):
     """Retrain the class-wise layers from the cache (CRAT + rebalanced classifier) with mmengine's Runner."""
+    from pathlib import Path
+
+    from crat_ft.progress import framework_log
     from crat_ft.retrain import retrain_heads as run
 
-    path = run(
-        ft_config,
-        cache,
-        work_dir,
-        cfg_options=_split_options(cfg_options),
-        resume=resume,
-        trust_checkpoint=trust_checkpoint,
-    )
+    with framework_log(Path(work_dir) / "crat-ft.log", verbose=verbose):
+        path = run(
+            ft_config,
+            cache,
+            work_dir,
+            cfg_options=_split_options(cfg_options),
+            resume=resume,
+            trust_checkpoint=trust_checkpoint,
+        )
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun only rank 0 writes heads.pth
         click.echo(f"retrained heads: {path}")
 

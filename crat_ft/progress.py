@@ -1,7 +1,9 @@
-"""A one-line progress report on stderr (a bar on a terminal, a line every 10 s in logs)."""
+"""What a person sees on the console: a one-line progress report on stderr (a bar on a terminal, a line
+every 10 s in logs), and :func:`framework_log`, which sends the frameworks' output to a file."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -29,3 +31,73 @@ class Progress:
         print(("\r" + msg) if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr, flush=True)
         if self.tty and self.done >= self.total:
             print(file=sys.stderr)
+
+
+class _LogFile:
+    """A text stream appending to a file, opened on the first write; storage faults silence it
+    (the framework log is best effort: the command's own errors say what went wrong)."""
+
+    def __init__(self, path) -> None:
+        self.path, self._f, self._dead = path, None, False
+
+    def write(self, text: str) -> int:
+        if self._dead:
+            return len(text)
+        try:
+            if self._f is None:
+                self._f = open(self.path, "a")
+            return self._f.write(text)
+        except OSError:
+            self._dead = True
+            return len(text)
+
+    def flush(self) -> None:
+        if self._f is not None and not self._dead:
+            try:
+                self._f.flush()
+            except OSError:
+                self._dead = True
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def framework_log(path, *, verbose: bool = False):
+    """Send stdout (mmengine's console log, config dumps) and Python warnings to ``path``.
+
+    The console keeps stderr: crat-ft's own lines, progress lines and errors;
+    where the log is is said at the end of a successful run.
+    mmengine's loggers write to ``sys.stdout`` as it is when they are created,
+    so a Runner built inside this context logs to the file. ``verbose`` keeps
+    everything on the console.
+    """
+    import warnings
+
+    if verbose:
+        yield
+        return
+    from pathlib import Path
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # the command's own checks report an unwritable place
+    log = _LogFile(path)
+    with contextlib.redirect_stdout(log), warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
+            warnings.formatwarning(message, category, filename, lineno, line)
+        )
+        try:
+            yield
+        finally:
+            log.close()
+    # only after success: an error stays the one line that names it
+    print(f"framework logs: {path}", file=sys.stderr, flush=True)

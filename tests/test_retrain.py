@@ -582,3 +582,20 @@ def test_export_combining_the_original_classifier(crat_run, tiny_detector, tiny_
         2,
     )
     assert r.returncode == 2 and "expected a weight in [0, 1]" in r.stderr and not (tmp_path / "bad.pth").exists()
+
+
+@pytest.mark.slow
+def test_console_shows_what_matters_and_the_framework_log_the_rest(tiny_cache, tmp_path):
+    """retrain-heads (as train-detector, extract-features and evaluate): mmengine's output goes to
+    crat-ft.log in the work dir; the console keeps progress, the result and where the log is."""
+    work = tmp_path / "quiet"
+    r = run_cli(*retrain_args(tiny_cache, work), "--cfg-options", *_heads_options(iters=3))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines() == [f"retrained heads: {work / 'heads.pth'}"]
+    assert "mmengine - INFO" not in r.stderr and "retrain-heads: 3/3 iterations" in r.stderr
+    assert f"framework logs: {work / 'crat-ft.log'}" in r.stderr
+    assert "mmengine - INFO - Iter(train) [3/3]" in (work / "crat-ft.log").read_text()
+    loud = tmp_path / "loud"
+    r = run_cli(*retrain_args(tiny_cache, loud), "--verbose", "--cfg-options", *_heads_options(iters=3))
+    assert r.returncode == 0 and "mmengine - INFO - Iter(train) [3/3]" in r.stdout, r.stderr[-3000:]
+    assert not (loud / "crat-ft.log").exists()
