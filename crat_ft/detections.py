@@ -38,6 +38,7 @@ class Detections:
     rle: np.ndarray | None = None
     rle_offset: np.ndarray | None = None
     rle_size: np.ndarray | None = None
+    area: np.ndarray | None = None  # set only for masks given without boxes: the mask area (lvis-api's rule)
 
     def __len__(self) -> int:
         return len(self.score)
@@ -51,13 +52,12 @@ class Detections:
         """Columns of LVIS result dicts (``segmentation`` RLEs with ``counts`` as str or bytes)."""
         n = len(dets)
         masks = bool(n) and "segmentation" in dets[0] if masks is None else masks
+        boxes = bool(n) and "bbox" in dets[0]
         out = cls(
             image_id=np.fromiter((d["image_id"] for d in dets), np.int64, n),
             category_id=np.fromiter((d["category_id"] for d in dets), np.int64, n),
             score=np.fromiter((d["score"] for d in dets), np.float64, n),
-            bbox=np.asarray([d["bbox"] for d in dets], np.float64).reshape(n, 4)
-            if n and "bbox" in dets[0]
-            else np.zeros((n, 4)),
+            bbox=np.asarray([d["bbox"] for d in dets], np.float64).reshape(n, 4) if boxes else np.zeros((n, 4)),
         )
         if masks:
             counts = [d["segmentation"]["counts"] for d in dets]
@@ -65,6 +65,12 @@ class Detections:
             out.rle = np.frombuffer(b"".join(counts), np.uint8)
             out.rle_offset = np.concatenate([[0], np.cumsum([len(c) for c in counts])]).astype(np.int64)
             out.rle_size = np.asarray([d["segmentation"]["size"] for d in dets], np.int64).reshape(n, 2)
+            if n and not boxes:  # as lvis-api: the box from the mask, the area the mask's
+                import pycocotools.mask as mask_util
+
+                rles = [{"size": d["segmentation"]["size"], "counts": c} for d, c in zip(dets, counts)]
+                out.bbox = np.asarray(mask_util.toBbox(rles), np.float64).reshape(n, 4)
+                out.area = np.asarray(mask_util.area(rles), np.float64)
         return out
 
     @classmethod
@@ -73,6 +79,8 @@ class Detections:
         if not parts:
             return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 4)))
         out = cls(*(np.concatenate([getattr(p, c) for p in parts]) for c in COLUMNS))
+        if all(p.area is not None for p in parts):
+            out.area = np.concatenate([p.area for p in parts])
         if parts[0].has_masks:
             out.rle = np.concatenate([p.rle for p in parts])
             starts = np.cumsum([0] + [len(p.rle) for p in parts[:-1]])
@@ -83,6 +91,8 @@ class Detections:
     def take(self, rows: np.ndarray) -> "Detections":
         """The table of ``rows`` (in memory)."""
         out = Detections(*(getattr(self, c)[rows] for c in COLUMNS))
+        if self.area is not None:
+            out.area = self.area[rows]
         if self.has_masks:
             counts = [bytes(self.rle[self.rle_offset[r] : self.rle_offset[r + 1]]) for r in rows.tolist()]
             out.rle = np.frombuffer(b"".join(counts), np.uint8)
@@ -103,6 +113,8 @@ class Detections:
             if with_masks:
                 counts = bytes(self.rle[self.rle_offset[r] : self.rle_offset[r + 1]])
                 d["segmentation"] = {"size": self.rle_size[r].tolist(), "counts": counts.decode()}
+            if self.area is not None:
+                d["area"] = float(self.area[r])
             out.append(d)
         return out
 
@@ -121,6 +133,8 @@ class Detections:
         directory = Path(directory)
         try:
             cols = {c: np.load(directory / f"{c}.npy") for c in COLUMNS}
+            if (directory / "area.npy").exists():
+                cols["area"] = np.load(directory / "area.npy")
             if (directory / "rle.npy").exists():
                 cols["rle"] = np.load(directory / "rle.npy", mmap_mode="r")
                 cols["rle_offset"] = np.load(directory / "rle_offset.npy")

@@ -193,7 +193,8 @@ def _evaluate_chunk(gt, dts: list[dict], iou_type: str, max_dets: int, cat_ids: 
     # the detection index built directly (faster-coco-eval's loadRes copies the category list on every
     # call): the dicts are this chunk's own, made by Detections.to_dicts, and get the fields loadRes adds
     for k, d in enumerate(dts, 1):
-        d["id"], d["iscrowd"], d["area"] = k, 0, d["bbox"][2] * d["bbox"][3]
+        d["id"], d["iscrowd"] = k, 0
+        d.setdefault("area", d["bbox"][2] * d["bbox"][3])  # lvis-api: the box area, or the mask's without a box
     dt = COCO()
     dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": dts}
     dt.createIndex()
