@@ -39,6 +39,7 @@ class Detections:
     rle_offset: np.ndarray | None = None
     rle_size: np.ndarray | None = None
     area: np.ndarray | None = None  # set only for masks given without boxes: the mask area (lvis-api's rule)
+    source: Sequence[dict] | None = None  # the dicts the columns were made from (to_dicts copies them)
 
     def __len__(self) -> int:
         return len(self.score)
@@ -54,6 +55,7 @@ class Detections:
         masks = bool(n) and "segmentation" in dets[0] if masks is None else masks
         boxes = bool(n) and "bbox" in dets[0]
         out = cls(
+            source=dets,
             image_id=np.fromiter((d["image_id"] for d in dets), np.int64, n),
             category_id=np.fromiter((d["category_id"] for d in dets), np.int64, n),
             score=np.fromiter((d["score"] for d in dets), np.float64, n),
@@ -102,6 +104,18 @@ class Detections:
 
     def to_dicts(self, rows: np.ndarray, *, with_masks: bool) -> list[dict]:
         """LVIS result dicts of ``rows`` (a segm evaluation keeps the boxes: lvis-api takes the area from them)."""
+        if self.source is not None:  # shallow copies of the caller's dicts: faster than rebuilding them
+            out = []
+            for r in rows.tolist():
+                d = dict(self.source[r])
+                if not with_masks:
+                    d.pop("segmentation", None)
+                if "bbox" not in d:
+                    d["bbox"] = self.bbox[r].tolist()
+                if self.area is not None:
+                    d["area"] = float(self.area[r])
+                out.append(d)
+            return out
         out = []
         for r in rows.tolist():
             d = {
@@ -124,7 +138,7 @@ class Detections:
         directory.mkdir(parents=True, exist_ok=True)
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if value is not None and f.name != "source":
                 np.save(directory / f"{f.name}.npy", value)
 
     @classmethod
