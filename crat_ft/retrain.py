@@ -232,8 +232,8 @@ def open_cache_and_detector(ft: dict, cache, trust_checkpoint: bool):
     stages = int(reader.meta.get("num_stages", 1))
     if stages != len(readers):
         raise UserError(
-            f"{cache} holds {len(readers)} stage cache(s) but they were made for a {stages}-stage detector; "
-            "let extract-features finish every stage (rerun it with --resume)"
+            f"{cache} holds {len(readers)} stage cache(s) of a {stages}-stage detector; pass the cache directory "
+            "extract-features wrote (it holds stage-0/ ... ), after every stage finished (rerun it with --resume)"
         )
     det_config = ft["detector"]["config"] or reader.meta.get("config_path")
     det_ckpt = ft["detector"]["checkpoint"] or reader.meta.get("checkpoint_path")
