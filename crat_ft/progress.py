@@ -99,5 +99,6 @@ def framework_log(path, *, verbose: bool = False):
             yield
         finally:
             log.close()
-    # only after success: an error stays the one line that names it
-    print(f"framework logs: {path}", file=sys.stderr, flush=True)
+    # only after success (an error stays the one line that names it), and only if there was any
+    if Path(path).exists():
+        print(f"framework logs: {path}", file=sys.stderr, flush=True)

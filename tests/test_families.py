@@ -162,7 +162,11 @@ def test_cascade_demo_detector_through_every_command(tiny_data, tmp_path):
     cache = tmp_path / "cache"
     r = run_cli(*base, "--out", cache)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in cache.iterdir()) == ["extract-features.log", "stage-0", "stage-1", "stage-2"]
+    assert sorted(p.name for p in cache.iterdir() if p.name != "extract-features.log") == [
+        "stage-0",
+        "stage-1",
+        "stage-2",
+    ]
     assert [f"shard 0/1 stage {s}: 4 images" in r.stderr for s in range(3)] == [True] * 3
     # a finished cascade cache: a resume with the same settings changes nothing, other settings are refused
     index_bytes = (cache / "stage-2" / "shard-00000-of-00001.h5").read_bytes()
