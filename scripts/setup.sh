@@ -100,7 +100,9 @@ else
 fi
 
 step "install mmdet 3.3.0, h5py, click, lvis, faster-coco-eval, test and lint tools"
-"${PIP[@]}" install -q "mmdet==3.3.0" h5py click lvis "faster-coco-eval>=1.6" matplotlib pytest "ruff==0.17.6" "numpy<2"
+# setuptools 77-80: torch needs >= 77, and < 81 keeps pkg_resources, which mmengine needs for `mmdet::` configs
+"${PIP[@]}" install -q "mmdet==3.3.0" h5py click lvis "faster-coco-eval>=1.6" matplotlib pytest "ruff==0.17.6" "numpy<2" \
+    "setuptools>=77,<81"
 
 step "install crat-ft"
 if [[ "${CRAT_FT_EDITABLE:-0}" == "1" ]]; then
