@@ -51,21 +51,27 @@ _AREA_KEYS = {"APs": "small", "APm": "medium", "APl": "large"}
 _FREQ_KEYS = {"APr": "r", "APc": "c", "APf": "f"}
 
 
+def _top_k_by(results: Iterable[dict], key: str, k: int) -> list[dict]:
+    """Keep the ``k`` highest-scoring detections of each group of equal ``key``; a stable sort by
+    descending score (ties keep their input order), groups in order of first appearance."""
+    groups: dict[int, list[dict]] = defaultdict(list)
+    for det in results:
+        groups[det[key]].append(det)
+    kept = []
+    for dets in groups.values():
+        if len(dets) > k:
+            dets = sorted(dets, key=lambda d: d["score"], reverse=True)[:k]
+        kept.extend(dets)
+    return kept
+
+
 def top_k_per_image(results: Iterable[dict], max_dets: int) -> list[dict]:
     """Keep the ``max_dets`` highest-scoring detections of each image, across categories.
 
     Matches lvis-api's ``LVISResults``: a stable sort by descending score, so
     ties keep their input order.
     """
-    by_image: dict[int, list[dict]] = defaultdict(list)
-    for det in results:
-        by_image[det["image_id"]].append(det)
-    kept = []
-    for dets in by_image.values():
-        if len(dets) > max_dets:
-            dets = sorted(dets, key=lambda d: d["score"], reverse=True)[:max_dets]
-        kept.extend(dets)
-    return kept
+    return _top_k_by(results, "image_id", max_dets)
 
 
 def top_k_per_class(results: Iterable[dict], k: int) -> list[dict]:
@@ -73,15 +79,7 @@ def top_k_per_class(results: Iterable[dict], k: int) -> list[dict]:
 
     A stable sort by descending score: ties keep their input order.
     """
-    by_cat: dict[int, list[dict]] = defaultdict(list)
-    for det in results:
-        by_cat[det["category_id"]].append(det)
-    kept = []
-    for dets in by_cat.values():
-        if len(dets) > k:
-            dets = sorted(dets, key=lambda d: d["score"], reverse=True)[:k]
-        kept.extend(dets)
-    return kept
+    return _top_k_by(results, "category_id", k)
 
 
 def _top_k_rows(group: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:

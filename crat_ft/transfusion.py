@@ -362,9 +362,7 @@ def box_transfusion(
         sample = reference_fisher(labels, stats.num_classes, box_sample_grad(feats.detach(), pred_own.detach(), target))
     else:
         sample = box_sample_fisher(feats.detach(), pred_own.detach(), target)
-    stats.update(sample, labels)
-    stats.all_reduce()
-    w = transfusion_weights(sample, stats, labels, temperature, top_k=top_k, allowed=allowed)
+    w = _update_and_weigh(sample, labels, stats, temperature, top_k, allowed)
     return box_transfusion_loss(pred_all, target, w)
 
 
@@ -391,7 +389,12 @@ def mask_transfusion(
     """
     grads = mask_layer_sample_grad(layer, feats, z_own, target, labels)
     sample = reference_fisher(labels, stats.num_classes, grads) if fisher == "reference" else grads.square()
+    w = _update_and_weigh(sample, labels, stats, temperature, top_k, allowed)
+    return mask_transfusion_loss(logits_all, target, w)
+
+
+def _update_and_weigh(sample, labels, stats: FisherStats, temperature, top_k, allowed) -> Tensor:
+    """Both branches' middle step: Φ updated with the step's Fisher (and all-reduced), then the weights."""
     stats.update(sample, labels)
     stats.all_reduce()
-    w = transfusion_weights(sample, stats, labels, temperature, top_k=top_k, allowed=allowed)
-    return mask_transfusion_loss(logits_all, target, w)
+    return transfusion_weights(sample, stats, labels, temperature, top_k=top_k, allowed=allowed)
