@@ -1,17 +1,24 @@
-"""How much can cross-class transfer of box/mask layers give the rare classes of the demo?
+"""Oracle probe: how much could an ideal donor transfer give the rare classes of a demo run?
 
-An upper-bound probe for CRAT on the synthetic benchmark: take the decoupled
-baseline's heads, replace every rare class's class-wise slice (its rows of
-``fc_reg`` and/or its ``conv_logits`` filter) by the mean slice of its donors
-(the non-rare classes of the same colour, or of the same shape), merge, and
-evaluate with the LVIS protocol. If even hand-picked donors do not lift rare
-AP, transfusion from the same donors cannot either.
+The upper-bound check for CRAT on the synthetic benchmark: take the decoupled
+baseline's heads and replace every rare class's class-wise slice (its four rows
+of ``fc_reg``, or its ``conv_logits`` filter) by the mean slice of its donors,
+merge, and evaluate with the LVIS protocol. Donors:
 
-    python benchmarks/transfer_headroom.py work_dirs/demo
+- ``family``: the non-rare classes of the rare class's geometry family (the
+  same shape in the ``colour-shapes`` variant), the donors CRAT should find;
+- ``other``: as many non-rare classes of other families, a control.
 
-Needs a finished ``crat-ft demo`` work dir (``baseline/heads.pth``,
-``stage1/detector.pth``, ``data/``). Prints the AP change of each variant
-versus the baseline, in points.
+The box swap is scored by bbox AP, the mask swap by segm AP. If the family
+donors lift APr, the benchmark holds knowledge a transfer can use; if even
+they do not, transfusion from them cannot either.
+
+    python benchmarks/transfer_headroom.py work_dirs/demo [work_dirs/demo-seed1 ...]
+
+Needs finished ``crat-ft demo`` work dirs (``baseline/heads.pth``,
+``stage1/detector.pth``, ``data/``). Prints, per work dir, the bbox / segm AP
+changes over the baseline in points, and stores them in ``headroom.json``
+there (reused on a rerun).
 """
 
 from __future__ import annotations
@@ -22,69 +29,92 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 KEYS = ("AP", "APr", "APc", "APf")
+# the probe's swaps: (donor kind, branch, metric that scores it)
+SWAPS = (("family", "box", "bbox"), ("family", "mask", "segm"), ("other", "box", "bbox"), ("other", "mask", "segm"))
 
 
-def donor_mean_heads(heads: dict, donors_of: dict[int, list[int]], branches: set[str]) -> dict:
-    """A copy of a heads checkpoint whose classes in ``donors_of`` take their donors' mean slices."""
+def donor_mean_heads(heads: dict, donors_of: dict[int, list[int]], branch: str) -> dict:
+    """A copy of a heads checkpoint whose classes in ``donors_of`` take their donors' mean ``branch`` slices."""
     sd = dict(heads["state_dict"])
     c = len(heads["meta"]["class_names"])
-    reg_w, reg_b = sd["fc_reg.weight"].view(c, 4, -1).clone(), sd["fc_reg.bias"].view(c, 4).clone()
-    mask_w, mask_b = sd["conv_logits.weight"].clone(), sd["conv_logits.bias"].clone()
-    for r, d in donors_of.items():
-        if "box" in branches:
+    if branch == "box":
+        reg_w, reg_b = sd["fc_reg.weight"].view(c, 4, -1).clone(), sd["fc_reg.bias"].view(c, 4).clone()
+        for r, d in donors_of.items():
             reg_w[r], reg_b[r] = reg_w[d].mean(0), reg_b[d].mean(0)
-        if "mask" in branches:
+        sd.update({"fc_reg.weight": reg_w.view(4 * c, -1), "fc_reg.bias": reg_b.view(-1)})
+    else:
+        mask_w, mask_b = sd["conv_logits.weight"].clone(), sd["conv_logits.bias"].clone()
+        for r, d in donors_of.items():
             mask_w[r], mask_b[r] = mask_w[d].mean(0), mask_b[d].mean(0)
-    sd.update(
-        {
-            "fc_reg.weight": reg_w.view(4 * c, -1),
-            "fc_reg.bias": reg_b.view(-1),
-            "conv_logits.weight": mask_w,
-            "conv_logits.bias": mask_b,
-        }
-    )
+        sd.update({"conv_logits.weight": mask_w, "conv_logits.bias": mask_b})
     return {"state_dict": sd, "meta": heads["meta"]}
+
+
+def class_families(work: Path) -> list[str]:
+    """Geometry family of each class, from the demo data's categories (by id)."""
+    cats = json.loads((work / "data" / "annotations" / "lvis_v1_train.json").read_text())["categories"]
+    cats = sorted(cats, key=lambda c: c["id"])
+    return [c.get("family", c["name"].split("_", 1)[-1]) for c in cats]
+
+
+def donors(freq: list[str], family: list[str]) -> dict[str, dict[int, list[int]]]:
+    """Family and control donors of every rare class."""
+    rare = [c for c, f in enumerate(freq) if f == "r"]
+    rng = np.random.default_rng(0)
+    out: dict[str, dict[int, list[int]]] = {"family": {}, "other": {}}
+    for r in rare:
+        same = [k for k in range(len(freq)) if freq[k] != "r" and family[k] == family[r]]
+        others = [k for k in range(len(freq)) if freq[k] != "r" and family[k] != family[r]]
+        out["family"][r] = same
+        out["other"][r] = sorted(int(k) for k in rng.choice(others, size=min(len(same), len(others)), replace=False))
+    return out
+
+
+def headroom(work: Path) -> dict:
+    """``{"family"|"other": {"box"|"mask": {AP key: change in points}}}`` for one demo work dir."""
+    out_file = work / "headroom.json"
+    if out_file.is_file():
+        return json.loads(out_file.read_text())
+    from crat_ft.files import atomic_write_text
+    from crat_ft.paths import demo_config
+    from crat_ft.stage1 import evaluate_detector
+
+    heads = torch.load(work / "baseline" / "heads.pth", weights_only=True)
+    base = json.loads((work / "baseline" / "metrics.json").read_text())
+    freq = heads["meta"]["class_frequency"]
+    donors_of = donors(freq, class_families(work))
+    result: dict = {"family": {}, "other": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, branch, iou in SWAPS:
+            path = Path(tmp) / f"{kind}-{branch}.pth"
+            torch.save(donor_mean_heads(heads, donors_of[kind], branch), path)
+            m = evaluate_detector(
+                demo_config(),
+                work / "stage1" / "detector.pth",
+                Path(tmp) / "m.json",
+                data_root=work / "data",
+                heads=path,
+                extra_protocols=(),
+            )
+            result[kind][branch] = {k: 100 * (m[iou][k] - base[iou][k]) for k in KEYS}
+    atomic_write_text(out_file, json.dumps(result, indent=2))
+    return result
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("work_dir", type=Path, help="a finished `crat-ft demo` work dir")
+    ap.add_argument("work_dirs", type=Path, nargs="+", help="finished `crat-ft demo` work dirs")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-
-    from crat_ft.paths import demo_config
-    from crat_ft.stage1 import evaluate_detector
-
-    work = args.work_dir
-    heads = torch.load(work / "baseline" / "heads.pth", weights_only=True)
-    base = json.loads((work / "baseline" / "metrics.json").read_text())
-    names, freq = heads["meta"]["class_names"], heads["meta"]["class_frequency"]
-    colour = [n.split("_")[0] for n in names]
-    shape = [n.split("_", 1)[1] for n in names]
-    rare = [c for c, f in enumerate(freq) if f == "r"]
-    donors = {
-        "colour": {r: [k for k in range(len(names)) if freq[k] != "r" and colour[k] == colour[r]] for r in rare},
-        "shape": {r: [k for k in range(len(names)) if freq[k] != "r" and shape[k] == shape[r]] for r in rare},
-    }
-    print(f"{len(rare)} rare classes; donors = non-rare classes of the same colour / shape")
-    print(f"{'donors':8s} {'slices':9s} " + " ".join(f"{t}:{k:>4s}" for t in ("bbox", "segm") for k in KEYS))
-    with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("colour", "shape"):
-            for branches in ({"box"}, {"mask"}):
-                path = Path(tmp) / f"{kind}-{'-'.join(sorted(branches))}.pth"
-                torch.save(donor_mean_heads(heads, donors[kind], branches), path)
-                m = evaluate_detector(
-                    demo_config(),
-                    work / "stage1" / "detector.pth",
-                    Path(tmp) / "m.json",
-                    data_root=work / "data",
-                    heads=path,
-                )
-                deltas = " ".join(f"{100 * (m[t][k] - base[t][k]):+9.1f}" for t in ("bbox", "segm") for k in KEYS)
-                print(f"{kind:8s} {'/'.join(sorted(branches)):9s} {deltas}", flush=True)
+    print(f"{'work dir':32s} {'donors':7s} {'swap':5s} " + " ".join(f"{k:>6s}" for k in KEYS))
+    for work in args.work_dirs:
+        r = headroom(work)
+        for kind, branch, iou in SWAPS:
+            cells = " ".join(f"{r[kind][branch][k]:+6.1f}" for k in KEYS)
+            print(f"{str(work):32s} {kind:7s} {branch:5s} {cells}  ({iou} AP change, points)", flush=True)
     return 0
 
 

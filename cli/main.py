@@ -112,18 +112,39 @@ def env():
     sys.exit(1 if problems else 0)
 
 
+VARIANT = click.option(
+    "--variant",
+    type=click.Choice(["families", "colour-shapes"]),
+    default="families",
+    show_default=True,
+    help="families: marked classes in families that share geometry; colour-shapes: flat-coloured shape x colour classes.",
+)
+SHARING = click.option(
+    "--sharing",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.5,
+    show_default=True,
+    help="families variant: how much geometry a family's classes share (0 = none, 1 = all).",
+)
+
+
 @cli.command("make-demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed of every random choice (same seed, same bytes).")
 @click.option("--train-images", default=800, show_default=True, type=POSITIVE)
 @click.option("--val-images", default=200, show_default=True, type=POSITIVE)
-@click.option("--classes", default=40, show_default=True, help="Number of shape x colour classes (2..64).")
-def make_demo_data(out, seed, train_images, val_images, classes):
+@click.option("--classes", default=40, show_default=True, help="Number of classes (2..64).")
+@VARIANT
+@SHARING
+def make_demo_data(out, seed, train_images, val_images, classes, variant, sharing):
     """Write the synthetic long-tailed LVIS-v1-format dataset to OUT."""
     from crat_ft.synthetic import DemoDataSpec
     from crat_ft.synthetic import make_demo_data as run
 
-    run(out, DemoDataSpec(seed=seed, train_images=train_images, val_images=val_images, classes=classes))
+    spec = DemoDataSpec(
+        seed=seed, train_images=train_images, val_images=val_images, classes=classes, variant=variant, sharing=sharing
+    )
+    run(out, spec)
 
 
 @cli.command("train-detector")
@@ -480,11 +501,15 @@ def fisher_neighbors(heads, class_name, top, branch):
 @click.option(
     "--heads-iters", type=POSITIVE, default=None, help="retrain-heads iterations (default: the fine-tune configs')."
 )
-def demo(work_dir, seed, detector_iters, heads_iters):
+@VARIANT
+@SHARING
+def demo(work_dir, seed, detector_iters, heads_iters, variant, sharing):
     """Run the whole pipeline on the embedded synthetic long-tailed benchmark (CPU)."""
     from crat_ft.demo import run_demo
 
-    run_demo(work_dir, seed=seed, detector_iters=detector_iters, heads_iters=heads_iters)
+    run_demo(
+        work_dir, seed=seed, detector_iters=detector_iters, heads_iters=heads_iters, variant=variant, sharing=sharing
+    )
 
 
 def main():

@@ -10,7 +10,8 @@ atomically, so an interrupted stage is simply redone):
    from the cache, class-balanced, without and with CRAT;
 5. ``{stage1,baseline,crat}/metrics.json``: LVIS bbox/segm metrics on val;
 6. ``summary.json``, the three-way table, ``ap_change_crat_vs_baseline.png``,
-   ``fisher_embedding.png`` and ``rare_fisher_neighbors.txt``.
+   ``rare_classes_baseline_vs_crat.png`` (the rarest classes' val detections,
+   baseline beside CRAT), ``fisher_embedding.png`` and ``rare_fisher_neighbors.txt``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import os
 import time
 from pathlib import Path
 
+from crat_ft.errors import UserError
 from crat_ft.evaluation import format_table
 from crat_ft.files import atomic_write_text
 from crat_ft.paths import demo_config
 from crat_ft.retrain import HEADS_FILE, retrain_heads
 from crat_ft.stage1 import DETECTOR_FILE, evaluate_detector, train_detector
-from crat_ft.synthetic import DemoDataSpec, make_demo_data
+from crat_ft.synthetic import DEFAULT_SHARING, DemoDataSpec, make_demo_data
 
 DELTA_KEYS = ("AP", "APr", "APc", "APf")
 
@@ -58,6 +60,21 @@ def _load_json(path: Path) -> dict:
         return json.load(f)
 
 
+def _check_reused_data(data: Path, spec: DemoDataSpec) -> None:
+    """Refuse a work dir whose dataset was made with another variant or sharing knob."""
+    ann = data / "annotations" / "lvis_v1_train.json"
+    if not ann.is_file():
+        return
+    info = _load_json(ann).get("info", {})
+    made = (info.get("variant", "colour-shapes"), info.get("sharing"))
+    wanted = (spec.variant, spec.sharing if spec.variant == "families" else None)
+    if made != wanted:
+        raise UserError(
+            f"demo: {data} holds the {made[0]} data (sharing {made[1]}), not {wanted[0]} (sharing {wanted[1]}); "
+            "pass another --work-dir"
+        )
+
+
 def delta_table(summary: dict) -> str:
     """The three-way table with CRAT - baseline deltas, bbox and segm."""
     lines = []
@@ -86,6 +103,8 @@ def run_demo(
     seed: int = 0,
     detector_iters: int | None = None,
     heads_iters: int | None = None,
+    variant: str = "families",
+    sharing: float = DEFAULT_SHARING,
 ) -> dict:
     """Run the demo pipeline.
 
@@ -94,6 +113,8 @@ def run_demo(
         seed: seed of the data, of both trainings and of the RoI policy.
         detector_iters: stage-1 iterations (default: the config's).
         heads_iters: retrain-heads iterations (default: the fine-tune configs').
+        variant: the synthetic benchmark's variant (``families`` or ``colour-shapes``).
+        sharing: the families variant's sharing knob ``s``.
 
     Returns:
         ``{"stage1"|"baseline"|"crat": {"bbox": {...}, "segm": {...}}}``.
@@ -101,6 +122,7 @@ def run_demo(
     from crat_ft.cache import INDEX_FILE
     from crat_ft.diagnostics import fisher_neighbors, plot_ap_change, plot_fisher_embedding, read_per_class_csv
     from crat_ft.extract import extract_features
+    from crat_ft.gallery import rare_class_gallery
     from crat_ft.lvis_json import categories_by_id
     from crat_ft.roi_policy import RoIPolicy
 
@@ -115,10 +137,13 @@ def run_demo(
     log = open(work_dir / "demo.log", "a")
     _say(f"framework logs: {work_dir / 'demo.log'}")
 
+    spec = DemoDataSpec(seed=seed, variant=variant, sharing=sharing)
+    spec.validate()
+    _check_reused_data(data, spec)
     _stage(
         data / "annotations" / "lvis_v1_val.json",
         "making the synthetic long-tailed dataset",
-        lambda: make_demo_data(data, DemoDataSpec(seed=seed)),
+        lambda: make_demo_data(data, spec),
     )
 
     detector = work_dir / "stage1" / DETECTOR_FILE
@@ -173,6 +198,12 @@ def run_demo(
         "CRAT vs decoupled baseline (synthetic long-tailed shapes)",
     )
     crat_heads = work_dir / "crat" / HEADS_FILE
+    gallery = work_dir / "rare_classes_baseline_vs_crat.png"
+    with contextlib.redirect_stdout(log):
+        shown = rare_class_gallery(
+            config, detector, {"baseline": work_dir / "baseline" / HEADS_FILE, "CRAT": crat_heads}, data, gallery
+        )
+    _say(f"rare classes side by side ({', '.join(shown)}): {gallery}")
     plot_fisher_embedding(crat_heads, work_dir / "fisher_embedding.png")
     (work_dir / "rare_fisher_neighbors.txt").write_text(fisher_neighbors(crat_heads, top=5) + "\n")
 

@@ -599,3 +599,39 @@ def test_console_shows_what_matters_and_the_framework_log_the_rest(tiny_cache, t
     r = run_cli(*retrain_args(tiny_cache, loud), "--verbose", "--cfg-options", *_heads_options(iters=3))
     assert r.returncode == 0 and "mmengine - INFO - Iter(train) [3/3]" in r.stdout, r.stderr[-3000:]
     assert not (loud / "crat-ft.log").exists()
+
+
+def test_rare_class_gallery_draws_the_rarest_classes(crat_run, tiny_detector, tiny_data, tmp_path):
+    import cv2
+
+    from crat_ft.gallery import CAPTION_H, SCALE, pick_rare_examples, rare_class_gallery
+
+    train = json.loads((tiny_data / "annotations/lvis_v1_train.json").read_text())
+    val = json.loads((tiny_data / "annotations/lvis_v1_val.json").read_text())
+    in_val = {a["category_id"] for a in val["annotations"]}
+    rare = sorted((c for c in train["categories"] if c["frequency"] == "r" and c["id"] in in_val),
+                  key=lambda c: (c["image_count"], c["id"]))  # fmt: skip
+    examples = pick_rare_examples(
+        tiny_data / "annotations/lvis_v1_train.json", tiny_data / "annotations/lvis_v1_val.json", 3
+    )
+    assert [e["category"]["name"] for e in examples] == [c["name"] for c in rare[:3]]
+    for e in examples:
+        assert e["gts"] and all(
+            a["image_id"] == e["image"]["id"] and a["category_id"] == e["category"]["id"] for a in e["gts"]
+        )
+
+    out = tmp_path / "gallery.png"
+    heads = crat_run / "heads.pth"
+    shown = rare_class_gallery(
+        demo_config_path(), tiny_detector, {"baseline": heads, "CRAT": heads}, tiny_data, out, classes=3, score_thr=0.0
+    )
+    assert shown == [c["name"] for c in rare[:3]]
+    img = cv2.imread(str(out))
+    side = 128 * SCALE
+    assert img.shape == (3 * (CAPTION_H + side), 3 * side, 3)
+    # same heads, same detections: the two model columns are identical, and they differ from the ground truth's
+    for row in range(3):
+        y = row * (CAPTION_H + side) + CAPTION_H
+        gt, base, crat = (img[y : y + side, k * side : (k + 1) * side] for k in range(3))
+        assert np.array_equal(base, crat) and not np.array_equal(gt, base)
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -5,7 +5,16 @@ import numpy as np
 import pytest
 
 from crat_ft.errors import UserError
-from crat_ft.synthetic import DemoDataSpec, class_names, frequency_group, make_demo_data, train_image_counts
+from crat_ft.synthetic import (
+    FAMILIES,
+    DemoDataSpec,
+    class_geometries,
+    class_layout,
+    class_names,
+    frequency_group,
+    make_demo_data,
+    train_image_counts,
+)
 
 
 def _digest(root):
@@ -25,21 +34,74 @@ def test_default_size_has_all_lvis_frequency_groups():
     assert all(a >= b for a, b in zip(counts, counts[1:]))
 
 
-def test_every_shape_and_colour_spans_frequency_groups():
-    names = class_names(40)
-    assert len(set(names)) == 40
-    shapes = {n.split("_", 1)[1] for n in names}
-    colours = {n.split("_", 1)[0] for n in names}
-    assert len(shapes) == 8 and len(colours) == 5
+@pytest.mark.parametrize("variant", ["families", "colour-shapes"])
+def test_every_family_and_marking_spans_frequency_groups(variant):
+    layout = class_layout(40, variant)
+    assert len(set(layout)) == 40 and len(set(class_names(40, variant))) == 40
+    families, markings = {f for f, _ in layout}, {m for _, m in layout}
+    assert len(families) == 8 and len(markings) == 5
     counts = train_image_counts(40, 800)
-    for shape in shapes:
-        groups = {frequency_group(c) for n, c in zip(names, counts) if n.endswith("_" + shape)}
-        assert groups == {"r", "c", "f"}, shape
-    for colour in colours:
-        groups = {frequency_group(c) for n, c in zip(names, counts) if n.startswith(colour + "_")}
-        assert groups == {"r", "c", "f"}, colour
+    for axis, values in ((0, families), (1, markings)):
+        for value in values:
+            groups = {frequency_group(c) for fm, c in zip(layout, counts) if fm[axis] == value}
+            assert groups == {"r", "c", "f"}, value
     for n in (7, 20, 64):
-        assert len(set(class_names(n))) == n
+        assert len(set(class_names(n, variant))) == n
+    assert class_names(2, "colour-shapes") == ["red_circle", "red_square"]
+    assert class_names(2) == ["alpha_striped", "beta_striped"]
+
+
+def test_sharing_knob_blends_family_and_own_geometry():
+    layout = class_layout(40)
+    g0, g5, g1 = (class_geometries(40, seed=4, sharing=s) for s in (0.0, 0.5, 1.0))
+    fam = [k for k, (f, _) in enumerate(layout) if f == "gamma"]
+    assert len(fam) == 5
+    # s = 1: every member of a family has the family's geometry; families differ
+    for k in fam[1:]:
+        np.testing.assert_array_equal(g1[k].harmonics, g1[fam[0]].harmonics)
+        np.testing.assert_array_equal(g1[k].appendage, g1[fam[0]].appendage)
+        assert g1[k].log_aspect == g1[fam[0]].log_aspect
+    assert not np.allclose(g1[0].harmonics, g1[1].harmonics)
+    # s = 0: each class its own; s = 0.5: half way, parameter by parameter
+    assert not np.allclose(g0[fam[0]].harmonics, g0[fam[1]].harmonics)
+    for k in range(40):
+        np.testing.assert_allclose(g5[k].harmonics, (g0[k].harmonics + g1[k].harmonics) / 2)
+        np.testing.assert_allclose(g5[k].appendage, (g0[k].appendage + g1[k].appendage) / 2)
+        assert g5[k].log_aspect == pytest.approx((g0[k].log_aspect + g1[k].log_aspect) / 2)
+    # the draws depend on the seed only
+    assert np.array_equal(class_geometries(40, seed=4, sharing=0.0)[7].harmonics, g0[7].harmonics)
+    assert not np.allclose(class_geometries(40, seed=5, sharing=0.0)[7].harmonics, g0[7].harmonics)
+
+
+def test_families_data_records_variant_family_and_sharing(tmp_path):
+    spec = DemoDataSpec(seed=2, train_images=12, val_images=4, classes=16, sharing=1.0)
+    doc = json.loads(
+        (make_demo_data(tmp_path / "d", spec, progress=False) / "annotations/lvis_v1_val.json").read_text()
+    )
+    assert doc["info"]["variant"] == "families" and doc["info"]["sharing"] == 1.0
+    assert [c["family"] for c in doc["categories"]] == [FAMILIES[k % 8] for k in range(16)]
+    assert doc["categories"][0]["name"] == "alpha_striped"
+    # per-instance appearance: objects of one class do not share a colour
+    import cv2
+
+    colours = {}
+    for ann in (
+        doc["annotations"] + json.loads((tmp_path / "d/annotations/lvis_v1_train.json").read_text())["annotations"]
+    ):
+        folder = "val2017" if ann["image_id"] > 100_000 else "train2017"
+        img = cv2.imread(str(tmp_path / "d" / folder / f"{ann['image_id']:012d}.png")).astype(float)
+        x, y, w, h = (int(v) for v in ann["bbox"])
+        colours.setdefault(ann["category_id"], []).append(np.median(img[y : y + h, x : x + w].reshape(-1, 3), 0))
+    spread = [np.ptp(np.array(c), 0).max() for c in colours.values() if len(c) >= 3]
+    assert spread and min(spread) > 40
+    shapes_doc = make_demo_data(
+        tmp_path / "cs",
+        DemoDataSpec(seed=2, train_images=12, val_images=4, classes=16, variant="colour-shapes"),
+        progress=False,
+    )
+    info = json.loads((shapes_doc / "annotations/lvis_v1_val.json").read_text())
+    assert info["info"]["variant"] == "colour-shapes" and info["info"]["sharing"] is None
+    assert info["categories"][1]["family"] == "square"
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -49,6 +111,10 @@ def test_same_seed_same_bytes(tmp_path):
     c = make_demo_data(tmp_path / "c", DemoDataSpec(seed=8, train_images=12, val_images=4, classes=6), progress=False)
     assert _digest(a) == _digest(b)
     assert _digest(a) != _digest(c)
+    d = make_demo_data(
+        tmp_path / "d", DemoDataSpec(seed=7, train_images=12, val_images=4, classes=6, sharing=1.0), progress=False
+    )
+    assert _digest(d) != _digest(a)
 
 
 def test_lvis_layout_and_statistics(tiny_data):
@@ -102,6 +168,10 @@ def test_loaded_by_mmdet_lvis_dataset(tiny_data):
 def test_bad_sizes_and_existing_output(tmp_path):
     with pytest.raises(UserError, match=r"--classes: expected 2\.\.64, got 65"):
         make_demo_data(tmp_path / "x", DemoDataSpec(classes=65), progress=False)
+    with pytest.raises(UserError, match=r"^--sharing: expected a value in \[0, 1\], got 1.5$"):
+        make_demo_data(tmp_path / "x", DemoDataSpec(sharing=1.5), progress=False)
+    with pytest.raises(UserError, match=r"^--variant: expected one of families, colour-shapes, got 'shapes'$"):
+        make_demo_data(tmp_path / "x", DemoDataSpec(variant="shapes"), progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("x")
     with pytest.raises(UserError, match="already exists and is not empty"):

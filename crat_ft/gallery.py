@@ -1,0 +1,154 @@
+"""Rare classes side by side: ground truth, then each model's detections of that class.
+
+``rare_class_gallery`` picks the rarest classes of the training split (fewest
+training images; ties by category id, so nothing is chosen by how a model did),
+for each the validation image with its largest instance, runs every model on
+it, and draws one row per class: the ground truth, then each model's boxes and
+masks *of that class* above a score threshold, with the score and the best IoU
+with a ground-truth box of the class in the panel's caption.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from crat_ft.files import atomic_path
+from crat_ft.lvis_json import load_lvis_json
+
+SCALE = 3
+GT_COLOUR = (80, 220, 80)  # BGR
+DET_COLOUR = (40, 160, 255)
+CAPTION_H = 34
+
+
+def pick_rare_examples(train_ann: str | os.PathLike, val_ann: str | os.PathLike, n: int) -> list[dict]:
+    """Up to ``n`` ``{"category": ..., "image": ..., "gts": [annotation, ...]}``, rarest classes first."""
+    train, val = load_lvis_json(train_ann), load_lvis_json(val_ann)
+    counts = {c["id"]: c.get("image_count", 0) for c in train["categories"]}
+    cats = sorted(
+        (c for c in train["categories"] if c.get("frequency") == "r"), key=lambda c: (counts[c["id"]], c["id"])
+    )
+    images = {img["id"]: img for img in val["images"]}
+    by_cat: dict[int, list[dict]] = {}
+    for ann in val["annotations"]:
+        by_cat.setdefault(ann["category_id"], []).append(ann)
+    picked = []
+    for cat in cats:
+        anns = by_cat.get(cat["id"])
+        if not anns:
+            continue
+        best = max(anns, key=lambda a: (a["area"], -a["id"]))
+        gts = [a for a in anns if a["image_id"] == best["image_id"]]
+        picked.append({"category": cat, "image": images[best["image_id"]], "gts": gts})
+        if len(picked) == n:
+            break
+    return picked
+
+
+def _box_iou(box: np.ndarray, gts: np.ndarray) -> float:
+    """Best IoU of an xyxy box with (G, 4) xyxy boxes."""
+    if len(gts) == 0:
+        return 0.0
+    lt, rb = np.maximum(box[:2], gts[:, :2]), np.minimum(box[2:], gts[:, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+    area = lambda b: np.prod(b[..., 2:] - b[..., :2], axis=-1)  # noqa: E731
+    return float((inter / (area(box) + area(gts) - inter)).max())
+
+
+def _panel(image: np.ndarray, boxes, masks, labels: list[str], colour, caption: str) -> np.ndarray:
+    import cv2
+
+    big = cv2.resize(image, None, fx=SCALE, fy=SCALE, interpolation=cv2.INTER_NEAREST)
+    for mask in masks:
+        m = cv2.resize(mask.astype(np.uint8), None, fx=SCALE, fy=SCALE, interpolation=cv2.INTER_NEAREST).astype(bool)
+        big[m] = (0.5 * big[m] + 0.5 * np.array(colour)).astype(np.uint8)
+    for box, label in zip(boxes, labels):
+        x0, y0, x1, y1 = (int(round(v * SCALE)) for v in box)
+        cv2.rectangle(big, (x0, y0), (x1, y1), colour, 2)
+        if label:
+            cv2.putText(big, label, (x0 + 2, max(12, y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
+    head = np.full((CAPTION_H, big.shape[1], 3), 255, np.uint8)
+    for i, line in enumerate(caption.split("\n")[:2]):
+        cv2.putText(head, line, (4, 14 + 15 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([head, big], 0)
+
+
+def _gt_masks(gts: list[dict], h: int, w: int) -> list[np.ndarray]:
+    import cv2
+
+    out = []
+    for ann in gts:
+        m = np.zeros((h, w), np.uint8)
+        for poly in ann["segmentation"]:
+            cv2.fillPoly(m, [np.round(np.array(poly).reshape(-1, 2)).astype(np.int32)], 1)
+        out.append(m.astype(bool))
+    return out
+
+
+def rare_class_gallery(
+    config: str | os.PathLike,
+    detector: str | os.PathLike,
+    heads: dict[str, str | os.PathLike],
+    data_root: str | os.PathLike,
+    out_png: str | os.PathLike,
+    *,
+    classes: int = 4,
+    score_thr: float = 0.3,
+) -> list[str]:
+    """Write the gallery for ``heads`` (``{panel title: heads file}``, merged into ``detector`` in turn).
+
+    Returns:
+        The names of the classes shown, top to bottom.
+    """
+    import cv2
+    from mmdet.apis import inference_detector, init_detector
+
+    from crat_ft.checkpoint import allow_mmengine_pickles
+    from crat_ft.config import prepare_config
+    from crat_ft.export import export_checkpoint
+    from crat_ft.registry import register_all
+
+    data_root = Path(data_root)
+    train_ann = data_root / "annotations" / "lvis_v1_train.json"
+    examples = pick_rare_examples(train_ann, data_root / "annotations" / "lvis_v1_val.json", classes)
+    # mmdet's labels index the categories in id order
+    label_of = {cid: i for i, cid in enumerate(sorted(c["id"] for c in load_lvis_json(train_ann)["categories"]))}
+    if not examples:
+        return []
+    register_all()
+    allow_mmengine_pickles()
+    rows: list[list[np.ndarray]] = []
+    for ex in examples:
+        image = cv2.imread(str(data_root / ex["image"]["coco_url"].split("/", 3)[-1]))
+        h, w = image.shape[:2]
+        gt_boxes = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in ex["gts"])], float)
+        name, counts = ex["category"]["name"], ex["category"]["image_count"]
+        caption = f"{name} ({counts} train images)\nground truth"
+        rows.append([_panel(image, gt_boxes, _gt_masks(ex["gts"], h, w), [""] * len(gt_boxes), GT_COLOUR, caption)])
+    with tempfile.TemporaryDirectory(prefix="crat-ft-gallery-") as tmp:
+        for title, heads_file in heads.items():
+            merged, merged_cfg = export_checkpoint(str(config), str(detector), str(heads_file), f"{tmp}/{title}.pth")
+            cfg = prepare_config(merged_cfg or config, (), data_root, ("test_dataloader",))
+            model = init_detector(cfg, merged, device="cpu")
+            for row, ex in zip(rows, examples):
+                path = str(data_root / ex["image"]["coco_url"].split("/", 3)[-1])
+                pred = inference_detector(model, path).pred_instances
+                keep = (pred.labels == label_of[ex["category"]["id"]]) & (pred.scores >= score_thr)
+                boxes, scores = pred.bboxes[keep].numpy(), pred.scores[keep].numpy()
+                masks = pred.masks[keep].numpy() if "masks" in pred else []
+                gt_boxes = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in ex["gts"])], float)
+                best = max((_box_iou(b, gt_boxes) for b in boxes), default=0.0)
+                caption = f"{title}: {len(boxes)} detection(s) >= {score_thr:g}\nbest box IoU {best:.2f}"
+                labels = [f"{s:.2f}" for s in scores]
+                image = cv2.imread(path)
+                row.append(_panel(image, boxes, masks, labels, DET_COLOUR, caption))
+    grid = np.concatenate([np.concatenate(r, 1) for r in rows], 0)
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp_png:
+        ok, buf = cv2.imencode(".png", grid)
+        tmp_png.write_bytes(buf.tobytes())
+    return [ex["category"]["name"] for ex in examples]
