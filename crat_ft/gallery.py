@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,9 @@ def rare_class_gallery(
         for title, heads_file in heads.items():
             merged, merged_cfg = export_checkpoint(str(config), str(detector), str(heads_file), f"{tmp}/{title}.pth")
             cfg = prepare_config(merged_cfg or config, (), data_root, ("test_dataloader",))
-            model = init_detector(cfg, merged, device="cpu")
+            with warnings.catch_warnings():  # mmdet warns that the dataset has no palette: colours are ours
+                warnings.simplefilter("ignore", UserWarning)
+                model = init_detector(cfg, merged, device="cpu")
             for row, ex in zip(rows, examples):
                 path = str(data_root / ex["image"]["coco_url"].split("/", 3)[-1])
                 pred = inference_detector(model, path).pred_instances

@@ -326,7 +326,7 @@ def class_geometries(num_classes: int, seed: int, sharing: float) -> list[Geomet
 
 def _marking(marking: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Pixels of a marking, in object coordinates (u, v in units of the object size)."""
-    period = 0.3
+    period = 0.45
     if marking == "striped":
         return np.sin(2 * math.pi * v / period) > 0.3
     if marking == "banded":
@@ -389,7 +389,7 @@ def _render_families(
     kept: list[tuple[int, np.ndarray]] = []
     for category_id, geometry, marking in objects:
         for _attempt in range(20):
-            size = float(rng.uniform(20, 46))
+            size = float(rng.uniform(22, 48))
             cx = float(rng.uniform(size / 2, w - size / 2))
             cy = float(rng.uniform(size / 2, h - size / 2))
             poly, (p0, p1), angle = _family_object(rng, geometry, size, cx, cy)
@@ -408,7 +408,7 @@ def _render_families(
         else:
             continue
         local = image[mask].mean(0)
-        if rng.random() < 0.3:  # low contrast: the object is close to what surrounds it
+        if rng.random() < 0.2:  # low contrast: the object is close to what surrounds it
             colour = local + rng.uniform(-28, 28, 3)
         else:
             colour = rng.uniform(20, 235, 3)

@@ -35,9 +35,9 @@ def crat_run(tiny_cache, tmp_path_factory):
 def test_retrain_writes_heads_with_fisher_statistics(crat_run):
     ckpt = torch.load(crat_run / "heads.pth", weights_only=True)
     sd, meta = ckpt["state_dict"], ckpt["meta"]
-    assert sd["fc_reg.weight"].shape == (160, 256) and sd["conv_logits.weight"].shape == (40, 64, 1, 1)
+    assert sd["fc_reg.weight"].shape == (160, 256) and sd["conv_logits.weight"].shape == (40, 32, 1, 1)
     assert sd["box_stats.fisher"].shape == (40, 4, 256) and sd["box_stats.seen"].sum() > 3
-    assert sd["mask_stats.fisher"].shape == (40, 64)
+    assert sd["mask_stats.fisher"].shape == (40, 32)
     seen = sd["box_stats.seen"]
     assert (sd["box_stats.fisher"][~seen] == 0).all() and (sd["box_stats.fisher"][seen].sum((1, 2)) > 0).all()
     assert meta["crat_ft_stage"] == "heads" and meta["iter"] == 6 and len(meta["class_names"]) == 40

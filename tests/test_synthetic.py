@@ -178,3 +178,19 @@ def test_bad_sizes_and_existing_output(tmp_path):
         make_demo_data(tmp_path / "full", DemoDataSpec(train_images=4, val_images=1, classes=3), progress=False)
     # nothing half-written left beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_demo_refuses_data_made_with_another_sharing(tmp_path):
+    from crat_ft.demo import run_demo
+
+    make_demo_data(
+        tmp_path / "work" / "data", DemoDataSpec(seed=0, train_images=4, val_images=2, classes=4), progress=False
+    )
+    with pytest.raises(
+        UserError,
+        match=r"holds the families data \(sharing 0\.5\), not families \(sharing 1\.0\); pass another --work-dir",
+    ):
+        run_demo(tmp_path / "work", sharing=1.0)
+    with pytest.raises(UserError, match=r"not colour-shapes \(sharing None\)"):
+        run_demo(tmp_path / "work", variant="colour-shapes")
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["data", "demo.log"]

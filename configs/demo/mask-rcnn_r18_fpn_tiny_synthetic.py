@@ -78,7 +78,7 @@ model = dict(
             type="FCNMaskHead",
             num_convs=2,
             in_channels=64,
-            conv_out_channels=64,
+            conv_out_channels=32,
             num_classes=num_classes,
             loss_mask=dict(type="CrossEntropyLoss", use_mask=True, loss_weight=1.0),
         ),
@@ -173,7 +173,7 @@ test_evaluator = dict(
 
 # No validation during stage-1 training (mmengine would run it at the last
 # iteration); `crat-ft evaluate` runs the test loop on the val split.
-train_cfg = dict(type="IterBasedTrainLoop", max_iters=640)
+train_cfg = dict(type="IterBasedTrainLoop", max_iters=600)
 val_dataloader = None
 val_evaluator = None
 val_cfg = None
@@ -186,7 +186,7 @@ optim_wrapper = dict(
 )
 param_scheduler = [
     dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=100),
-    dict(type="MultiStepLR", by_epoch=False, begin=0, end=640, milestones=[480, 590], gamma=0.1),
+    dict(type="MultiStepLR", by_epoch=False, begin=0, end=600, milestones=[450, 550], gamma=0.1),
 ]
 
 default_scope = "mmdet"
