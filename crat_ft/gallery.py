@@ -64,9 +64,11 @@ def _panel(image: np.ndarray, boxes, masks, labels: list[str], colour, caption: 
     import cv2
 
     big = cv2.resize(image, None, fx=SCALE, fy=SCALE, interpolation=cv2.INTER_NEAREST)
-    for mask in masks:
-        m = cv2.resize(mask.astype(np.uint8), None, fx=SCALE, fy=SCALE, interpolation=cv2.INTER_NEAREST).astype(bool)
-        big[m] = (0.5 * big[m] + 0.5 * np.array(colour)).astype(np.uint8)
+    for mask in masks:  # a light fill and the outline, so the object stays visible under it
+        m = cv2.resize(mask.astype(np.uint8), None, fx=SCALE, fy=SCALE, interpolation=cv2.INTER_NEAREST)
+        big[m.astype(bool)] = (0.75 * big[m.astype(bool)] + 0.25 * np.array(colour)).astype(np.uint8)
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(big, contours, -1, colour, 1)
     for box, label in zip(boxes, labels):
         x0, y0, x1, y1 = (int(round(v * SCALE)) for v in box)
         cv2.rectangle(big, (x0, y0), (x1, y1), colour, 2)

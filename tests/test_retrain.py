@@ -129,7 +129,9 @@ def _ddp_worker(rank, world, port, q):
     else:
         stats.update(torch.tensor([[0.0, 4.0]]), torch.tensor([2]))
     stats.all_reduce()
-    q.put((rank, stats.fisher.clone(), stats.seen.clone()))
+    # numpy arrays travel by value: a tensor would travel as a shared-memory fd that the parent can only
+    # collect while this process is still alive
+    q.put((rank, stats.fisher.numpy().copy(), stats.seen.numpy().copy()))
     dist.destroy_process_group()
 
 
@@ -146,7 +148,7 @@ def test_fisher_stats_identical_across_gloo_processes():
     procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, q)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (f, s)) for r, f, s in (q.get(timeout=120) for _ in procs))
+    results = dict((r, (torch.from_numpy(f), torch.from_numpy(s))) for r, f, s in (q.get(timeout=120) for _ in procs))
     for p in procs:
         p.join(timeout=60)
     (f0, s0), (f1, s1) = results[0], results[1]
