@@ -11,6 +11,7 @@ by the mean of their family's non-rare donors). Writes
   every seed as a point, with the oracle's headroom beside it.
 
     .venv/bin/python benchmarks/bench_sharing.py [--root work_dirs/sharing] [--sharing 0 0.5 1] [--seeds 0 1]
+    .venv/bin/python benchmarks/bench_sharing.py --finished   # tabulate what is there
 
 CRAT's settings are the demo config's (the paper's λ_box 0.001, λ_mask 0.01,
 τ 0.05, α 0.01); nothing here is tuned.
@@ -94,15 +95,16 @@ def _cell(values: list[float], signed: bool = True) -> str:
     return fmt.format(mean) + " (" + "/".join(fmt.format(v) for v in values) + ")"
 
 
-def table(rows: dict, seeds: list[int]) -> str:
+def table(rows: dict) -> str:
     head = (
-        f"| s (seeds {'/'.join(map(str, seeds))}) | baseline bbox APr | CRAT − baseline bbox APr | "
+        "| s (seeds) | baseline bbox APr | CRAT − baseline bbox APr | "
         "oracle box headroom APr | baseline segm APr | CRAT − baseline segm APr | oracle mask headroom APr | "
         "CRAT − baseline bbox AP | CRAT − baseline segm AP | rare classes' box signal from their family, % |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s, by_seed in rows.items():
-        cells = [f"{s:g}"]
+        seeds = sorted(by_seed)
+        cells = [f"{s:g} ({'/'.join(map(str, seeds))})"]
         for iou, branch in IOUS:
             base = [100 * by_seed[k]["summary"]["baseline"][iou]["APr"] for k in seeds]
             delta = [
@@ -129,7 +131,7 @@ def table(rows: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: dict, seeds: list[int], out: Path) -> None:
+def plot(rows: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,6 +146,7 @@ def plot(rows: dict, seeds: list[int], out: Path) -> None:
         ):
             per_seed = []
             for s in xs:
+                seeds = sorted(rows[s])
                 if key is None:
                     vals = [
                         100
@@ -161,7 +164,8 @@ def plot(rows: dict, seeds: list[int], out: Path) -> None:
         ax.set_xticks(xs)
     axes[0].set_ylabel("change over the decoupled baseline")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"CRAT vs geometry sharing (synthetic families, seeds {'/'.join(map(str, seeds))})", fontsize=10)
+    runs = ", ".join(f"s={s:g}: seeds {'/'.join(map(str, sorted(rows[s])))}" for s in xs)
+    fig.suptitle(f"CRAT vs geometry sharing (synthetic families; {runs})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -172,11 +176,21 @@ def main() -> int:
     ap.add_argument("--root", type=Path, default=Path("work_dirs/sharing"))
     ap.add_argument("--sharing", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument(
+        "--finished",
+        action="store_true",
+        help="run nothing new: tabulate every finished ROOT/s<s>-seed<N> run, whatever its seed",
+    )
     args = ap.parse_args()
-    rows = collect(args.root, args.sharing, args.seeds)
-    text = table(rows, args.seeds)
+    if args.finished:
+        runs = {s: sorted(int(d.name.rsplit("seed", 1)[1]) for d in args.root.glob(f"s{s:g}-seed*")
+                          if (d / "summary.json").is_file()) for s in args.sharing}  # fmt: skip
+        rows = {s: collect(args.root, [s], seeds)[s] for s, seeds in runs.items() if seeds}
+    else:
+        rows = collect(args.root, args.sharing, args.seeds)
+    text = table(rows)
     (args.root / "sharing_table.md").write_text(text + "\n")
-    plot(rows, args.seeds, args.root / "crat_vs_sharing.png")
+    plot(rows, args.root / "crat_vs_sharing.png")
     print(text)
     print(f"bench_sharing: wrote {args.root / 'sharing_table.md'} and {args.root / 'crat_vs_sharing.png'}")
     return 0

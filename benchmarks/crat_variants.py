@@ -9,7 +9,8 @@ over its CRAT run (paper settings). Results are kept in
 
     .venv/bin/python benchmarks/crat_variants.py work_dirs/sharing/s0.5-seed2 \\
         --variant reference-fisher crat.fisher=reference \\
-        --variant mask-statistics crat.mask_weights=mask
+        --variant mask-statistics crat.mask_weights=mask \\
+        --variant family-donors 'crat.donor_groups={work}/family_groups.json'
 
 Use it to try an idea on seeds that are not the reported ones, then confirm on
 the reported seeds without changing anything.
@@ -34,6 +35,10 @@ def run_variant(work: Path, name: str, options: list[str], seed: int) -> dict:
     metrics = out / "metrics.json"
     if metrics.is_file():
         return json.loads(metrics.read_text())
+    # the demo data's families as a crat.donor_groups file: pass crat.donor_groups={work}/family_groups.json
+    cats = json.loads((work / "data" / "annotations" / "lvis_v1_train.json").read_text())["categories"]
+    (work / "family_groups.json").write_text(json.dumps({c["name"]: c.get("family", "") for c in cats}))
+    options = [o.format(work=work) for o in options]
     retrain_heads(
         demo_config("crat_synthetic.py"), work / "cache" / "index.h5", out, cfg_options=[*options, f"train.seed={seed}"]
     )

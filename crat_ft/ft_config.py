@@ -34,6 +34,9 @@ class CratConfig:
     # "mask": mask transfusion weights from the mask Fisher statistics;
     # "box": from the box statistics and the box Fisher of the mask's RoI, as the reference does
     mask_weights: str = "mask"
+    # a JSON file {class name: group}: transfuse only between classes of one group (e.g. the
+    # families of the synthetic benchmark, or LVIS synsets under one hypernym); None: all classes
+    donor_groups: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None, source: str = "crat") -> "CratConfig":

@@ -21,6 +21,8 @@ of :mod:`crat_ft.transfusion`.
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from mmengine.model import BaseModel
@@ -38,6 +40,31 @@ from crat_ft.transfusion import (
 )
 
 
+def donor_group_ids(path: str | None, class_names: list[str] | None, num_classes: int) -> list[int]:
+    """Group index of each class from ``crat.donor_groups`` (a JSON file ``{class name: group}``); all 0 without one."""
+    if path is None:
+        return [0] * num_classes
+    try:
+        with open(path) as f:
+            groups = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"crat.donor_groups: cannot read {path} ({exc}); give a JSON file {{class name: group}}"
+        ) from None
+    if not isinstance(groups, dict):
+        raise UserError(f"crat.donor_groups: {path} should hold a JSON object {{class name: group}}")
+    if class_names is None or len(class_names) != num_classes:
+        raise UserError("crat.donor_groups needs the cache's class names; re-extract the cache with this crat-ft")
+    missing = [n for n in class_names if n not in groups]
+    if missing:
+        raise UserError(
+            f"crat.donor_groups: {path} has no group for class {missing[0]!r} ({len(missing)} missing); "
+            "give every class of the cache a group"
+        )
+    ids = {g: i for i, g in enumerate(sorted({str(groups[n]) for n in class_names}))}
+    return [ids[str(groups[n])] for n in class_names]
+
+
 class ClasswiseHeads(BaseModel):
     """fc_cls, fc_reg and conv_logits retrained from cached features.
 
@@ -51,6 +78,7 @@ class ClasswiseHeads(BaseModel):
         loss_mask_weight: weight of the own-class mask BCE.
         crat: CRAT settings.
         class_instance_count: (C,) training instances per class (frequency gate).
+        class_names: (C,) class names (``crat.donor_groups`` maps them to groups).
         reinit_cls: re-initialise fc_cls instead of loading it (cRT).
         box_trunk: module mapping cached ``roi`` box features to ``(x_cls, x_reg)``
             (see :func:`build_trunk`); None for ``fc`` caches.
@@ -72,6 +100,7 @@ class ClasswiseHeads(BaseModel):
         loss_mask_weight: float = 1.0,
         crat: CratConfig = CratConfig(),
         class_instance_count: list[int] | None = None,
+        class_names: list[str] | None = None,
         reinit_cls: bool = False,
         box_trunk: nn.Module | None = None,
         mask_trunk: nn.Module | None = None,
@@ -137,6 +166,8 @@ class ClasswiseHeads(BaseModel):
             class_instance_count if class_instance_count is not None else [1] * num_classes, dtype=torch.float
         )
         self.register_buffer("class_instance_count", counts, persistent=False)
+        groups = torch.as_tensor(donor_group_ids(crat.donor_groups, class_names, num_classes), dtype=torch.long)
+        self.register_buffer("donor_group", groups, persistent=False)
 
     # -- weights in and out ------------------------------------------------------------
 
@@ -260,10 +291,15 @@ class ClasswiseHeads(BaseModel):
         return losses
 
     def _allowed(self, labels: Tensor) -> Tensor | None:
-        if not self.crat.frequency_gate:
-            return None
-        counts = self.class_instance_count.to(labels.device)
-        return counts[None, :] < counts[labels][:, None]
+        allowed = None
+        if self.crat.frequency_gate:
+            counts = self.class_instance_count.to(labels.device)
+            allowed = counts[None, :] < counts[labels][:, None]
+        if self.crat.donor_groups is not None:
+            group = self.donor_group.to(labels.device)
+            same = group[None, :] == group[labels][:, None]
+            allowed = same if allowed is None else allowed & same
+        return allowed
 
     def _box_transfusion(self, x_pos, pred_all, pred_own, target, y) -> Tensor:
         return box_transfusion(

@@ -57,6 +57,10 @@ class _Transfusing:
 
     def _setup(self, crat: dict | None, class_instance_count, layer) -> None:
         self.crat = _crat_settings(crat, type(self).__name__)
+        if self.crat.donor_groups is not None:
+            raise UserError(
+                f"{type(self).__name__}: crat.donor_groups is supported by `crat-ft retrain-heads` only; remove it"
+            )
         if self.crat.frequency_gate and class_instance_count is None:
             raise UserError(
                 f"{type(self).__name__}: crat.frequency_gate needs class_instance_count (training instances per class)"

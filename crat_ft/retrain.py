@@ -135,6 +135,7 @@ def _stage_heads(ft: dict, reader, detector_cfg, detector_state: dict, stage: in
         loss_mask_weight=ft["heads"]["loss_mask_weight"],
         crat=CratConfig.from_dict(ft["crat"]),
         class_instance_count=meta["class_instance_count"],
+        class_names=list(meta["class_names"]),
         reinit_cls=ft["heads"]["reinit_cls"],
         box_trunk=box_trunk,
         mask_trunk=mask_trunk,

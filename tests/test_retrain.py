@@ -637,3 +637,33 @@ def test_rare_class_gallery_draws_the_rarest_classes(crat_run, tiny_detector, ti
         gt, base, crat = (img[y : y + side, k * side : (k + 1) * side] for k in range(3))
         assert np.array_equal(base, crat) and not np.array_equal(gt, base)
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_donor_groups_restrict_transfusion_to_a_group(tmp_path):
+    from crat_ft.ft_config import CratConfig
+    from crat_ft.heads import ClasswiseHeads
+    from crat_ft.transfusion import FisherStats, transfusion_weights
+
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"a_cup": "cup", "b_cup": "cup", "a_dog": "dog", "b_dog": "dog"}))
+    kwargs = dict(
+        num_classes=4, box_feat_dim=3, mask_channels=0, class_names=["a_cup", "a_dog", "b_cup", "b_dog"],
+        bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
+        loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+    )  # fmt: skip
+    heads = ClasswiseHeads(crat=CratConfig(donor_groups=str(groups), frequency_gate=True), **kwargs,
+                           class_instance_count=[50, 40, 5, 4])  # fmt: skip
+    allowed = heads._allowed(torch.tensor([0, 1, 2]))
+    # same group and (frequency gate) rarer than the donor
+    assert allowed.tolist() == [[False, False, True, False], [False, False, False, True], [False, False, False, False]]
+    stats = FisherStats(4, (2,))
+    stats.update(torch.ones(4, 2), torch.arange(4))
+    w = transfusion_weights(torch.ones(2, 2), stats, torch.tensor([0, 1]), 0.05, allowed=allowed[:2])
+    assert w.tolist() == [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    assert ClasswiseHeads(crat=CratConfig(), **kwargs)._allowed(torch.tensor([0])) is None
+
+    groups.write_text(json.dumps({"a_cup": "cup"}))
+    with pytest.raises(UserError, match=r"has no group for class 'a_dog' \(3 missing\); give every class"):
+        ClasswiseHeads(crat=CratConfig(donor_groups=str(groups)), **kwargs)
+    with pytest.raises(UserError, match=r"crat.donor_groups: cannot read .*nope.json"):
+        ClasswiseHeads(crat=CratConfig(donor_groups=str(tmp_path / "nope.json")), **kwargs)
