@@ -300,7 +300,8 @@ def test_dry_run_projects_size_and_writes_nothing(tiny_data, tiny_detector, tmp_
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "projected for 40 images, 40 classes" in r.stdout
-    assert "box features 0.5 KiB (level fc (256,))" in r.stdout and "mask features 49.0 KiB" in r.stdout  # (32, 28, 28) float16
+    # mask features: (32, 28, 28) float16
+    assert "box features 0.5 KiB (level fc (256,))" in r.stdout and "mask features 49.0 KiB" in r.stdout
     total = float(r.stdout.split("total")[1].split("GiB")[0])
     bound = float(r.stdout.split("upper bound from the caps:")[1].split("GiB")[0])
     assert 0 < total <= bound
