@@ -203,7 +203,10 @@ def run_demo(
         shown = rare_class_gallery(
             config, detector, {"baseline": work_dir / "baseline" / HEADS_FILE, "CRAT": crat_heads}, data, gallery
         )
-    _say(f"rare classes side by side ({', '.join(shown)}): {gallery}")
+    if shown:
+        _say(f"rare classes side by side ({', '.join(shown)}): {gallery}")
+    else:
+        _say("no rare class has a validation instance: no rare-class picture")
     plot_fisher_embedding(crat_heads, work_dir / "fisher_embedding.png")
     (work_dir / "rare_fisher_neighbors.txt").write_text(fisher_neighbors(crat_heads, top=5) + "\n")
 
