@@ -224,6 +224,21 @@ def _shape_polygon(shape: str, cx: float, cy: float, size: float, angle: float) 
     return pts @ rot.T + np.array([cx, cy])
 
 
+def _occludes_at_most(kept: list[tuple[int, np.ndarray]], mask: np.ndarray, limit: float) -> bool:
+    """Whether ``mask`` would cover at most ``limit`` of every object drawn so far."""
+    return all((m & mask).sum() <= limit * max(m.sum(), 1) for _, m in kept)
+
+
+def _paste(kept: list[tuple[int, np.ndarray]], category_id: int, mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """The visible masks after drawing ``mask`` on top of the objects drawn so far."""
+    return [(cid, m & ~mask) for cid, m in kept] + [(category_id, mask)]
+
+
+def _visible(kept: list[tuple[int, np.ndarray]], min_pixels: int = 30) -> list[tuple[int, np.ndarray]]:
+    """The objects with at least ``min_pixels`` visible pixels."""
+    return [(cid, m) for cid, m in kept if m.sum() >= min_pixels]
+
+
 def _render_colour_shapes(rng: np.random.Generator, objects: list[tuple[int, str, str]]):
     """Draw one image.
 
@@ -241,7 +256,6 @@ def _render_colour_shapes(rng: np.random.Generator, objects: list[tuple[int, str
     h = w = IMAGE_SIZE
     base = rng.integers(70, 150)
     image = np.clip(base + rng.normal(0, 12, (h, w, 1)) + rng.normal(0, 4, (h, w, 3)), 0, 255).astype(np.uint8)
-    masks: list[np.ndarray] = []
     kept: list[tuple[int, np.ndarray]] = []
     for category_id, shape, colour in objects:
         for _attempt in range(20):
@@ -254,7 +268,7 @@ def _render_colour_shapes(rng: np.random.Generator, objects: list[tuple[int, str
             cv2.fillPoly(mask, [np.round(poly * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
             mask = mask.astype(bool)
             # limit occlusion: the new object may cover at most 30% of any earlier one
-            if all((m & mask).sum() <= 0.3 * max(m.sum(), 1) for m in masks):
+            if _occludes_at_most(kept, mask, 0.3):
                 break
         else:
             continue
@@ -262,11 +276,8 @@ def _render_colour_shapes(rng: np.random.Generator, objects: list[tuple[int, str
         col = np.clip(np.array(COLOURS[colour]) + jitter, 0, 255).astype(np.uint8)
         shade = rng.normal(0, 6, (h, w, 1))
         image[mask] = np.clip(col[None, :] + shade[mask], 0, 255).astype(np.uint8)
-        masks = [m & ~mask for m in masks]
-        kept = [(cid, m & ~mask) for cid, m in kept]
-        masks.append(mask)
-        kept.append((category_id, mask))
-    kept = [(cid, m) for cid, m in kept if m.sum() >= 30]
+        kept = _paste(kept, category_id, mask)
+    kept = _visible(kept)
     return image, kept
 
 
@@ -385,7 +396,6 @@ def _render_families(
     tilt = rng.normal(0, 0.25, (2, 3))
     image = base + (xx[..., None] - w / 2) * tilt[0] + (yy[..., None] - h / 2) * tilt[1]
     image = image + rng.normal(0, 10, (h, w, 1)) + rng.normal(0, 4, (h, w, 3))
-    masks: list[np.ndarray] = []
     kept: list[tuple[int, np.ndarray]] = []
     for category_id, geometry, marking in objects:
         for _attempt in range(20):
@@ -403,7 +413,7 @@ def _render_families(
             body, thin = body.astype(bool), thin.astype(bool) & ~body.astype(bool)
             mask = body | thin
             # limit occlusion: the new object may cover at most 35% of any earlier one
-            if all((m & mask).sum() <= 0.35 * max(m.sum(), 1) for m in masks):
+            if _occludes_at_most(kept, mask, 0.35):
                 break
         else:
             continue
@@ -424,11 +434,8 @@ def _render_families(
         # the thin part: most of the way to the background, thin and faint
         if thin.any():
             image[thin] = 0.35 * (colour + shade[thin].mean()) + 0.65 * image[thin]
-        masks = [m & ~mask for m in masks]
-        kept = [(cid, m & ~mask) for cid, m in kept]
-        masks.append(mask)
-        kept.append((category_id, mask))
-    kept = [(cid, m) for cid, m in kept if m.sum() >= 30]
+        kept = _paste(kept, category_id, mask)
+    kept = _visible(kept)
     return np.clip(image, 0, 255).astype(np.uint8), kept
 
 
