@@ -126,9 +126,12 @@ def rare_class_gallery(
     allow_mmengine_pickles()
     rows: list[list[np.ndarray]] = []
     for ex in examples:
-        image = cv2.imread(str(data_root / ex["image"]["coco_url"].split("/", 3)[-1]))
+        ex["path"] = str(data_root / ex["image"]["coco_url"].split("/", 3)[-1])
+        image = ex["pixels"] = cv2.imread(ex["path"])
         h, w = image.shape[:2]
-        gt_boxes = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in ex["gts"])], float)
+        gt_boxes = ex["gt_boxes"] = np.array(
+            [[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in ex["gts"])], float
+        )
         name, counts = ex["category"]["name"], ex["category"]["image_count"]
         caption = f"{name} ({counts} train images)\nground truth"
         rows.append([_panel(image, gt_boxes, _gt_masks(ex["gts"], h, w), [""] * len(gt_boxes), GT_COLOUR, caption)])
@@ -140,17 +143,14 @@ def rare_class_gallery(
                 warnings.simplefilter("ignore", UserWarning)
                 model = init_detector(cfg, merged, device="cpu")
             for row, ex in zip(rows, examples):
-                path = str(data_root / ex["image"]["coco_url"].split("/", 3)[-1])
-                pred = inference_detector(model, path).pred_instances
+                pred = inference_detector(model, ex["path"]).pred_instances
                 keep = (pred.labels == label_of[ex["category"]["id"]]) & (pred.scores >= score_thr)
                 boxes, scores = pred.bboxes[keep].numpy(), pred.scores[keep].numpy()
                 masks = pred.masks[keep].numpy() if "masks" in pred else []
-                gt_boxes = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in ex["gts"])], float)
-                best = max((_box_iou(b, gt_boxes) for b in boxes), default=0.0)
+                best = max((_box_iou(b, ex["gt_boxes"]) for b in boxes), default=0.0)
                 caption = f"{title}: {len(boxes)} detection(s) >= {score_thr:g}\nbest box IoU {best:.2f}"
                 labels = [f"{s:.2f}" for s in scores]
-                image = cv2.imread(path)
-                row.append(_panel(image, boxes, masks, labels, DET_COLOUR, caption))
+                row.append(_panel(ex["pixels"], boxes, masks, labels, DET_COLOUR, caption))
     grid = np.concatenate([np.concatenate(r, 1) for r in rows], 0)
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp_png:
