@@ -27,7 +27,7 @@ from crat_ft.evaluation import format_table
 from crat_ft.files import atomic_write_text
 from crat_ft.paths import demo_config
 from crat_ft.retrain import HEADS_FILE, retrain_heads
-from crat_ft.stage1 import DETECTOR_FILE, evaluate_detector, train_detector
+from crat_ft.stage1 import DETECTOR_FILE, evaluate_side_by_side, train_detector
 from crat_ft.synthetic import DEFAULT_SHARING, DemoDataSpec, make_demo_data
 
 DELTA_KEYS = ("AP", "APr", "APc", "APf")
@@ -177,17 +177,22 @@ def run_demo(
             log,
         )
 
-    summary = {}
-    for name in ("stage1", "baseline", "crat"):
+    models = ("stage1", "baseline", "crat")
+    jobs = {}
+    for name in models:
         metrics_file = work_dir / name / "metrics.json"
-        heads = None if name == "stage1" else work_dir / name / HEADS_FILE
-        _stage(
-            metrics_file,
-            f"evaluating {name} (LVIS protocol, val split)",
-            lambda m=metrics_file, h=heads: evaluate_detector(config, detector, m, data_root=data, heads=h),
-            log,
-        )
-        summary[name] = _load_json(metrics_file)
+        if metrics_file.exists():
+            _say(f"reusing the evaluation of {name}: {metrics_file}")
+        else:
+            jobs[name] = (None if name == "stage1" else work_dir / name / HEADS_FILE, metrics_file)
+    if jobs:
+        what = f"evaluating {', '.join(jobs)} side by side (LVIS protocol, val split)"
+        _say(what)
+        t0 = time.time()
+        with contextlib.redirect_stdout(log):
+            evaluate_side_by_side(config, detector, jobs, data_root=data, log=log)
+        _say(f"{what}: done in {time.time() - t0:.0f} s")
+    summary = {name: _load_json(work_dir / name / "metrics.json") for name in models}
 
     cats = categories_by_id(_load_json(data / "annotations" / "lvis_v1_train.json"))
     plot_ap_change(

@@ -111,17 +111,19 @@ class ConsoleProgressHook(Hook):
 
     Args:
         label: the line's prefix, e.g. ``"evaluate"``.
+        make_bar: builds the bar from ``(total, label, unit)``; :class:`Progress` (the default) unless a
+            caller reports elsewhere (the demo's concurrent evaluations report to one bar).
     """
 
     priority = "LOWEST"
 
-    def __init__(self, label: str) -> None:
-        self.label = label
+    def __init__(self, label: str, make_bar=None) -> None:
+        self.label, self.make_bar = label, make_bar or Progress
         self._bar: Progress | None = None
 
     def before_train(self, runner) -> None:
         if runner.rank == 0:
-            self._bar = Progress(runner.max_iters - runner.iter, self.label, unit="iterations")
+            self._bar = self.make_bar(runner.max_iters - runner.iter, self.label, unit="iterations")
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self._bar is not None:
@@ -129,7 +131,9 @@ class ConsoleProgressHook(Hook):
 
     def before_test(self, runner) -> None:
         if runner.rank == 0:
-            self._bar = Progress(len(runner.test_dataloader.dataset) // runner.world_size, self.label)
+            self._bar = self.make_bar(
+                len(runner.test_dataloader.dataset) // runner.world_size, self.label, unit="images"
+            )
 
     def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self._bar is not None:

@@ -23,11 +23,23 @@ class Progress:
         now = time.time()
         if now - self.last < (0.5 if self.tty else 10.0) and self.done < self.total:
             return
+        self._show(now)
+
+    def finish(self) -> None:
+        """Show where it stopped, when that is short of the total (a failed part)."""
+        if self.done < self.total:
+            self._show(time.time(), stopped=True)
+            if self.tty:
+                print(file=sys.stderr)
+
+    def _show(self, now: float, stopped: bool = False) -> None:
         self.last = now
         rate = self.done / max(now - self.t0, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         per = "img" if self.unit == "images" else "it"
-        msg = f"{self.label}: {self.done}/{self.total} {self.unit}  {rate:.1f} {per}/s  ETA {eta:.0f}s"
+        msg = f"{self.label}: {self.done}/{self.total} {self.unit}  {rate:.1f} {per}/s  " + (
+            "stopped" if stopped else f"ETA {eta:.0f}s"
+        )
         print(("\r" + msg) if self.tty else msg, end="" if self.tty else "\n", file=sys.stderr, flush=True)
         if self.tty and self.done >= self.total:
             print(file=sys.stderr)

@@ -89,6 +89,7 @@ def evaluate_detector(
     per_class_csv: str | os.PathLike | None = None,
     heads: str | os.PathLike | None = None,
     extra_protocols: Sequence[str] = ("fixed",),
+    make_bar=None,
 ) -> dict:
     """Evaluate a detector checkpoint on the config's test split with the LVIS protocol
     (and ``extra_protocols``: ``"fixed"`` AP-fixed, ``"pool"`` AP-pool, each under its own key).
@@ -99,7 +100,8 @@ def evaluate_detector(
 
     With ``heads``, the retrained class-wise layers are merged into the
     checkpoint in a temporary directory first (nothing is written beside
-    ``out``); ``cfg_options`` apply to that merge too.
+    ``out``); ``cfg_options`` apply to that merge too. ``make_bar`` replaces the console
+    progress line (see :class:`crat_ft.hooks.ConsoleProgressHook`).
 
     The output directories are checked for writability before the model is
     built; the JSON and the CSV are renamed into place together at the end
@@ -127,10 +129,10 @@ def evaluate_detector(
             )
             return evaluate_detector(
                 merged_cfg or config, merged, out, cfg_options=cfg_options, data_root=data_root, per_class_csv=csv_path,
-                extra_protocols=extra_protocols,
+                extra_protocols=extra_protocols, make_bar=make_bar,
             )  # fmt: skip
     cfg = _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint)
-    return _run_test_and_write(cfg, trust_checkpoint, out, csv_path, journal, extra_protocols)
+    return _run_test_and_write(cfg, trust_checkpoint, out, csv_path, journal, extra_protocols, make_bar)
 
 
 def _prepare_outputs(out: Path, csv_path: Path) -> Path:
@@ -177,7 +179,7 @@ def _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint: b
 
 
 def _run_test_and_write(
-    cfg, trust_checkpoint: bool, out: Path, csv_path: Path, journal: Path, extra_protocols: Sequence[str]
+    cfg, trust_checkpoint: bool, out: Path, csv_path: Path, journal: Path, extra_protocols: Sequence[str], make_bar=None
 ) -> dict:
     """Run the test loop in a private work dir; rename the JSON and the per-class CSV into place together."""
     from mmengine.runner import Runner
@@ -200,7 +202,7 @@ def _run_test_and_write(
             cfg.work_dir = str(tmp)
             with trusted_loading(trust_checkpoint):
                 runner = Runner.from_cfg(cfg)
-                runner.register_hook(ConsoleProgressHook("evaluate"))
+                runner.register_hook(ConsoleProgressHook("evaluate", make_bar))
                 runner.test()
             metric = next(m for m in runner.test_evaluator.metrics if isinstance(m, CratLVISMetric))
             results = dict(metric.last_results["metrics"])
@@ -213,3 +215,118 @@ def _run_test_and_write(
         temp_name(csv_path).unlink(missing_ok=True)
         temp_name(out).unlink(missing_ok=True)
     return results
+
+
+def evaluate_side_by_side(
+    config: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    jobs: dict[str, tuple[str | os.PathLike | None, str | os.PathLike]],
+    *,
+    data_root: str | os.PathLike | None = None,
+    log=None,
+) -> None:
+    """Evaluate several class-wise layer sets of one detector, at the same time on a CPU.
+
+    ``jobs`` maps a name to ``(heads, out)`` as :func:`evaluate_detector` takes them
+    (``heads=None`` evaluates ``checkpoint`` itself). Much of mmdet's CPU test loop is
+    single-threaded Python (mask pasting, mask encoding, the metric), so on a CPU one
+    forked process per job, each with its share of torch's threads, finishes sooner
+    than the jobs one after another. The detections do not depend on the thread count:
+    the metrics are the ones a sequential run writes. With CUDA, or where processes
+    cannot be forked, the jobs run one after another.
+
+    ``log`` (an open text file) receives the jobs' stdout (mmengine's logs); one progress
+    line on stderr counts the images of all jobs. A failed job raises its error here
+    after the others finished; what each job wrote is complete or absent.
+    """
+    import multiprocessing
+    import sys
+    from queue import Empty
+
+    import torch
+
+    if len(jobs) < 2 or sys.platform != "linux" or torch.cuda.is_available():
+        for heads, out in jobs.values():
+            evaluate_detector(config, checkpoint, out, data_root=data_root, heads=heads)
+        return
+    from crat_ft.progress import Progress
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    threads = max(1, torch.get_num_threads() // len(jobs))
+    for stream in (sys.stdout, sys.stderr, log):
+        if stream is not None:
+            stream.flush()  # a forked child must not write its parent's buffered text again
+    procs = {
+        name: ctx.Process(
+            target=_evaluate_job,
+            args=(queue, name, threads, log, (config, checkpoint, out), dict(data_root=data_root, heads=heads)),
+            daemon=True,
+        )
+        for name, (heads, out) in jobs.items()
+    }
+    for proc in procs.values():
+        proc.start()
+    bar = None  # every job evaluates the same test split: the first job's count, times the jobs
+    errors: dict[str, BaseException | str] = {}
+    finished: set[str] = set()
+    while len(finished) < len(procs):
+        try:
+            kind, name, value = queue.get(timeout=1.0)
+        except Empty:  # see whether a job died without a word (killed, out of memory)
+            for name, proc in procs.items():
+                if name not in finished and proc.exitcode is not None:
+                    finished.add(name)
+                    if proc.exitcode != 0:
+                        errors[name] = f"the process ended with exit code {proc.exitcode}"
+            continue
+        if kind == "total":
+            bar = bar or Progress(value * len(procs), f"evaluate ({', '.join(procs)})")
+        elif kind == "step":
+            bar.update(value)
+        else:
+            finished.add(name)
+            if kind == "error":
+                errors[name] = value
+    for proc in procs.values():
+        proc.join()
+    if bar is not None:
+        bar.finish()  # where a failed job left it short
+    for name, error in errors.items():
+        if isinstance(error, UserError):
+            raise error
+        raise RuntimeError(f"evaluating {name} failed: {error}" + (f"; its traceback is in {log.name}" if log else ""))
+
+
+class _QueueBar:
+    """A progress bar that reports to the parent process's queue (see :func:`evaluate_side_by_side`)."""
+
+    def __init__(self, queue, name: str, total: int) -> None:
+        self.queue, self.name = queue, name
+        queue.put(("total", name, total))
+
+    def update(self, n: int) -> None:
+        self.queue.put(("step", self.name, n))
+
+
+def _evaluate_job(queue, name: str, threads: int, log, args: tuple, kwargs: dict) -> None:
+    """One job of :func:`evaluate_side_by_side`, in a forked process."""
+    import contextlib
+    import sys
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        with contextlib.redirect_stdout(log) if log is not None else contextlib.nullcontext():
+            evaluate_detector(*args, **kwargs, make_bar=lambda total, label, unit: _QueueBar(queue, name, total))
+        queue.put(("done", name, None))
+    except BaseException as exc:
+        if not isinstance(exc, UserError):
+            traceback.print_exc(file=log if log is not None else sys.stderr)
+        queue.put(("error", name, exc if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    finally:
+        if log is not None:
+            log.flush()

@@ -399,3 +399,64 @@ def test_evaluate_cleans_a_commit_interrupted_by_a_kill(tmp_path):
     out.unlink()
     recover_journal(journal)
     assert not csv.exists() and not journal.exists()
+
+
+# --------------------------------------------------------------------------- concurrent evaluations
+
+
+def _detections(directory: Path) -> dict:
+    """The detections an evaluation spilled under ``directory``, in a fixed order."""
+    from crat_ft.detections import load_spilled
+
+    (spill,) = directory.glob(".*.detections")
+    dets = load_spilled(spill)
+    # scores may differ in their last bits with the thread count: sort on rounded keys
+    box = np.round(dets.bbox, 2)
+    order = np.lexsort((box[:, 1], box[:, 0], -np.round(dets.score, 5), dets.category_id, dets.image_id))
+    rles = [bytes(dets.rle[dets.rle_offset[i] : dets.rle_offset[i + 1]]) for i in order]
+    return {"image_id": dets.image_id[order], "category_id": dets.category_id[order],
+            "score": dets.score[order], "bbox": dets.bbox[order], "rle": rles}  # fmt: skip
+
+
+def test_side_by_side_evaluations_equal_one_by_one_and_a_failed_job_raises_its_error(
+    tiny_data, tiny_detector, heads_file, tmp_path, capfd, monkeypatch
+):
+    from crat_ft.errors import UserError
+    from crat_ft.metric import CratLVISMetric
+    from crat_ft.stage1 import evaluate_detector, evaluate_side_by_side
+
+    # keep each evaluation's detections beside its metrics, to compare them (the forked jobs inherit this)
+    monkeypatch.setattr(CratLVISMetric, "_remove_spill", lambda self: None)
+    config = demo_config_path()
+    jobs = {
+        name: (heads, tmp_path / "side-by-side" / name / "metrics.json")
+        for name, heads in (("stage1", None), ("retrained", heads_file), ("missing", tmp_path / "nope.pth"))
+    }
+    with open(tmp_path / "frameworks.log", "w") as log, pytest.raises(UserError) as failed:
+        evaluate_side_by_side(config, tiny_detector, jobs, data_root=tiny_data, log=log)
+    with pytest.raises(UserError) as alone:
+        evaluate_detector(config, tiny_detector, tmp_path / "m.json", data_root=tiny_data, heads=tmp_path / "nope.pth")
+    assert str(failed.value) == str(alone.value) and "nope.pth" in str(failed.value)
+    assert not jobs["missing"][1].parent.exists() or not any(jobs["missing"][1].parent.iterdir())
+    # one progress line counts the images of all three jobs (10 val images each); mmengine's logs went to the file
+    err = capfd.readouterr().err
+    assert "evaluate (stage1, retrained, missing): 20/30 images" in err, err
+    assert "Load checkpoint from" in (tmp_path / "frameworks.log").read_text()
+    for name in ("stage1", "retrained"):
+        heads, out = jobs[name]
+        one_by_one = tmp_path / "one-by-one" / name / "metrics.json"
+        assert json.loads(out.read_text()) == evaluate_detector(
+            config, tiny_detector, one_by_one, data_root=tiny_data, heads=heads
+        )
+        assert (out.parent / "metrics_per_class.csv").read_text() == (
+            one_by_one.parent / "metrics_per_class.csv"
+        ).read_text()
+        ours, theirs = _detections(out.parent), _detections(one_by_one.parent)
+        assert len(ours["score"]) == 3000  # 300 per image
+        assert ours["rle"] == theirs["rle"]
+        for column in ("image_id", "category_id", "score", "bbox"):
+            np.testing.assert_allclose(ours[column], theirs[column], rtol=1e-5, atol=1e-6, err_msg=f"{name} {column}")
+    # the two models' detections differ: the comparison above is not between equal inputs
+    assert not np.allclose(
+        _detections(jobs["stage1"][1].parent)["score"], _detections(jobs["retrained"][1].parent)["score"]
+    )
