@@ -260,7 +260,15 @@ def evaluate_side_by_side(
     procs = {
         name: ctx.Process(
             target=_evaluate_job,
-            args=(queue, name, threads, log, (config, checkpoint, out), dict(data_root=data_root, heads=heads)),
+            args=(
+                queue,
+                name,
+                os.getpid(),
+                threads,
+                log,
+                (config, checkpoint, out),
+                dict(data_root=data_root, heads=heads),
+            ),
             daemon=True,
         )
         for name, (heads, out) in jobs.items()
@@ -309,7 +317,21 @@ class _QueueBar:
         self.queue.put(("step", self.name, n))
 
 
-def _evaluate_job(queue, name: str, threads: int, log, args: tuple, kwargs: dict) -> None:
+def die_with_parent(parent: int) -> None:
+    """Have Linux end this process when its parent ends, so that a killed demo leaves no
+    evaluation running (what the job had not committed is cleaned by the next run)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the request was made
+        os._exit(1)
+
+
+def _evaluate_job(queue, name: str, parent: int, threads: int, log, args: tuple, kwargs: dict) -> None:
     """One job of :func:`evaluate_side_by_side`, in a forked process."""
     import contextlib
     import sys
@@ -317,6 +339,7 @@ def _evaluate_job(queue, name: str, threads: int, log, args: tuple, kwargs: dict
 
     import torch
 
+    die_with_parent(parent)
     torch.set_num_threads(threads)
     try:
         with contextlib.redirect_stdout(log) if log is not None else contextlib.nullcontext():

@@ -460,3 +460,47 @@ def test_side_by_side_evaluations_equal_one_by_one_and_a_failed_job_raises_its_e
     assert not np.allclose(
         _detections(jobs["stage1"][1].parent)["score"], _detections(jobs["retrained"][1].parent)["score"]
     )
+
+
+def _grandchild(parent: int, ready: Path) -> None:
+    from crat_ft.stage1 import die_with_parent
+
+    die_with_parent(parent)
+    ready.write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def _child(ready: Path) -> None:
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=_grandchild, args=(os.getpid(), ready))
+    proc.start()
+    proc.join()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in state  # a zombie nobody reaped has ended
+
+
+def test_a_side_by_side_job_ends_when_its_parent_is_killed(tmp_path):
+    import multiprocessing
+
+    ready = tmp_path / "pid"
+    child = multiprocessing.get_context("fork").Process(target=_child, args=(ready,))
+    child.start()
+    deadline = time.time() + 30
+    while not ready.exists() or not ready.read_text():
+        assert time.time() < deadline, "the job never started"
+        time.sleep(0.05)
+    job = int(ready.read_text())
+    assert _alive(job)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    deadline = time.time() + 10
+    while _alive(job):
+        assert time.time() < deadline, "the job outlived its killed parent"
+        time.sleep(0.05)
