@@ -186,7 +186,7 @@ def run_demo(
         else:
             jobs[name] = (None if name == "stage1" else work_dir / name / HEADS_FILE, metrics_file)
     if jobs:
-        what = f"evaluating {', '.join(jobs)} side by side (LVIS protocol, val split)"
+        what = f"evaluating {', '.join(jobs)} (LVIS protocol, val split)"
         _say(what)
         t0 = time.time()
         with contextlib.redirect_stdout(log):
