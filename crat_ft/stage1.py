@@ -231,9 +231,10 @@ def evaluate_side_by_side(
     (``heads=None`` evaluates ``checkpoint`` itself). Much of mmdet's CPU test loop is
     single-threaded Python (mask pasting, mask encoding, the metric), so on a CPU one
     forked process per job, each with its share of torch's threads, finishes sooner
-    than the jobs one after another. The detections do not depend on the thread count:
-    the metrics are the ones a sequential run writes. With CUDA, or where processes
-    cannot be forked, the jobs run one after another.
+    than the jobs one after another. The thread count moves a detection's score at most
+    in its last bits: the metrics are those of evaluations one by one (the demo's agree
+    to 1e-7). With CUDA, or where processes cannot be forked, the jobs run one after
+    another.
 
     ``log`` (an open text file) receives the jobs' stdout (mmengine's logs); one progress
     line on stderr counts the images of all jobs. A failed job raises its error here
@@ -303,7 +304,8 @@ def evaluate_side_by_side(
     for name, error in errors.items():
         if isinstance(error, UserError):
             raise error
-        raise RuntimeError(f"evaluating {name} failed: {error}" + (f"; its traceback is in {log.name}" if log else ""))
+        where = getattr(log, "name", None)
+        raise RuntimeError(f"evaluating {name} failed: {error}" + (f"; its traceback is in {where}" if where else ""))
 
 
 class _QueueBar:
