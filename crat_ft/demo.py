@@ -46,7 +46,7 @@ def _stage(done: Path, what: str, fn, log=None):
     file. Progress bars (stderr) and this function's lines stay on the console.
     """
     if done.exists():
-        _say(f"reusing {what}: {done}")
+        _say(f"{what}: done before, reusing {done}")
         return
     _say(what)
     t0 = time.time()
@@ -182,7 +182,7 @@ def run_demo(
     for name in models:
         metrics_file = work_dir / name / "metrics.json"
         if metrics_file.exists():
-            _say(f"reusing the evaluation of {name}: {metrics_file}")
+            _say(f"evaluating {name}: done before, reusing {metrics_file}")
         else:
             jobs[name] = (None if name == "stage1" else work_dir / name / HEADS_FILE, metrics_file)
     if jobs:
