@@ -117,7 +117,8 @@ class DemoDataSpec:
     def validate(self) -> None:
         if self.variant not in VARIANTS:
             raise UserError(f"--variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        max_classes = _axes(self.variant)[0].__len__() * _axes(self.variant)[1].__len__()
+        families, markings = _axes(self.variant)
+        max_classes = len(families) * len(markings)
         if not 2 <= self.classes <= max_classes:
             raise UserError(f"--classes: expected 2..{max_classes}, got {self.classes}; pick a value in that range")
         if not 0.0 <= self.sharing <= 1.0:
@@ -224,6 +225,23 @@ def _shape_polygon(shape: str, cx: float, cy: float, size: float, angle: float) 
     return pts @ rot.T + np.array([cx, cy])
 
 
+def _place(rng: np.random.Generator, min_size: float, max_size: float) -> tuple[float, float, float]:
+    """An object's size and a centre that keeps it inside the image (three draws, in this order)."""
+    size = float(rng.uniform(min_size, max_size))
+    cx = float(rng.uniform(size / 2, IMAGE_SIZE - size / 2))
+    cy = float(rng.uniform(size / 2, IMAGE_SIZE - size / 2))
+    return size, cx, cy
+
+
+def _fill_polygon(poly: np.ndarray) -> np.ndarray:
+    """The (H, W) bool mask of a polygon (N, 2) in pixel coordinates, at 1/16 pixel precision."""
+    import cv2
+
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    cv2.fillPoly(mask, [np.round(poly * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    return mask.astype(bool)
+
+
 def _occludes_at_most(kept: list[tuple[int, np.ndarray]], mask: np.ndarray, limit: float) -> bool:
     """Whether ``mask`` would cover at most ``limit`` of every object drawn so far."""
     return all((m & mask).sum() <= limit * max(m.sum(), 1) for _, m in kept)
@@ -251,7 +269,6 @@ def _render_colour_shapes(rng: np.random.Generator, objects: list[tuple[int, str
         image (H, W, 3) uint8 BGR, and per kept object ``(category_id, visible
         mask (H, W) bool)``. Objects whose visible part is too small are dropped.
     """
-    import cv2
 
     h = w = IMAGE_SIZE
     base = rng.integers(70, 150)
@@ -259,14 +276,9 @@ def _render_colour_shapes(rng: np.random.Generator, objects: list[tuple[int, str
     kept: list[tuple[int, np.ndarray]] = []
     for category_id, shape, colour in objects:
         for _attempt in range(20):
-            size = float(rng.uniform(14, 46))
-            cx = float(rng.uniform(size / 2, w - size / 2))
-            cy = float(rng.uniform(size / 2, h - size / 2))
+            size, cx, cy = _place(rng, 14, 46)
             angle = float(rng.uniform(-0.35, 0.35))
-            poly = _shape_polygon(shape, cx, cy, size, angle)
-            mask = np.zeros((h, w), np.uint8)
-            cv2.fillPoly(mask, [np.round(poly * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
-            mask = mask.astype(bool)
+            mask = _fill_polygon(_shape_polygon(shape, cx, cy, size, angle))
             # limit occlusion: the new object may cover at most 30% of any earlier one
             if _occludes_at_most(kept, mask, 0.3):
                 break
@@ -399,18 +411,15 @@ def _render_families(
     kept: list[tuple[int, np.ndarray]] = []
     for category_id, geometry, marking in objects:
         for _attempt in range(20):
-            size = float(rng.uniform(22, 48))
-            cx = float(rng.uniform(size / 2, w - size / 2))
-            cy = float(rng.uniform(size / 2, h - size / 2))
+            size, cx, cy = _place(rng, 22, 48)
             poly, (p0, p1), angle = _family_object(rng, geometry, size, cx, cy)
-            body = np.zeros((h, w), np.uint8)
-            cv2.fillPoly(body, [np.round(poly * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+            body = _fill_polygon(poly)
             thin = np.zeros((h, w), np.uint8)
             width = max(2, int(round(size / 14)))
             cv2.line(
                 thin, tuple(np.round(p0 * 16).astype(int)), tuple(np.round(p1 * 16).astype(int)), 1, width, shift=4
             )
-            body, thin = body.astype(bool), thin.astype(bool) & ~body.astype(bool)
+            thin = thin.astype(bool) & ~body
             mask = body | thin
             # limit occlusion: the new object may cover at most 35% of any earlier one
             if _occludes_at_most(kept, mask, 0.35):
