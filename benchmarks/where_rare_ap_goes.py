@@ -28,27 +28,10 @@ import numpy as np
 import torch
 
 
-def gt_mask(ann: dict, h: int, w: int) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    rles = mask_utils.frPyObjects(ann["segmentation"], h, w)
-    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
-
-
-def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """IoU of (N, 4) xyxy boxes with one xyxy box."""
-    lt = np.maximum(boxes[:, :2], box[:2])
-    rb = np.minimum(boxes[:, 2:], box[2:])
-    inter = np.clip(rb - lt, 0, None).prod(1)
-
-    def area(b):
-        return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-
-    return inter / (area(boxes) + area(box) - inter + 1e-9)
-
-
 def analyse(model, ann_path: Path, image_root: Path, score_thr: float = 0.05) -> dict:
     from mmdet.apis import inference_detector
+
+    from crat_ft.gallery import box_ious, gt_mask
 
     data = json.loads(ann_path.read_text())
     cats = sorted(c["id"] for c in data["categories"])
@@ -69,7 +52,7 @@ def analyse(model, ann_path: Path, image_root: Path, score_thr: float = 0.05) ->
             x, y, w, h = a["bbox"]
             g = np.array([x, y, x + w, y + h])
             group = stats[freq[a["category_id"]]]
-            iou = box_iou(boxes, g) if len(boxes) else np.zeros(0)
+            iou = box_ious(boxes, g)
             over = iou >= 0.5
             c = label_of[a["category_id"]]
             group["top1"].append(bool(over.any() and labels[over][np.argmax(scores[over])] == c))

@@ -50,14 +50,19 @@ def pick_rare_examples(train_ann: str | os.PathLike, val_ann: str | os.PathLike,
     return picked
 
 
-def _box_iou(box: np.ndarray, gts: np.ndarray) -> float:
-    """Best IoU of an xyxy box with (G, 4) xyxy boxes."""
-    if len(gts) == 0:
-        return 0.0
-    lt, rb = np.maximum(box[:2], gts[:, :2]), np.minimum(box[2:], gts[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+def box_ious(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """IoU of (N, 4) xyxy boxes with one xyxy box."""
+    lt, rb = np.maximum(boxes[:, :2], box[:2]), np.minimum(boxes[:, 2:], box[2:])
+    inter = np.clip(rb - lt, 0, None).prod(1)
     area = lambda b: np.prod(b[..., 2:] - b[..., :2], axis=-1)  # noqa: E731
-    return float((inter / (area(box) + area(gts) - inter)).max())
+    return inter / (area(boxes) + area(box) - inter + 1e-9)
+
+
+def gt_mask(ann: dict, h: int, w: int) -> np.ndarray:
+    """The (h, w) bool mask of an LVIS annotation's polygons, rasterised as the LVIS/COCO tools do."""
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], h, w))).astype(bool)
 
 
 def _panel(image: np.ndarray, boxes, masks, labels: list[str], colour, caption: str) -> np.ndarray:
@@ -78,18 +83,6 @@ def _panel(image: np.ndarray, boxes, masks, labels: list[str], colour, caption: 
     for i, line in enumerate(caption.split("\n")[:2]):
         cv2.putText(head, line, (4, 14 + 15 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([head, big], 0)
-
-
-def _gt_masks(gts: list[dict], h: int, w: int) -> list[np.ndarray]:
-    import cv2
-
-    out = []
-    for ann in gts:
-        m = np.zeros((h, w), np.uint8)
-        for poly in ann["segmentation"]:
-            cv2.fillPoly(m, [np.round(np.array(poly).reshape(-1, 2)).astype(np.int32)], 1)
-        out.append(m.astype(bool))
-    return out
 
 
 def rare_class_gallery(
@@ -134,7 +127,8 @@ def rare_class_gallery(
         )
         name, counts = ex["category"]["name"], ex["category"]["image_count"]
         caption = f"{name} ({counts} train images)\nground truth"
-        rows.append([_panel(image, gt_boxes, _gt_masks(ex["gts"], h, w), [""] * len(gt_boxes), GT_COLOUR, caption)])
+        masks = [gt_mask(a, h, w) for a in ex["gts"]]
+        rows.append([_panel(image, gt_boxes, masks, [""] * len(gt_boxes), GT_COLOUR, caption)])
     with tempfile.TemporaryDirectory(prefix="crat-ft-gallery-") as tmp:
         for title, heads_file in heads.items():
             merged, merged_cfg = export_checkpoint(str(config), str(detector), str(heads_file), f"{tmp}/{title}.pth")
@@ -147,7 +141,7 @@ def rare_class_gallery(
                 keep = (pred.labels == label_of[ex["category"]["id"]]) & (pred.scores >= score_thr)
                 boxes, scores = pred.bboxes[keep].numpy(), pred.scores[keep].numpy()
                 masks = pred.masks[keep].numpy() if "masks" in pred else []
-                best = max((_box_iou(b, ex["gt_boxes"]) for b in boxes), default=0.0)
+                best = max((float(box_ious(ex["gt_boxes"], b).max()) for b in boxes), default=0.0)
                 caption = f"{title}: {len(boxes)} detection(s) >= {score_thr:g}\nbest box IoU {best:.2f}"
                 labels = [f"{s:.2f}" for s in scores]
                 row.append(_panel(ex["pixels"], boxes, masks, labels, DET_COLOUR, caption))

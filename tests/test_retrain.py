@@ -639,6 +639,17 @@ def test_rare_class_gallery_draws_the_rarest_classes(crat_run, tiny_detector, ti
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_gallery_box_ious_and_gt_mask_by_hand():
+    from crat_ft.gallery import box_ious, gt_mask
+
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30]], float)
+    np.testing.assert_allclose(box_ious(boxes, np.array([0, 0, 10, 10.0])), [1, 25 / 175, 0], atol=1e-8)
+    assert box_ious(np.zeros((0, 4)), np.array([0, 0, 1, 1.0])).shape == (0,)
+    # a 10 x 10 square polygon covers the 100 pixels whose centres lie inside it
+    mask = gt_mask({"segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}, 20, 16)
+    assert mask.shape == (20, 16) and mask.sum() == 100 and mask[2:12, 2:12].all()
+
+
 def test_donor_groups_restrict_transfusion_to_a_group(tmp_path):
     from crat_ft.ft_config import CratConfig
     from crat_ft.heads import ClasswiseHeads
