@@ -89,6 +89,12 @@ def collect(root: Path, sharing: list[float], seeds: list[int]) -> dict:
     return rows
 
 
+def gain(run: dict, iou: str, key: str) -> float:
+    """CRAT − baseline of one run's ``iou`` metric ``key``, in points."""
+    summary = run["summary"]
+    return 100 * (summary["crat"][iou][key] - summary["baseline"][iou][key])
+
+
 def _cell(values: list[float], signed: bool = True) -> str:
     fmt = "{:+.1f}" if signed else "{:.1f}"
     mean = sum(values) / len(values)
@@ -107,21 +113,10 @@ def table(rows: dict) -> str:
         cells = [f"{s:g} ({'/'.join(map(str, seeds))})"]
         for iou, branch in IOUS:
             base = [100 * by_seed[k]["summary"]["baseline"][iou]["APr"] for k in seeds]
-            delta = [
-                100 * (by_seed[k]["summary"]["crat"][iou]["APr"] - by_seed[k]["summary"]["baseline"][iou]["APr"])
-                for k in seeds
-            ]
+            delta = [gain(by_seed[k], iou, "APr") for k in seeds]
             oracle = [by_seed[k]["headroom"]["family"][branch]["APr"] for k in seeds]
             cells += [_cell(base, signed=False), _cell(delta), _cell(oracle)]
-        for iou, _ in IOUS:
-            cells.append(
-                _cell(
-                    [
-                        100 * (by_seed[k]["summary"]["crat"][iou]["AP"] - by_seed[k]["summary"]["baseline"][iou]["AP"])
-                        for k in seeds
-                    ]
-                )
-            )
+        cells += [_cell([gain(by_seed[k], iou, "AP") for k in seeds]) for iou, _ in IOUS]
         share = [by_seed[k]["family_share"] for k in seeds]
         chance = sum(by_seed[k]["family_chance"] for k in seeds) / len(seeds)
         cells.append(
@@ -148,11 +143,7 @@ def plot(rows: dict, out: Path) -> None:
             for s in xs:
                 seeds = sorted(rows[s])
                 if key is None:
-                    vals = [
-                        100
-                        * (rows[s][k]["summary"]["crat"][iou]["APr"] - rows[s][k]["summary"]["baseline"][iou]["APr"])
-                        for k in seeds
-                    ]
+                    vals = [gain(rows[s][k], iou, "APr") for k in seeds]
                 else:
                     vals = [rows[s][k]["headroom"][key][branch]["APr"] for k in seeds]
                 per_seed.append(vals)
