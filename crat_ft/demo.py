@@ -67,7 +67,7 @@ def _check_reused_data(data: Path, spec: DemoDataSpec) -> None:
         return
     info = _load_json(ann).get("info", {})
     made = (info.get("variant", "colour-shapes"), info.get("sharing"))
-    wanted = (spec.variant, spec.sharing if spec.variant == "families" else None)
+    wanted = (spec.variant, spec.recorded_sharing)
     if made != wanted:
         raise UserError(
             f"demo: {data} holds the {made[0]} data (sharing {made[1]}), not {wanted[0]} (sharing {wanted[1]}); "

@@ -114,6 +114,11 @@ class DemoDataSpec:
     variant: str = "families"
     sharing: float = DEFAULT_SHARING
 
+    @property
+    def recorded_sharing(self) -> float | None:
+        """``sharing`` as the annotation files' ``info`` records it: None for ``colour-shapes``, which has no knob."""
+        return self.sharing if self.variant == "families" else None
+
     def validate(self) -> None:
         if self.variant not in VARIANTS:
             raise UserError(f"--variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
@@ -625,7 +630,7 @@ def make_demo_data(out: str | os.PathLike, spec: DemoDataSpec = DemoDataSpec(), 
                     "description": f"crat-ft synthetic long-tailed benchmark, {_variant_label(spec)} ({split})",
                     "version": "1.0",
                     "variant": spec.variant,
-                    "sharing": spec.sharing if spec.variant == "families" else None,
+                    "sharing": spec.recorded_sharing,
                 },
                 "licenses": [{"id": 1, "name": "CC0", "url": ""}],
                 "categories": categories,
