@@ -65,7 +65,9 @@ def analyse(model, ann_path: Path, image_root: Path, score_thr: float = 0.05) ->
                 group["box_iou"].append(float(iou[best]))
                 group["mask_iou"].append(float(inter / max(np.logical_or(masks[best], m).sum(), 1)))
     return {
-        f: {k: float(np.mean(v)) if v else float("nan") for k, v in s.items()} | {"n": len(s["top1"])}
+        # a group with no recalled ground truth has no IoUs: nan, not a missing column
+        f: {k: float(np.mean(s[k])) if s[k] else float("nan") for k in ("top1", "recall", "box_iou", "mask_iou")}
+        | {"n": len(s["top1"])}
         for f, s in stats.items()
     }
 
