@@ -57,7 +57,9 @@ def run_seed(root: Path, seed: int, log) -> dict:
                 if ft is not None:
                     heads = work / name / HEADS_FILE
                     if not heads.exists():
-                        retrain_heads(demo_config(ft), cache, heads.parent, cfg_options={"train.seed": seed})
+                        retrain_heads(
+                            demo_config(ft), cache, heads.parent, cfg_options={"train.seed": seed}, resume=True
+                        )
                 metrics = work / name / "metrics.json"
                 if not metrics.exists():
                     evaluate_detector(config, detector, metrics, data_root=data, heads=heads)

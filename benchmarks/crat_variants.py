@@ -40,7 +40,11 @@ def run_variant(work: Path, name: str, options: list[str], seed: int) -> dict:
     (work / "family_groups.json").write_text(json.dumps({c["name"]: c.get("family", "") for c in cats}))
     options = [o.format(work=work) for o in options]
     retrain_heads(
-        demo_config("crat_synthetic.py"), work / "cache" / "index.h5", out, cfg_options=[*options, f"train.seed={seed}"]
+        demo_config("crat_synthetic.py"),
+        work / "cache" / "index.h5",
+        out,
+        cfg_options=[*options, f"train.seed={seed}"],
+        resume=True,  # a variant killed half-way continues
     )
     return evaluate_detector(
         demo_config(), work / "stage1" / "detector.pth", metrics, data_root=work / "data", heads=out / HEADS_FILE,

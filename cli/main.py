@@ -447,16 +447,21 @@ PROTOCOL_TITLES = {
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON here.")
 def evaluate_results(gt, results, iou_types, protocol, out):
     """LVIS metrics of RESULTS (a JSON results file of mmdet, detectron2 or lvis-api) against annotation file GT."""
+    import contextlib
     import json
+    from pathlib import Path
 
     from crat_ft.evaluation import evaluate_results as run
     from crat_ft.evaluation import format_table
-    from crat_ft.files import atomic_write_text
+    from crat_ft.files import atomic_write_text, output_dir
 
-    metrics = run(gt, results, iou_types=list(iou_types) or None, protocol=protocol)
+    # --out's directory is checked first: an unwritable --out fails before the metrics are computed
+    with output_dir(Path(out).parent, "the directory of --out") if out else contextlib.nullcontext():
+        metrics = run(gt, results, iou_types=list(iou_types) or None, protocol=protocol)
+        if out:
+            atomic_write_text(out, json.dumps({"protocol": protocol, **metrics}, indent=2))
     click.echo(format_table(metrics, title=PROTOCOL_TITLES[protocol]))
     if out:
-        atomic_write_text(out, json.dumps({"protocol": protocol, **metrics}, indent=2))
         click.echo(f"metrics: {out}")
 
 
@@ -513,7 +518,17 @@ def demo(work_dir, seed, detector_iters, heads_iters, variant, sharing):
 
 
 def main():
-    cli(prog_name="crat-ft")
+    """The console script: every failure, click's own usage errors included, is one ``crat-ft: error:`` line."""
+    try:
+        code = cli.main(prog_name="crat-ft", standalone_mode=False)
+    except click.UsageError as exc:  # a bad option value, a missing argument, an unknown command
+        where = exc.ctx.command_path if exc.ctx is not None else "crat-ft"
+        _fail(f"{exc.format_message()} (see `{where} --help`)", exc.exit_code)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        _fail("aborted", 1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,18 @@ def allow_mmengine_pickles() -> None:
     CheckpointLoader.register_scheme(prefixes="", loader=_mmengine_local_loader, force=True)
 
 
+def check_checkpoint_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if it is a file; else a one-line :class:`UserError` saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pth"))
+        hint = f" (it holds {', '.join(inside[:3])})" if inside else ""
+        raise UserError(f"checkpoint {path} is a directory{hint}, not a checkpoint file; pass the .pth file itself")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path or train one with `crat-ft train-detector`")
+    return path
+
+
 def load_checkpoint_file(
     path: str | os.PathLike, *, trust: bool = False, map_location="cpu", trust_hint: bool = True
 ) -> dict:
@@ -175,9 +187,7 @@ def load_checkpoint_file(
     """
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; check the path or train one with `crat-ft train-detector`")
+    path = check_checkpoint_path(path)
     try:
         if trust:
             ckpt = torch.load(path, map_location=map_location, weights_only=False)

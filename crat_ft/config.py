@@ -135,12 +135,17 @@ def head_num_classes(cfg) -> dict[str, int]:
     return found
 
 
-def sync_dataset_classes(cfg, splits: Iterable[str] = DATALOADERS) -> list[str]:
+def sync_dataset_classes(cfg, splits: Iterable[str] = DATALOADERS, trained_classes=None) -> list[str]:
     """Fill each LVIS dataset's ``metainfo.classes`` from its annotation file and check the model.
 
     mmdet's ``LVISV1Dataset`` maps category ids to labels in sorted id order
     but carries LVIS v1's 1203 names as metainfo; for any other LVIS-format
     data the names must come from the file.
+
+    Args:
+        trained_classes: for a command given a trained detector, a callable returning
+            ``(checkpoint name, number of classes it predicts or None)``; asked only on a
+            mismatch, so the advice fits the checkpoint (whose class count cannot change).
 
     Returns:
         The class names (sorted by category id) of the last dataset checked.
@@ -166,6 +171,14 @@ def sync_dataset_classes(cfg, splits: Iterable[str] = DATALOADERS) -> list[str]:
         names = these
         ds["metainfo"] = dict(classes=tuple(these))
         for key, n in head_num_classes(cfg).items():
+            if n == len(these):
+                continue
+            name, trained = trained_classes() if trained_classes else (None, None)
+            if trained is not None and trained != len(these):
+                raise UserError(
+                    f"{ann} has {len(these)} categories but checkpoint {name} predicts {trained} classes; "
+                    "use the dataset the detector was trained on, or train one on this dataset with `crat-ft train-detector`"
+                )
             if n != len(these):
                 raise UserError(
                     f"{key}={n} but {ann} has {len(these)} categories; "
@@ -183,6 +196,14 @@ def dataset_class_names(cfg) -> list[str]:
     return []
 
 
+def model_cfg_text(cfg) -> str:
+    """The config's ``model`` section as canonical JSON (its hash identifies the detector's architecture)."""
+    import json
+
+    model = cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model)
+    return json.dumps(model, sort_keys=True, default=str)
+
+
 def base_dataset_cfg(cfg, loader: str = "train_dataloader"):
     """The dataset config of a dataloader, unwrapped from ClassBalancedDataset/RepeatDataset wrappers."""
     ds = cfg[loader].dataset
@@ -191,13 +212,13 @@ def base_dataset_cfg(cfg, loader: str = "train_dataloader"):
     return ds
 
 
-def prepare_config(config, cfg_options=(), data_root=None, splits: Iterable[str] = DATALOADERS):
+def prepare_config(config, cfg_options=(), data_root=None, splits: Iterable[str] = DATALOADERS, trained_classes=None):
     """A detector config as every crat-ft command reads it.
 
     Loads ``config`` with the validated ``cfg_options``, points its datasets
     and evaluators at ``data_root`` (if given) and fills the class names of the
     ``splits`` from their annotation files (checking the model's
-    ``num_classes``).
+    ``num_classes``; ``trained_classes`` as in :func:`sync_dataset_classes`).
     """
     cfg = load_config(config, cfg_options)
     if data_root is not None:
@@ -206,5 +227,5 @@ def prepare_config(config, cfg_options=(), data_root=None, splits: Iterable[str]
                 f"--data-root {data_root} does not exist; make it with `crat-ft make-demo-data {data_root}`"
             )
         set_data_root(cfg, data_root)
-    sync_dataset_classes(cfg, splits)
+    sync_dataset_classes(cfg, splits, trained_classes)
     return cfg

@@ -165,15 +165,22 @@ def run_demo(
     )
 
     heads_options = {"train.seed": seed}
-    if heads_iters:
-        heads_options.update({"train.max_iters": heads_iters, "train.milestones": [int(heads_iters * 0.75)]})
+    if heads_iters:  # a shorter schedule: its step at 3/4 and a warm-up of at most a quarter of it
+        step = int(heads_iters * 0.75)
+        heads_options.update(
+            {
+                "train.max_iters": heads_iters,
+                "train.milestones": [step] if step >= 1 else [],
+                "train.warmup_iters": min(50, heads_iters // 4),
+            }
+        )
     for name in ("baseline", "crat"):
         ft = demo_config(f"{name}_synthetic.py")
         out = work_dir / name / HEADS_FILE
         _stage(
             out,
             f"retraining the class-wise heads ({name})",
-            lambda ft=ft, out=out: retrain_heads(ft, cache, out.parent, cfg_options=heads_options),
+            lambda ft=ft, out=out: retrain_heads(ft, cache, out.parent, cfg_options=heads_options, resume=True),
             log,
         )
 

@@ -68,26 +68,63 @@ def checkpoint_num_classes(state_dict: dict, layers: dict[str, str] = CLASSWISE_
 
 
 def check_checkpoint_classes(cfg, state_dict: dict, checkpoint_name: str) -> None:
-    """Raise a one-line :class:`UserError` if the checkpoint's class count differs from the config's.
+    """Raise a one-line :class:`UserError` if a head's ``num_classes`` in the config differs from the checkpoint's.
 
-    The regressor and mask predictor fix K exactly; the classifier is checked
-    only when neither is present (its width depends on the loss).
+    Every ``num_classes`` of the config is checked on its own head's layers:
+    a bbox head's (and its loss's) against its regressor, or its classifier
+    when the regression is class-agnostic (K + 1 rows, K + 2 for Seesaw); a
+    mask head's against its mask predictor.
     """
-    expected = set(head_num_classes(cfg).values())
-    if not expected:
-        return
-    k = max(expected)
-    for layers in classwise_layers(num_stages(cfg)):
-        found = checkpoint_num_classes(state_dict, layers)
-        decisive = {n: v for n, v in found.items() if n != "fc_cls"} or found
-        for layer, n in decisive.items():
-            if layer == "fc_cls" and n in (k, k + 1):  # K + 1 (softmax) or K + 2 (Seesaw)
-                continue
-            if n != k:
+    stages = num_stages(cfg)
+    layers = classwise_layers(stages)
+    categories = len(dataset_class_names(cfg))  # 0 unless a command filled them in from its dataset
+    for key, k in head_num_classes(cfg).items():
+        parts = key.split(".")  # model.roi_head.<bbox_head|mask_head>[.<stage>][.loss_cls].num_classes
+        head = parts[2]
+        for i in [int(parts[3])] if parts[3].isdigit() else range(stages):
+            found = checkpoint_num_classes(state_dict, layers[i])
+            if head == "mask_head":
+                decisive = {n: v for n, v in found.items() if n == "conv_logits"}
+            else:
+                decisive = {n: v for n, v in found.items() if n == "fc_reg"} or {
+                    n: v for n, v in found.items() if n == "fc_cls"
+                }
+            for layer, n in decisive.items():
+                if layer == "fc_cls" and n in (k, k + 1):  # K + 1 (softmax) or K + 2 (Seesaw)
+                    continue
+                if n == k:
+                    continue
+                fix = f"use the config the checkpoint was trained with, or set its num_classes to {n}"
+                if categories and categories != n:
+                    fix = f"the dataset has {categories} categories: use the dataset the detector was trained on"
                 raise UserError(
-                    f"checkpoint {checkpoint_name} has {n} classes ({layers[layer]}) but the config has "
-                    f"num_classes={k}; use the config the checkpoint was trained with, or set its num_classes to {n}"
+                    f"checkpoint {checkpoint_name} has {n} classes ({layers[i][layer]}) but the config has "
+                    f"{key.removeprefix('model.')}={k}; {fix}"
                 )
+
+
+def trained_num_classes(state_dict: dict) -> int | None:
+    """The classes a checkpoint predicts, from its (first stage's) regressor or mask predictor;
+    None when only a classifier says (its width depends on the loss)."""
+    for stages in (1, 2):  # a single RoI head, or a cascade's first stage
+        found = checkpoint_num_classes(state_dict, classwise_layers(stages)[0])
+        for layer in ("fc_reg", "conv_logits"):
+            if layer in found:
+                return found[layer]
+    return None
+
+
+def trained_classes(checkpoint, trust_checkpoint: bool = False):
+    """For :func:`crat_ft.config.prepare_config`: a callable that loads ``checkpoint`` (only when asked)
+    and returns ``(its name, the classes it predicts)``."""
+
+    def ask() -> tuple[str, int | None]:
+        from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
+
+        ckpt = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
+        return str(checkpoint), trained_num_classes(state_dict_of(ckpt))
+
+    return ask
 
 
 def checkpoint_class_names(meta: dict | None) -> list[str] | None:

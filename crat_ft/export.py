@@ -138,11 +138,13 @@ def export_checkpoint(
     """
     from pathlib import Path
 
-    from crat_ft.files import RunLock, check_writable_dir, clean_stale_temps, temp_pattern
+    from crat_ft.files import RunLock, clean_stale_temps, output_dir, temp_pattern
 
     out_p = Path(out)
-    check_writable_dir(out_p.parent, "the directory of --out")
-    with RunLock(out_p.with_name(f".{out_p.name}.lock"), f"--out {out_p}"):
+    with (
+        output_dir(out_p.parent, "the directory of --out"),
+        RunLock(out_p.with_name(f".{out_p.name}.lock"), f"--out {out_p}"),
+    ):
         clean_stale_temps(out_p.parent, temp_pattern(out_p))  # also the config's: same stem
         return _export_locked(
             config,

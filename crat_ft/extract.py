@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from crat_ft.cache import INDEX_FILE, config_hash, shard_name, stage_dir
-from crat_ft.config import base_dataset_cfg, prepare_config
+from crat_ft.config import base_dataset_cfg, model_cfg_text, prepare_config
 from crat_ft.errors import UserError
 from crat_ft.extractor import Extractor, extraction_pipeline
 from crat_ft.progress import Progress
@@ -66,7 +66,7 @@ def run_settings(
     ds_plain = ds.to_dict() if hasattr(ds, "to_dict") else dict(ds)
     return {
         "checkpoint_sha256": sha,
-        "config_hash": config_hash(_model_cfg_text(cfg)),
+        "config_hash": config_hash(model_cfg_text(cfg)),
         "dataset_hash": config_hash(json.dumps(ds_plain, sort_keys=True, default=str)),
         "policy": asdict(policy),
         "box_level": box_level,
@@ -92,12 +92,6 @@ def check_same_settings(recorded: dict | None, current: dict, where: Path, out: 
                 f"--resume: {where} was made with {key}={json.dumps(recorded.get(key), default=str)}, "
                 f"this run has {key}={json.dumps(value, default=str)}; {start_over}"
             )
-
-
-def _model_cfg_text(cfg) -> str:
-    return json.dumps(
-        cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model), sort_keys=True, default=str
-    )
 
 
 def extract_features(
@@ -132,7 +126,7 @@ def extract_features(
         ``out/index.h5`` once every shard exists (the merged virtual index),
         else this shard's file.
     """
-    from crat_ft.files import RunLock, check_writable_dir
+    from crat_ft.files import RunLock, output_dir
 
     policy.validate()
     for name, value, low in (
@@ -145,14 +139,15 @@ def extract_features(
     if compression not in (None, "lzf", "gzip"):
         raise UserError(f"--compression: expected none, lzf or gzip, got {compression!r}")
     rank, world = parse_shard(shard)
-    out = check_writable_dir(out, "--out")
-    shard_path = out / shard_name(rank, world)
-    with RunLock(out / f".{shard_path.stem}.lock", f"--out {out} (shard {rank}/{world})"):
+    with (
+        output_dir(out, "--out") as out,
+        RunLock(out / f".{Path(shard_name(rank, world)).stem}.lock", f"--out {out} (shard {rank}/{world})"),
+    ):
         return _extract_locked(
             config,
             checkpoint,
             out,
-            shard_path,
+            out / shard_name(rank, world),
             rank=rank,
             world=world,
             cfg_options=cfg_options,
@@ -177,10 +172,13 @@ def _extract_locked(
 ) -> Path:  # fmt: skip
     from crat_ft.detector import num_stages
     from crat_ft.files import atomic_write_text
+    from crat_ft.progress import output_begins
 
     seg_dir = out / ".segments" / shard_path.stem
     _clean_or_refuse_start(out, shard_path, seg_dir, resume)
-    cfg, sha, dataset, mine = _plan_shard(config, checkpoint, cfg_options, data_root, max_images, rank, world)
+    cfg, sha, dataset, mine = _plan_shard(
+        config, checkpoint, cfg_options, data_root, max_images, rank, world, trust_checkpoint
+    )
     stages = num_stages(cfg)
     shards = [stage_dir(out, s, stages) / shard_path.name for s in range(stages)]
     settings = run_settings(
@@ -190,12 +188,14 @@ def _extract_locked(
     )  # fmt: skip
     if _check_resume(out, shards, seg_dir, settings):  # this shard is finished
         return _finish_index(out, world, shards)
-    seg_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(seg_dir / SETTINGS_FILE, json.dumps(settings, sort_keys=True))
-
     extractor, attrs = _build_extractor(
         cfg, config, checkpoint, policy, box_level, mask_level, trust_checkpoint, settings
     )
+    # the checks passed (the checkpoint loaded): from here on this run writes
+    output_begins()
+    print(f"extract-features: {config} + {checkpoint} -> {out}; run settings {json.dumps(settings, sort_keys=True)}")
+    seg_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(seg_dir / SETTINGS_FILE, json.dumps(settings, sort_keys=True))
     datasets = [dataset, _flipped(cfg)] if policy.flip else [dataset]
     segments = [mine[j : j + segment_images] for j in range(0, len(mine), segment_images)]
     n_views = len(datasets)
@@ -230,33 +230,36 @@ def _segment_name(j: int, stage: int, stages: int) -> str:
 
 
 def _clean_or_refuse_start(out: Path, shard_path: Path, seg_dir: Path, resume: bool) -> None:
-    """Remove what killed runs left (an index, shard or segment being written); refuse to overwrite without ``--resume``."""
+    """Remove what killed or refused runs left (an index, shard or segment being written, a segment
+    directory without segments); refuse to overwrite without ``--resume``."""
     from crat_ft.files import clean_stale_temps, temp_pattern
 
     for where in [out, *sorted(out.glob("stage-*"))]:
         for name in (INDEX_FILE, shard_path.name):
             clean_stale_temps(where, temp_pattern(where / name))
     clean_stale_temps(seg_dir)
+    if seg_dir.exists() and not any(seg_dir.glob("seg-*.h5")):
+        _remove_segments(out, seg_dir)  # a run that stopped before its first segment: nothing to continue
     existing = [p for p in [shard_path, *sorted(out.glob(f"stage-*/{shard_path.name}"))] if p.exists()]
     if existing and not resume:
         raise UserError(f"{existing[0]} already exists; pass --resume to reuse it or choose a new --out")
-    if seg_dir.exists() and any(seg_dir.iterdir()) and not resume:
+    if seg_dir.exists() and not resume:
         raise UserError(f"{out} holds an unfinished extraction; pass --resume to continue it or delete {out}")
 
 
-def _plan_shard(config, checkpoint, cfg_options, data_root, max_images, rank: int, world: int):
+def _plan_shard(config, checkpoint, cfg_options, data_root, max_images, rank: int, world: int, trust_checkpoint: bool):
     """The detector config, the checkpoint's sha256, the training dataset and this shard's image indices."""
     from mmdet.registry import DATASETS
 
+    from crat_ft.checkpoint import check_checkpoint_path
+    from crat_ft.detector import trained_classes
     from crat_ft.files import sha256_file
     from crat_ft.registry import register_all
 
     register_all()
-    cfg = prepare_config(config, cfg_options, data_root, ("train_dataloader",))
-    if not Path(checkpoint).is_file():
-        raise UserError(
-            f"checkpoint {checkpoint} does not exist; check the path or train one with `crat-ft train-detector`"
-        )
+    check_checkpoint_path(checkpoint)
+    known = trained_classes(checkpoint, trust_checkpoint)
+    cfg = prepare_config(config, cfg_options, data_root, ("train_dataloader",), trained_classes=known)
     ds_cfg = base_dataset_cfg(cfg).copy()
     ds_cfg["pipeline"] = extraction_pipeline(ds_cfg.get("pipeline", []), flip=False)
     dataset = DATASETS.build(ds_cfg)
@@ -279,7 +282,7 @@ def _check_resume(out: Path, shards: list[Path], seg_dir: Path, settings: dict) 
     A finished shard (of a cascade: every stage's shard file) records its
     settings in its attributes, an unfinished one in ``.segments/<shard>/run.json``.
     Segments left beside a finished shard (a run killed right after the shard's
-    rename) and a segment directory with nothing recorded yet are removed.
+    rename) are removed.
     """
     from crat_ft.cache import cache_meta, open_cache
 
@@ -291,13 +294,10 @@ def _check_resume(out: Path, shards: list[Path], seg_dir: Path, settings: dict) 
     if all(p.exists() for p in shards):
         _remove_segments(out, seg_dir)
         return True
-    if seg_dir.exists() and any(seg_dir.iterdir()):
+    if seg_dir.exists():  # it holds segments (see _clean_or_refuse_start)
         settings_file = seg_dir / SETTINGS_FILE
         recorded = json.loads(settings_file.read_text()) if settings_file.is_file() else None
-        if recorded is None and not any(seg_dir.glob("seg-*.h5")):
-            _remove_segments(out, seg_dir)
-        else:
-            check_same_settings(recorded, settings, seg_dir, out)
+        check_same_settings(recorded, settings, seg_dir, out)
     return False
 
 
@@ -319,7 +319,7 @@ def _build_extractor(cfg, config, checkpoint, policy, box_level, mask_level, tru
     stages = []
     for s, (bbox_head, _) in enumerate(extractor.heads):
         attrs = base_attrs(
-            config_text=_model_cfg_text(cfg),
+            config_text=model_cfg_text(cfg),
             checkpoint_sha=sha,
             class_names=[c["name"] for c in doc_cats],
             class_frequency=[c["frequency"] for c in doc_cats],

@@ -238,6 +238,29 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, what: str) -> Iterator[Path]:
+    """:func:`check_writable_dir` for a command's output directory, undone if the command fails.
+
+    A command refused after this point (a bad checkpoint, a settings mismatch)
+    must not leave an empty ``--out`` behind: on an exception, the directories
+    this call created are removed again if they are still empty. A directory
+    that holds anything (a failed run's checkpoints and logs) is kept.
+    """
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    check_writable_dir(path, what)
+    try:
+        yield path
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def free_bytes(path: str | os.PathLike) -> int:
     """Free bytes for unprivileged writers on the file system holding ``path``."""
     return shutil.disk_usage(path).free

@@ -4,12 +4,20 @@ A fine-tune config is an mmengine-style Python file with the sections of
 :data:`FT_SECTIONS` (``detector``, ``heads``, ``crat``, ``sampler``, ``train``,
 ``export``); every key has a default here, and an unknown section or key is an
 error naming the file and the key. ``crat`` is :class:`CratConfig`.
+
+Values are checked here too (:func:`check_values`: ``train.max_iters >= 1``,
+``train.lr > 0``, milestones inside the schedule, ...), so a bad value ends
+the command in one line before it creates anything. :func:`run_settings` is
+the part of a resolved config that decides the retrained tensors; a work dir
+records it and a resume must match it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Iterable
 
 from crat_ft.errors import UserError
@@ -50,10 +58,38 @@ class CratConfig:
             raise UserError(f"{source}.mask_weights: expected one of {MASK_WEIGHTS}, got {cfg.mask_weights!r}")
         if cfg.fisher not in FISHER_MODES:
             raise UserError(f"{source}.fisher: expected one of {FISHER_MODES}, got {cfg.fisher!r}")
-        for name in ("box_tau", "mask_tau"):
-            if getattr(cfg, name) <= 0:
-                raise UserError(f"{source}.{name}: expected > 0, got {getattr(cfg, name)}")
+        for name, ok, expected in (
+            ("box_tau", lambda v: _is_number(v) and v > 0, "a number > 0"),
+            ("mask_tau", lambda v: _is_number(v) and v > 0, "a number > 0"),
+            ("box_lambda", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+            ("mask_lambda", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+            ("momentum", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+            ("top_k", lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1"),
+            ("enable", lambda v: isinstance(v, bool), "True or False"),
+            ("frequency_gate", lambda v: isinstance(v, bool), "True or False"),
+        ):
+            _require(source, name, getattr(cfg, name), ok(getattr(cfg, name)), expected)
         return cfg
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _require(source: str, key: str, value, ok: bool, expected: str) -> None:
+    """One line for a bad value: where, the expected range, the value given, and how to set it.
+
+    ``source`` ends with the section (``"fine-tune config X: train"``), ``key`` is the key in it.
+    """
+    if not ok:
+        dotted = f"{source.rsplit(': ', 1)[-1]}.{key}"
+        raise UserError(
+            f"{source}.{key}: expected {expected}, got {value!r}; set it in the file or with --cfg-options {dotted}=..."
+        )
 
 
 FT_SECTIONS = {
@@ -113,7 +149,102 @@ def load_ft_config(path: str | os.PathLike, cfg_options: Iterable[str] | dict = 
                 f"fine-tune config {path}: unknown key(s) {bad} in '{section}'; known keys are {sorted(defaults)}"
             )
         out[section] = {**defaults, **given}
+    check_values(out, str(path))
     return out
+
+
+def check_values(ft: dict, source: str) -> None:
+    """Check the values of a resolved fine-tune config (the keys are checked by :func:`load_ft_config`).
+
+    Raises:
+        UserError: one line naming the first bad key, e.g. ``train.max_iters: expected an integer >= 1, got 0``.
+    """
+    from crat_ft.sampling import STRATEGIES
+
+    def need(section: str, key: str, ok, expected: str) -> None:
+        value = ft[section][key]
+        _require(f"fine-tune config {source}: {section}", key, value, bool(ok(value)), expected)
+
+    def at_least(low: int):
+        return lambda v: _is_int(v) and v >= low
+
+    train = ft["train"]
+    need("train", "max_iters", at_least(1), "an integer >= 1")
+    n = train["max_iters"]
+    need("train", "lr", lambda v: _is_number(v) and v > 0, "a number > 0")
+    need("train", "momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+    need("train", "weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    need(
+        "train",
+        "warmup_iters",
+        lambda v: _is_int(v) and 0 <= v < n,
+        f"an integer in [0, {n}) (shorter than train.max_iters={n})",
+    )
+    need(
+        "train",
+        "milestones",
+        lambda v: (
+            v is None
+            or (
+                isinstance(v, (list, tuple)) and all(_is_int(m) and 1 <= m < n for m in v) and list(v) == sorted(set(v))
+            )
+        ),
+        f"None or increasing integers in [1, {n}) (inside train.max_iters={n})",
+    )
+    for key in ("checkpoint_interval", "log_interval"):
+        need("train", key, at_least(1), "an integer >= 1")
+    need("train", "seed", at_least(0), "an integer >= 0")
+    need("train", "num_workers", at_least(0), "an integer >= 0")
+    need("train", "in_memory", lambda v: isinstance(v, bool), "True or False")
+
+    need("sampler", "strategy", lambda v: v in STRATEGIES, f"one of {STRATEGIES}")
+    need("sampler", "mask_strategy", lambda v: v is None or v in STRATEGIES, f"None or one of {STRATEGIES}")
+    need("sampler", "rois_per_batch", at_least(1), "an integer >= 1")
+    need("sampler", "pos_fraction", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+    need("sampler", "masks_per_batch", at_least(0), "an integer >= 0")
+    need("sampler", "mask_group", at_least(1), "an integer >= 1")
+    need("sampler", "rfs_t", lambda v: _is_number(v) and v > 0, "a number > 0")
+
+    need(
+        "heads",
+        "loss_cls",
+        lambda v: isinstance(v, dict) and isinstance(v.get("type"), str),
+        "a loss dict with a 'type'",
+    )
+    for key in ("loss_bbox_weight", "loss_mask_weight"):
+        need("heads", key, lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    need("heads", "reinit_cls", lambda v: isinstance(v, bool), "True or False")
+
+
+# settings that cannot change the retrained tensors: a resume may change them
+OPERATIONAL_KEYS = (
+    "detector.config",  # where the detector is; its identity is its checkpoint's sha256 and its model config
+    "detector.checkpoint",
+    "train.checkpoint_interval",
+    "train.log_interval",
+    "train.num_workers",
+    "train.in_memory",
+)
+
+
+def run_settings(ft: dict) -> dict:
+    """The settings of a resolved fine-tune config that decide the retrained tensors, as flat
+    ``{"section.key": JSON value}`` (``crat`` with every default filled in).
+
+    Left out: :data:`OPERATIONAL_KEYS` and the ``export`` section (applied by ``crat-ft export``,
+    not by training).
+    """
+    flat = {}
+    for section, values in ft.items():
+        if section == "export":
+            continue
+        if section == "crat":
+            values = asdict(CratConfig.from_dict(values))
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name not in OPERATIONAL_KEYS:
+                flat[name] = json.loads(json.dumps(value, sort_keys=True, default=str))
+    return flat
 
 
 def heads_loss_cls(ft: dict, meta: dict) -> dict:

@@ -123,7 +123,8 @@ class ConsoleProgressHook(Hook):
 
     def before_train(self, runner) -> None:
         if runner.rank == 0:
-            self._bar = self.make_bar(runner.max_iters - runner.iter, self.label, unit="iterations")
+            # a resumed run counts on from the iteration it resumed at (mmengine resumes before this hook)
+            self._bar = self.make_bar(runner.max_iters, self.label, unit="iterations", start=runner.iter)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self._bar is not None:

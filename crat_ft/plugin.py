@@ -199,14 +199,11 @@ def plain_config(cfg):
     import copy
 
     new = copy.deepcopy(cfg)
-    roi = new.model.get("roi_head") or {}
-    for key in ("bbox_head", "mask_head"):
-        heads = roi.get(key)
-        for head in heads if isinstance(heads, list) else [heads] if heads else []:
-            if head.get("type") in PLAIN_TYPES:
-                head["type"] = PLAIN_TYPES[head["type"]]
-                for k in PLUGIN_KEYS:
-                    head.pop(k, None)
+    for head in _roi_heads(new):
+        if head.get("type") in PLAIN_TYPES:
+            head["type"] = PLAIN_TYPES[head["type"]]
+            for k in PLUGIN_KEYS:
+                head.pop(k, None)
     for key in ("val_evaluator", "test_evaluator"):
         evaluators = new.get(key)
         for ev in evaluators if isinstance(evaluators, list) else [evaluators] if evaluators else []:
@@ -222,6 +219,16 @@ def plain_config(cfg):
         else:
             new.pop("custom_imports")
     return new
+
+
+def _roi_heads(cfg) -> list:
+    """The bbox and mask head configs of ``cfg`` (every stage's, for a cascade)."""
+    roi = cfg.model.get("roi_head") or {}
+    heads = []
+    for key in ("bbox_head", "mask_head"):
+        h = roi.get(key)
+        heads += list(h) if isinstance(h, (list, tuple)) else [h] if h else []
+    return heads
 
 
 def plain_state_dict(state: dict) -> dict:
@@ -243,26 +250,30 @@ def export_plain(config, checkpoint, out, *, cfg_options=(), trust_checkpoint: b
 
     from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
     from crat_ft.config import load_config
-    from crat_ft.files import (
-        RunLock,
-        atomic_path,
-        atomic_torch_save,
-        check_writable_dir,
-        clean_stale_temps,
-        temp_pattern,
-    )
+    from crat_ft.files import RunLock, atomic_path, atomic_torch_save, clean_stale_temps, output_dir, temp_pattern
 
     out = Path(out)
-    check_writable_dir(out.parent, "the directory of --out")
-    cfg = plain_config(load_config(config, cfg_options))
-    with RunLock(out.with_name(f".{out.name}.lock"), f"--out {out}"):
+    given = load_config(config, cfg_options)
+    cfg = plain_config(given)
+    if not any(head.get("type") in PLAIN_TYPES for head in _roi_heads(given)):
+        raise UserError(
+            f"config {config} uses none of crat-ft's plugin heads ({', '.join(sorted(PLAIN_TYPES))}), so it and its "
+            "checkpoints are plain mmdet already; use them as they are"
+        )
+    with output_dir(out.parent, "the directory of --out"), RunLock(out.with_name(f".{out.name}.lock"), f"--out {out}"):
         clean_stale_temps(out.parent, temp_pattern(out))
         ckpt = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
+        state = state_dict_of(ckpt)
+        if len(plain_state_dict(state)) == len(state):
+            raise UserError(
+                f"checkpoint {checkpoint} holds no Fisher statistics ({', '.join(STATS_NAMES)}), so it was not trained "
+                f"with the plugin heads of {config}; pass the checkpoint that training wrote"
+            )
         meta = {
             k: v for k, v in (ckpt.get("meta") or {}).items() if isinstance(v, (str, int, float, dict, list, tuple))
         }
         cfg_path = out.with_suffix(".py")
         with atomic_path(cfg_path) as tmp:
             cfg.dump(str(tmp))
-        atomic_torch_save({"state_dict": plain_state_dict(state_dict_of(ckpt)), "meta": meta}, out)
+        atomic_torch_save({"state_dict": plain_state_dict(state), "meta": meta}, out)
     return str(out), str(cfg_path)

@@ -11,9 +11,11 @@ import time
 class Progress:
     """A one-line progress report with items/s and ETA (stderr)."""
 
-    def __init__(self, total: int, label: str, unit: str = "images") -> None:
+    def __init__(self, total: int, label: str, unit: str = "images", *, start: int = 0) -> None:
+        """``start``: items done before this process began (a resumed run); they count toward
+        ``total`` but not toward the rate."""
         self.total, self.label, self.unit = total, label, unit
-        self.done = 0
+        self.done = self.start = start
         self.t0 = time.time()
         self.last = 0.0
         self.tty = sys.stderr.isatty()
@@ -34,7 +36,7 @@ class Progress:
 
     def _show(self, now: float, stopped: bool = False) -> None:
         self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
+        rate = (self.done - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         per = "img" if self.unit == "images" else "it"
         msg = f"{self.label}: {self.done}/{self.total} {self.unit}  {rate:.1f} {per}/s  " + (
@@ -46,17 +48,36 @@ class Progress:
 
 
 class _LogFile:
-    """A text stream appending to a file, opened on the first write; storage faults silence it
-    (the framework log is best effort: the command's own errors say what went wrong)."""
+    """A text stream appending to a file; storage faults silence it (the framework log is best
+    effort: the command's own errors say what went wrong).
+
+    Until :meth:`begin` the text is held in memory: a command refused before its work writes no
+    log, and so changes nothing in an existing output directory.
+    """
 
     def __init__(self, path) -> None:
         self.path, self._f, self._dead = path, None, False
+        self._held: list[str] | None = []
+
+    def begin(self) -> None:
+        """Write what was held, and every later write, to the file."""
+        if self._held is None:
+            return
+        held, self._held = self._held, None
+        if held:
+            self.write("".join(held))
 
     def write(self, text: str) -> int:
+        if self._held is not None:
+            self._held.append(text)
+            return len(text)
         if self._dead:
             return len(text)
         try:
             if self._f is None:
+                from pathlib import Path
+
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 self._f = open(self.path, "a")
             return self._f.write(text)
         except OSError:
@@ -81,6 +102,20 @@ class _LogFile:
                 pass
 
 
+# the framework logs of the commands running in this process (framework_log pushes, output_begins releases)
+_OPEN_LOGS: list[_LogFile] = []
+
+
+def output_begins() -> None:
+    """Say that the running command has passed its checks and starts writing its outputs.
+
+    From here on the framework log of :func:`framework_log` goes to its file; before, it is
+    held, so a command refused in its checks leaves no log. Without a framework log, nothing.
+    """
+    for log in _OPEN_LOGS:
+        log.begin()
+
+
 @contextlib.contextmanager
 def framework_log(path, *, verbose: bool = False):
     """Send stdout (mmengine's console log, config dumps) and Python warnings to ``path``.
@@ -90,6 +125,9 @@ def framework_log(path, *, verbose: bool = False):
     mmengine's loggers write to ``sys.stdout`` as it is when they are created,
     so a Runner built inside this context logs to the file. ``verbose`` keeps
     everything on the console.
+
+    The file is written from :func:`output_begins` on, or at the end of a
+    successful command; a command that fails before its outputs begin writes none.
     """
     import warnings
 
@@ -98,18 +136,20 @@ def framework_log(path, *, verbose: bool = False):
         return
     from pathlib import Path
 
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass  # the command's own checks report an unwritable place
     log = _LogFile(path)
+    _OPEN_LOGS.append(log)
+    ok = False
     with contextlib.redirect_stdout(log), warnings.catch_warnings():
         warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
             warnings.formatwarning(message, category, filename, lineno, line)
         )
         try:
             yield
+            ok = True
         finally:
+            _OPEN_LOGS.remove(log)
+            if ok:
+                log.begin()
             log.close()
     # only after success (an error stays the one line that names it), and only if there was any
     if Path(path).exists():

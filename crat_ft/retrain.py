@@ -10,6 +10,7 @@ and DDP); :func:`retrain_heads` joins them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -155,39 +156,133 @@ def retrain_heads(
 ) -> Path:
     """Retrain the class-wise layers from a feature cache with mmengine's Runner.
 
+    Steps: read and check the fine-tune config (nothing is created before that)
+    → check the work dir (a run in it needs ``--resume``) → open the cache and
+    the detector it was made from → check a resume against the work dir's
+    :data:`RUN_FILE` → record this run's settings there → train → write
+    ``heads.pth``. A refused run leaves the work dir as it found it.
+
     Returns:
         ``work_dir/heads.pth``: retrained layers, Fisher statistics and provenance.
     """
-    from crat_ft.files import RunLock, check_writable_dir, clean_stale_temps, temp_pattern
-
-    work_dir = check_writable_dir(work_dir, "--work-dir")
-    rank = int(os.environ.get("RANK", 0))
-    # one run per work dir; under torchrun rank 0 holds the lock for all ranks
-    lock = RunLock(work_dir / ".crat-ft.lock", f"--work-dir {work_dir}") if rank == 0 else contextlib.nullcontext()
-    with lock:
-        clean_stale_temps(work_dir, temp_pattern(work_dir / HEADS_FILE))
-        return _retrain_locked(
-            ft_config,
-            cache,
-            work_dir,
-            rank=rank,
-            cfg_options=cfg_options,
-            resume=resume,
-            trust_checkpoint=trust_checkpoint,
-        )
-
-
-def _retrain_locked(
-    ft_config, cache, work_dir: Path, *, rank: int, cfg_options, resume: bool, trust_checkpoint: bool
-) -> Path:
+    from crat_ft.files import RunLock, clean_stale_temps, output_dir, temp_pattern
     from crat_ft.ft_config import load_ft_config
     from crat_ft.registry import register_all
-    from crat_ft.runner import resume_point, unwrap
 
     register_all()
     ft = load_ft_config(ft_config, cfg_options)
-    reader, det_config, det_ckpt, detector_cfg, detector_state = open_cache_and_detector(ft, cache, trust_checkpoint)
+    rank = int(os.environ.get("RANK", 0))
+    with output_dir(work_dir, "--work-dir") as work_dir:
+        # one run per work dir; under torchrun rank 0 holds the lock, checks the work dir and records the run
+        lock = RunLock(work_dir / ".crat-ft.lock", f"--work-dir {work_dir}") if rank == 0 else contextlib.nullcontext()
+        with lock:
+            if rank == 0:
+                for name in (HEADS_FILE, RUN_FILE):
+                    clean_stale_temps(work_dir, temp_pattern(work_dir / name))
+                if not resume:
+                    refuse_existing_run(work_dir)
+            return _retrain_locked(
+                ft, ft_config, cache, work_dir, rank=rank, resume=resume, trust_checkpoint=trust_checkpoint
+            )
+
+
+RUN_FILE = "run.json"
+
+
+def run_artifacts(work_dir: Path) -> list[str]:
+    """The files in ``work_dir`` that belong to a retrain-heads run (finished or not)."""
+    names = [RUN_FILE, HEADS_FILE, "last_checkpoint"]
+    found = [n for n in names if (work_dir / n).exists()]
+    return found + sorted(p.name for p in work_dir.glob("iter_*.pth"))
+
+
+def refuse_existing_run(work_dir: Path) -> None:
+    """Without ``--resume`` a work dir must hold no run: its heads and checkpoints would be replaced or mixed."""
+    found = run_artifacts(work_dir)
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise UserError(
+            f"--work-dir {work_dir} holds a retrain-heads run ({shown}); pass --resume, or choose a new --work-dir"
+        )
+
+
+def run_record(ft: dict, reader, cache, detector_cfg, detector_sha: str, world_size: int) -> dict:
+    """What decides a run's heads: the fine-tune settings, the cache, the detector and the world size.
+
+    A resume must match every entry (:func:`check_resume`); ``cache_path`` is
+    kept for the message only.
+    """
+    from crat_ft.cache import cache_identity, config_hash
+    from crat_ft.config import model_cfg_text
+    from crat_ft.ft_config import run_settings
+
+    settings = run_settings(ft)
+    return {
+        "settings": settings,
+        "ft_config_hash": config_hash(json.dumps(settings, sort_keys=True)),
+        "cache_identity": cache_identity(reader),
+        "cache_path": str(Path(cache).resolve()),
+        "detector_sha256": detector_sha,
+        "detector_config_hash": config_hash(model_cfg_text(detector_cfg)),
+        "world_size": world_size,
+    }
+
+
+def check_resume(work_dir: Path, record: dict) -> None:
+    """Refuse a ``--resume`` whose settings, cache or detector differ from the run recorded in ``work_dir``.
+
+    A work dir without any run starts afresh; one with a run but no record (an
+    older crat-ft, or a copied checkpoint) is refused, since nothing says what
+    its checkpoints were trained with.
+    """
+    found = run_artifacts(work_dir)
+    if not found:
+        return
+    fix = "rerun with the recorded settings, or choose a new --work-dir"
+    path = work_dir / RUN_FILE
+    if not path.is_file():
+        raise UserError(
+            f"--resume: {work_dir} holds {', '.join(found[:3])} but no {RUN_FILE} saying what they were trained with; "
+            "choose a new --work-dir"
+        )
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--resume: {path} cannot be read ({exc}); choose a new --work-dir") from None
+    old, new = recorded.get("settings", {}), record["settings"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            raise UserError(
+                f"--resume: {work_dir} was trained with {key}={json.dumps(old.get(key, '<unset>'))}, this run has "
+                f"{key}={json.dumps(new.get(key, '<unset>'))}; {fix}"
+            )
+    checks = (
+        ("cache_identity", f"another feature cache ({recorded.get('cache_path')}) than --cache {record['cache_path']}"),
+        ("detector_sha256", "another detector checkpoint than the one this cache was made from"),
+        ("detector_config_hash", "another detector config (its model section differs)"),
+        ("world_size", f"{recorded.get('world_size')} process(es), this run has {record['world_size']}"),
+    )
+    for key, what in checks:
+        if recorded.get(key) != record[key]:
+            raise UserError(f"--resume: {work_dir} was trained with {what}; {fix}")
+
+
+def _retrain_locked(ft: dict, ft_config, cache, work_dir: Path, *, rank: int, resume: bool, trust_checkpoint: bool):
+    from crat_ft.files import atomic_write_text
+    from crat_ft.progress import output_begins
+    from crat_ft.runner import resume_point, unwrap
+
+    reader, det_config, det_ckpt, detector_cfg, detector_state, sha = open_cache_and_detector(
+        ft, cache, trust_checkpoint
+    )
     heads = build_heads(ft, reader, detector_cfg, detector_state)
+    loader = build_cache_loader(reader, ft["sampler"], ft["train"]["seed"], ft["train"]["num_workers"], rank)
+    record = run_record(ft, reader, cache, detector_cfg, sha, int(os.environ.get("WORLD_SIZE", 1)))
+    if rank == 0:
+        if resume:
+            check_resume(work_dir, record)
+        output_begins()
+        atomic_write_text(work_dir / RUN_FILE, json.dumps(record, indent=1, sort_keys=True))
     if isinstance(reader, list) and any(h.fc_reg is None for h in heads.stages):
         print(
             "retrain-heads: the box regressors are class-agnostic, so they stay as they are and CRAT's box branch "
@@ -195,7 +290,6 @@ def _retrain_locked(
             file=sys.stderr,
             flush=True,
         )
-    loader = build_cache_loader(reader, ft["sampler"], ft["train"]["seed"], ft["train"]["num_workers"], rank)
     start = resume_point(work_dir) if resume else None
     runner = build_runner(
         heads, loader, ft["train"], work_dir, resume_from=start, name=f"retrain-heads-{Path(ft_config).stem}"
@@ -207,6 +301,7 @@ def _retrain_locked(
         first = reader[0] if isinstance(reader, list) else reader
         meta = heads_meta(ft, first.meta, det_config, det_ckpt, runner.iter)
         meta["num_stages"] = len(reader) if isinstance(reader, list) else 1
+        meta["run"] = record
         atomic_torch_save({"state_dict": state, "meta": meta}, out)
     return out
 
@@ -215,7 +310,7 @@ def open_cache_and_detector(ft: dict, cache, trust_checkpoint: bool):
     """The cache reader and the detector it was made from (checked by sha256).
 
     Returns:
-        ``(reader, detector config path, checkpoint path, detector config, detector state dict)``;
+        ``(reader, detector config path, checkpoint path, detector config, detector state dict, its sha256)``;
         for a Cascade R-CNN's cache, ``reader`` is a list with one reader per stage.
     """
     from crat_ft.cache import RoIReader, stage_indexes
@@ -263,7 +358,7 @@ def open_cache_and_detector(ft: dict, cache, trust_checkpoint: bool):
             f"the cache was made for a {stages}-stage detector but {det_config} has {num_stages(detector_cfg)} stage(s); "
             "pass the config the cache was made with"
         )
-    return (readers if stages > 1 else reader), det_config, det_ckpt, detector_cfg, state_dict_of(ckpt)
+    return (readers if stages > 1 else reader), det_config, det_ckpt, detector_cfg, state_dict_of(ckpt), sha
 
 
 def build_runner(
@@ -291,7 +386,11 @@ def build_runner(
     from crat_ft.runner import cpu_ddp
 
     tr = train_cfg
-    milestones = tr["milestones"] or [int(tr["max_iters"] * 0.75)]
+    # default: one step at 3/4 of the schedule; [] is no step (a schedule shorter than 2 iterations has none)
+    milestones = tr["milestones"]
+    if milestones is None:
+        milestones = [m for m in [int(tr["max_iters"] * 0.75)] if m >= 1]
+    warmup = [dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=tr["warmup_iters"])]
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     model = cpu_ddp(heads) if distributed and not torch.cuda.is_available() else heads
     runner = Runner(
@@ -302,10 +401,8 @@ def build_runner(
         optim_wrapper=dict(
             optimizer=dict(type="SGD", lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
         ),
-        param_scheduler=[
-            dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=max(1, tr["warmup_iters"])),
-            dict(type="MultiStepLR", by_epoch=False, begin=0, end=tr["max_iters"], milestones=milestones, gamma=0.1),
-        ],
+        param_scheduler=warmup * (tr["warmup_iters"] > 0)
+        + [dict(type="MultiStepLR", by_epoch=False, begin=0, end=tr["max_iters"], milestones=milestones, gamma=0.1)],
         default_hooks=dict(
             timer=dict(type="IterTimerHook"),
             logger=dict(type="LoggerHook", interval=tr["log_interval"]),

@@ -40,17 +40,23 @@ def train_detector(
         ``work_dir/detector.pth``: the final weights with class names in its
         meta, written only when training finished.
     """
-    from mmengine.runner import Runner
-
     from crat_ft.config import prepare_config
-    from crat_ft.files import check_writable_dir
-    from crat_ft.hooks import ConsoleProgressHook, NonFiniteGuardHook
+    from crat_ft.files import output_dir
     from crat_ft.registry import register_all
-    from crat_ft.runner import resume_point, unique_names, unwrap
 
     register_all()
     cfg = prepare_config(config, cfg_options, data_root, ("train_dataloader", "val_dataloader", "test_dataloader"))
-    work_dir = check_writable_dir(work_dir, "--work-dir")
+    with output_dir(work_dir, "--work-dir") as work_dir:
+        return _train_in(cfg, work_dir, seed, resume)
+
+
+def _train_in(cfg, work_dir: Path, seed: int | None, resume: bool) -> Path:
+    from mmengine.runner import Runner
+
+    from crat_ft.hooks import ConsoleProgressHook, NonFiniteGuardHook
+    from crat_ft.progress import output_begins
+    from crat_ft.runner import resume_point, unique_names, unwrap
+
     cfg.work_dir = str(work_dir)
     # resume from the newest loadable checkpoint of the work dir; without one, start
     # afresh (from the config's own load_from, if any)
@@ -61,6 +67,7 @@ def train_detector(
     if seed is not None:
         cfg.randomness = dict(seed=seed, deterministic=False)
     unique_names(cfg, "train-detector")
+    output_begins()
     runner = Runner.from_cfg(cfg)
     runner.register_hook(NonFiniteGuardHook(), "VERY_HIGH")
     runner.register_hook(ConsoleProgressHook("train-detector"))
@@ -110,37 +117,41 @@ def evaluate_detector(
     Returns:
         The metrics dict written to ``out``.
     """
-    from crat_ft.files import owned_tempdir
+    import contextlib
+
+    from crat_ft.files import output_dir, owned_tempdir
 
     out = Path(out)
     csv_path = Path(per_class_csv) if per_class_csv else out.with_name(out.stem + "_per_class.csv")
-    journal = _prepare_outputs(out, csv_path)
-    if heads is not None:
-        from crat_ft.export import export_checkpoint
+    with contextlib.ExitStack() as dirs:  # a refused evaluation leaves no directory it created
+        for path, what in ((out, "the directory of --out"), (csv_path, "the directory of --per-class-csv")):
+            dirs.enter_context(output_dir(path.parent, what))
+        journal = _prepare_outputs(out, csv_path)
+        if heads is not None:
+            from crat_ft.export import export_checkpoint
 
-        with owned_tempdir("crat-ft-merged") as tmp:
-            merged, merged_cfg = export_checkpoint(
-                str(config),
-                str(checkpoint),
-                str(heads),
-                str(tmp / "merged.pth"),
-                trust_checkpoint=trust_checkpoint,
-                cfg_options=cfg_options,
-            )
-            return evaluate_detector(
-                merged_cfg or config, merged, out, cfg_options=cfg_options, data_root=data_root, per_class_csv=csv_path,
-                extra_protocols=extra_protocols, make_bar=make_bar,
-            )  # fmt: skip
-    cfg = _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint)
-    return _run_test_and_write(cfg, trust_checkpoint, out, csv_path, journal, extra_protocols, make_bar)
+            with owned_tempdir("crat-ft-merged") as tmp:
+                merged, merged_cfg = export_checkpoint(
+                    str(config),
+                    str(checkpoint),
+                    str(heads),
+                    str(tmp / "merged.pth"),
+                    trust_checkpoint=trust_checkpoint,
+                    cfg_options=cfg_options,
+                )
+                return evaluate_detector(
+                    merged_cfg or config, merged, out, cfg_options=cfg_options, data_root=data_root,
+                    per_class_csv=csv_path, extra_protocols=extra_protocols, make_bar=make_bar,
+                )  # fmt: skip
+        cfg = _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint)
+        return _run_test_and_write(cfg, trust_checkpoint, out, csv_path, journal, extra_protocols, make_bar)
 
 
 def _prepare_outputs(out: Path, csv_path: Path) -> Path:
-    """Check the output directories, clean what killed runs left; the journal of the final commit."""
-    from crat_ft.files import check_writable_dir, clean_stale_temps, recover_journal, temp_pattern
+    """Clean what killed runs left beside the outputs; the journal of the final commit."""
+    from crat_ft.files import clean_stale_temps, recover_journal, temp_pattern
 
-    for path, what in ((out, "the directory of --out"), (csv_path, "the directory of --per-class-csv")):
-        check_writable_dir(path.parent, what)
+    for path in (out, csv_path):
         clean_stale_temps(path.parent, temp_pattern(path))
     journal = out.with_name(f".{out.name}.commit")
     recover_journal(journal)
@@ -151,12 +162,13 @@ def _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint: b
     """The detector config set up for mmdet's test loop with crat-ft's LVIS metric and ``checkpoint``."""
     from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
     from crat_ft.config import ann_file_of, dataset_class_names, prepare_config
-    from crat_ft.detector import check_checkpoint_class_names, check_checkpoint_classes
+    from crat_ft.detector import check_checkpoint_class_names, check_checkpoint_classes, trained_classes
     from crat_ft.registry import register_all
     from crat_ft.runner import unique_names
 
     register_all()
-    cfg = prepare_config(config, cfg_options, data_root, ("test_dataloader",))
+    known = trained_classes(checkpoint, trust_checkpoint)
+    cfg = prepare_config(config, cfg_options, data_root, ("test_dataloader",), trained_classes=known)
     ckpt = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
     check_checkpoint_classes(cfg, state_dict_of(ckpt), str(checkpoint))
     check_checkpoint_class_names(ckpt.get("meta"), dataset_class_names(cfg), str(checkpoint))
@@ -188,6 +200,7 @@ def _run_test_and_write(
     from crat_ft.files import commit_together, owned_tempdir, storage_errors, temp_name
     from crat_ft.hooks import ConsoleProgressHook
     from crat_ft.metric import CratLVISMetric
+    from crat_ft.progress import output_begins
 
     evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
     lvis = next(e for e in evaluators if e.get("type") == "CratLVISMetric")
@@ -197,6 +210,7 @@ def _run_test_and_write(
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     spill = out.with_name(f".{out.stem}.detections-{run_id}") if run_id else temp_name(out.with_suffix(".detections"))
     lvis["spill_dir"] = str(spill)
+    output_begins()
     try:
         with owned_tempdir("crat-ft-eval") as tmp:
             cfg.work_dir = str(tmp)

@@ -222,10 +222,19 @@ def test_read_only_outputs_fail_before_any_work(tiny_data, tiny_detector, tiny_c
         ],
         "export": ["export", config, tiny_detector, heads_file, "--out", ro / "merged.pth"],
         "evaluate": ["evaluate", config, tiny_detector, "--data-root", tiny_data, "--out", ro / "metrics.json"],
+        "evaluate-results": [
+            "evaluate-results",
+            tiny_data / "annotations" / "lvis_v1_val.json",
+            heads_file,
+            "--out",
+            ro / "metrics.json",
+        ],
     }
     for name, args in commands.items():
-        line = _one_line_exit_1(run_cli(*args))
+        r = run_cli(*args)
+        line = _one_line_exit_1(r)
         assert "is not writable (Read-only file system); choose a writable directory" in line, (name, line)
+        assert r.stdout == "", (name, r.stdout)  # no metrics printed before the failure
 
 
 # --------------------------------------------------------------------------- concurrent runs and resumes
@@ -330,7 +339,7 @@ def test_exploding_training_never_checkpoints_non_finite_weights(tiny_cache, tmp
 
 def test_cfg_options_reach_export_and_evaluate_with_heads(tiny_data, tiny_detector, heads_file, tmp_path):
     wrong = ["--cfg-options", "model.roi_head.bbox_head.num_classes=41", "model.roi_head.mask_head.num_classes=41"]
-    expected = "has 40 classes (roi_head.bbox_head.fc_reg) but the config has num_classes=41"
+    expected = "has 40 classes (roi_head.bbox_head.fc_reg) but the config has roi_head.bbox_head.num_classes=41"
     r = run_cli("export", demo_config_path(), tiny_detector, heads_file, "--out", tmp_path / "m.pth", *wrong)
     assert r.returncode == 2 and expected in r.stderr, r.stderr
     r = run_cli(

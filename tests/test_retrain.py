@@ -49,6 +49,7 @@ def test_resume_ends_identical(crat_run, tiny_cache, tmp_path):
     work = tmp_path / "resumed"
     work.mkdir()
     shutil.copy(crat_run / "iter_3.pth", work / "iter_3.pth")
+    shutil.copy(crat_run / "run.json", work / "run.json")  # what the checkpoint was trained with
     (work / "last_checkpoint").write_text(str(work / "iter_3.pth"))
     r = run_cli(*retrain_args(tiny_cache, work), "--resume", "--cfg-options", *_heads_options())
     assert r.returncode == 0, r.stderr[-3000:]

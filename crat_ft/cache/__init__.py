@@ -6,7 +6,7 @@ describe (:mod:`~crat_ft.cache.summary`) files of that layout. The public names
 of all four are importable from here.
 """
 
-from crat_ft.cache.reader import RoIReader
+from crat_ft.cache.reader import RoIReader, cache_identity
 from crat_ft.cache.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -44,6 +44,7 @@ __all__ = [
     "RoIReader",
     "base_attrs",
     "build_index",
+    "cache_identity",
     "cache_meta",
     "config_hash",
     "open_cache",

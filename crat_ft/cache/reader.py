@@ -14,6 +14,32 @@ import numpy as np
 
 from crat_ft.cache.schema import cache_meta, open_cache, unpack_masks
 
+# recorded where the detector was; the detector itself is named by checkpoint_sha256 and config_hash
+_LOCATION_ATTRS = ("config_path", "checkpoint_path")
+
+
+def cache_identity(readers) -> str:
+    """A hex sha256 naming what a cache holds, wherever it lies.
+
+    It covers each stage's attributes (format, detector config hash, checkpoint
+    sha256, classes, RoI policy, levels, shards' run settings) except the paths
+    they were made from, and the tables that place every RoI and mask (label,
+    image, mask rows). Feature values are not hashed (tens of GB on LVIS): they
+    are a function of the above.
+
+    Args:
+        readers: a :class:`RoIReader`, or a Cascade R-CNN's list of them (one per stage).
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in readers if isinstance(readers, (list, tuple)) else [readers]:
+        meta = {k: v for k, v in r.meta.items() if k not in _LOCATION_ATTRS}
+        h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+        for table in (r.labels, r.roi_image, r.image_ids, r.mask_roi):
+            h.update(np.ascontiguousarray(table).tobytes())
+    return h.hexdigest()
+
 
 class RoIReader:
     """Random access to cached RoIs and masks by index, reading whole image blocks.
