@@ -60,6 +60,11 @@ VERBOSE = click.option(
 )
 
 
+def _rank() -> int:
+    """torchrun's rank of this process (0 without torchrun)."""
+    return int(os.environ.get("RANK", 0))
+
+
 def _split_options(options: tuple[str, ...]) -> list[str]:
     return [part for opt in options for part in opt.split()]
 
@@ -168,7 +173,8 @@ def train_detector(config, work_dir, data_root, seed, resume, cfg_options, verbo
         path = run(
             config, work_dir, cfg_options=_split_options(cfg_options), data_root=data_root, seed=seed, resume=resume
         )
-    click.echo(f"detector weights: {path}")
+    if _rank() == 0:  # under torchrun rank 0 writes and reports
+        click.echo(f"detector weights: {path}")
 
 
 @cli.command()
@@ -223,6 +229,8 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols
             heads=heads,
             extra_protocols=protocols,
         )
+    if _rank() != 0:  # under torchrun rank 0 writes and reports
+        return
     extra = {p: metrics.pop(p) for p in protocols}
     click.echo(format_table(metrics, title="LVIS v1 metrics (%)"))
     for p, m in extra.items():
@@ -378,7 +386,7 @@ def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_opti
             resume=resume,
             trust_checkpoint=trust_checkpoint,
         )
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun only rank 0 writes heads.pth
+    if _rank() == 0:  # under torchrun only rank 0 writes heads.pth
         click.echo(f"retrained heads: {path}")
 
 

@@ -200,8 +200,16 @@ def load_spilled(directory: str | os.PathLike, keep: dict[str, set[int]] | None 
     """Every part under ``directory`` as one table, keeping, per spill tag, only the image sequence
     numbers in ``keep``. The RLE bytes of all parts are copied into one file there and memory-mapped."""
     directory = Path(directory)
+    found = sorted(directory.glob("part-*"))
+    missing = sorted(set(keep or ()) - {part.name[len("part-") :].rsplit("-", 1)[0] for part in found})
+    if missing:
+        # every process that saw an image wrote a part: on several nodes a local directory hides theirs
+        raise UserError(
+            f"the detections of {', '.join(missing)} are not in {directory}; with several nodes, set the "
+            "metric's spill_dir to a directory that every node shares"
+        )
     parts = []
-    for part in sorted(directory.glob("part-*")):
+    for part in found:
         dets = Detections.load(part)
         if keep is not None:
             tag = part.name[len("part-") :].rsplit("-", 1)[0]

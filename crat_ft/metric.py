@@ -12,6 +12,7 @@ categories at a time (see docs/architecture.md#evaluation-protocol).
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -35,8 +36,10 @@ class CratLVISMetric(BaseMetric):
         max_dets: detections per image across categories (LVIS: 300).
         cat_chunk_size: categories per evaluation chunk (bounded memory).
         per_class_csv: if set, write the per-class AP table there.
-        spill_dir: where the processes write their detections (the same directory
-            for every rank; default: a temporary directory). Removed after evaluation.
+        spill_dir: where the processes write their detections, the same directory for
+            every rank (default: a temporary directory that rank 0 makes and sends to the
+            others; several nodes need a shared ``spill_dir``). Removed after evaluation;
+            a default one a killed run left is removed by the next run.
         extra_protocols: also compute these protocols of :func:`lvis_metrics`
             (``"fixed"``: AP-fixed, ``"pool"``: AP-pool; ``last_results[protocol]``).
             They see what the model outputs: raise ``model.test_cfg.rcnn.max_per_img``
@@ -71,7 +74,8 @@ class CratLVISMetric(BaseMetric):
             if p not in PROTOCOLS or p == "standard":
                 raise UserError(f"CratLVISMetric.extra_protocols: expected items of ('fixed', 'pool'), got {p!r}")
         self.extra_protocols = list(extra_protocols)
-        self.spill_dir = spill_dir
+        # made here: mmengine builds metrics on every rank at the same point, so the broadcast is safe
+        self.spill_dir = spill_dir if spill_dir is not None else _shared_tempdir()
         self._spill = None
         self.per_class_csv = per_class_csv
         self._doc = None
@@ -85,13 +89,10 @@ class CratLVISMetric(BaseMetric):
 
     def _spiller(self) -> DetectionSpill:
         if self._spill is None:
-            import tempfile
             from pathlib import Path
 
             from mmengine.dist import get_rank
 
-            if self.spill_dir is None:
-                self.spill_dir = tempfile.mkdtemp(prefix="crat-ft-detections-")
             Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
             self._spill = DetectionSpill(self.spill_dir, tag=f"rank{get_rank()}")
         return self._spill
@@ -122,15 +123,41 @@ class CratLVISMetric(BaseMetric):
             self.results.append((spill.tag, spill.add(dets)))
 
     def evaluate(self, size: int) -> dict:
-        """Every process writes out what it buffered before the main one reads all of it."""
-        from mmengine.dist import barrier
+        """The metrics on every rank; an error of the main process's evaluation raised on every rank.
+
+        Every process writes out what it buffered before the main one reads all of it. mmengine's
+        ``BaseMetric.evaluate`` would leave the other ranks waiting for a broadcast that never
+        comes when ``compute_metrics`` fails; here the main process always broadcasts, its
+        metrics (with :attr:`last_results`) or its error, so every rank ends the same way.
+        """
+        from mmengine.dist import barrier, broadcast_object_list, collect_results, is_main_process
 
         self._spiller().flush()
         barrier()
+        failure = None
+        outcome: list = [None]
         try:
-            return super().evaluate(size)
+            results = collect_results(self.results, size, self.collect_device)
+            if is_main_process():
+                try:
+                    metrics = self.compute_metrics(results)
+                    named = {f"{self.prefix}/{k}" if self.prefix else k: v for k, v in metrics.items()}
+                    outcome = [("ok", named, self.last_results)]
+                except Exception as exc:  # sent to the other ranks, then raised here as it is
+                    failure = exc
+                    outcome = [("error", isinstance(exc, UserError), f"{type(exc).__name__}: {exc}")]
+            broadcast_object_list(outcome)
         finally:
+            self.results.clear()
             self._remove_spill()
+        if failure is not None:
+            raise failure
+        status, *rest = outcome[0]
+        if status == "error":
+            user_error, message = rest
+            raise (UserError if user_error else RuntimeError)(f"rank 0 failed to compute the LVIS metrics ({message})")
+        named, self.last_results = rest
+        return named
 
     def _remove_spill(self) -> None:
         import shutil
@@ -138,7 +165,7 @@ class CratLVISMetric(BaseMetric):
         from mmengine.dist import barrier, is_main_process
 
         barrier()
-        if is_main_process() and self.spill_dir is not None:
+        if is_main_process():
             shutil.rmtree(self.spill_dir, ignore_errors=True)
         self._spill = None
 
@@ -167,3 +194,26 @@ class CratLVISMetric(BaseMetric):
         if self.per_class_csv:
             write_per_class_csv(self.per_class_csv, categories_by_id(self.doc), per_class)
         return {f"{iou}_{k}": v for iou, m in out.items() for k, v in m.items()}
+
+
+SPILL_PREFIX = "crat-ft-detections"
+
+
+def _shared_tempdir() -> str:
+    """A temporary spill directory named by rank 0 (``crat-ft-detections.tmp-<pid>-*``), the same
+    on every rank; rank 0 first removes those of processes that are gone."""
+    import tempfile
+    from pathlib import Path
+
+    from mmengine.dist import broadcast_object_list, get_rank, is_distributed
+
+    from crat_ft.files import clean_stale_temps
+
+    name = [None]
+    if get_rank() == 0:
+        base = Path(tempfile.gettempdir())
+        clean_stale_temps(base, f"{SPILL_PREFIX}.tmp-*")
+        name = [tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}.tmp-{os.getpid()}-", dir=base)]
+    if is_distributed():
+        broadcast_object_list(name)
+    return name[0]

@@ -382,6 +382,7 @@ def build_runner(
     import torch
     from mmengine.runner import Runner
 
+    from crat_ft.dist import init_distributed
     from crat_ft.hooks import ConsoleProgressHook, NonFiniteGuardHook
     from crat_ft.runner import cpu_ddp
 
@@ -391,7 +392,7 @@ def build_runner(
     if milestones is None:
         milestones = [m for m in [int(tr["max_iters"] * 0.75)] if m >= 1]
     warmup = [dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=tr["warmup_iters"])]
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    distributed = init_distributed()  # the process group with crat-ft's timeout (and GPU LOCAL_RANK)
     model = cpu_ddp(heads) if distributed and not torch.cuda.is_available() else heads
     runner = Runner(
         model=model,

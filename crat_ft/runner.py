@@ -36,12 +36,10 @@ def cpu_ddp(module):
     from torchrun's environment and the module wrapped without device ids,
     which the Runner then takes as is.
     """
-    import torch.distributed as dist
-    from mmengine.model import MMDistributedDataParallel
+    from crat_ft.dist import CratDistributedDataParallel, init_distributed
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return MMDistributedDataParallel(module=module, broadcast_buffers=False, find_unused_parameters=False)
+    init_distributed()
+    return CratDistributedDataParallel(module=module, broadcast_buffers=False, find_unused_parameters=False)
 
 
 def resume_point(work_dir: Path) -> Path | None:

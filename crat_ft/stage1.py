@@ -53,6 +53,7 @@ def train_detector(
 def _train_in(cfg, work_dir: Path, seed: int | None, resume: bool) -> Path:
     from mmengine.runner import Runner
 
+    from crat_ft.dist import distributed_runner_cfg
     from crat_ft.hooks import ConsoleProgressHook, NonFiniteGuardHook
     from crat_ft.progress import output_begins
     from crat_ft.runner import resume_point, unique_names, unwrap
@@ -67,6 +68,7 @@ def _train_in(cfg, work_dir: Path, seed: int | None, resume: bool) -> Path:
     if seed is not None:
         cfg.randomness = dict(seed=seed, deterministic=False)
     unique_names(cfg, "train-detector")
+    distributed_runner_cfg(cfg)  # under torchrun: DDP over every rank, mmengine's samplers split the data
     output_begins()
     runner = Runner.from_cfg(cfg)
     runner.register_hook(NonFiniteGuardHook(), "VERY_HIGH")
@@ -74,6 +76,8 @@ def _train_in(cfg, work_dir: Path, seed: int | None, resume: bool) -> Path:
     runner.train()
     model = unwrap(runner.model)
     out = work_dir / DETECTOR_FILE
+    if runner.rank != 0:  # DDP keeps every rank's weights equal; rank 0 writes them
+        return out
     meta = {
         "crat_ft_stage": "stage1",
         "dataset_meta": {"classes": list(runner.train_dataloader.dataset.metainfo["classes"])},
@@ -148,13 +152,16 @@ def evaluate_detector(
 
 
 def _prepare_outputs(out: Path, csv_path: Path) -> Path:
-    """Clean what killed runs left beside the outputs; the journal of the final commit."""
+    """Clean what killed runs left beside the outputs (rank 0 only: a pid names a process of its own
+    node); the journal of the final commit."""
+    from crat_ft.dist import rank
     from crat_ft.files import clean_stale_temps, recover_journal, temp_pattern
 
-    for path in (out, csv_path):
-        clean_stale_temps(path.parent, temp_pattern(path))
     journal = out.with_name(f".{out.name}.commit")
-    recover_journal(journal)
+    if rank() == 0:
+        for path in (out, csv_path):  # temporary JSON, CSV and spilled detections
+            clean_stale_temps(path.parent, temp_pattern(path))
+        recover_journal(journal)
     return journal
 
 
@@ -197,6 +204,7 @@ def _run_test_and_write(
     from mmengine.runner import Runner
 
     from crat_ft.checkpoint import trusted_loading
+    from crat_ft.dist import broadcast_from_rank0, distributed_runner_cfg, rank
     from crat_ft.files import commit_together, owned_tempdir, storage_errors, temp_name
     from crat_ft.hooks import ConsoleProgressHook
     from crat_ft.metric import CratLVISMetric
@@ -204,13 +212,16 @@ def _run_test_and_write(
 
     evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
     lvis = next(e for e in evaluators if e.get("type") == "CratLVISMetric")
-    lvis["per_class_csv"] = str(temp_name(csv_path))
+    lvis["per_class_csv"] = str(temp_name(csv_path))  # written by rank 0 only
     lvis["extra_protocols"] = list(extra_protocols)
-    # detections go to disk beside --out, in one directory all ranks share (a dead run's is cleaned at start)
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    spill = out.with_name(f".{out.stem}.detections-{run_id}") if run_id else temp_name(out.with_suffix(".detections"))
+    distributed_runner_cfg(cfg)
+    # detections go to disk beside --out, in one directory all ranks share, named for rank 0's pid
+    # (``.<stem>.tmp-<pid>.detections``: rank 0's start-up cleanup removes a dead run's)
+    pid0 = broadcast_from_rank0(os.getpid())
+    spill = out.with_name(f".{out.stem}.tmp-{pid0}.detections")
     lvis["spill_dir"] = str(spill)
     output_begins()
+    main = rank() == 0
     try:
         with owned_tempdir("crat-ft-eval") as tmp:
             cfg.work_dir = str(tmp)
@@ -219,15 +230,17 @@ def _run_test_and_write(
                 runner.register_hook(ConsoleProgressHook("evaluate", make_bar))
                 runner.test()
             metric = next(m for m in runner.test_evaluator.metrics if isinstance(m, CratLVISMetric))
-            results = dict(metric.last_results["metrics"])
+            results = dict(metric.last_results["metrics"])  # every rank has them; rank 0 writes them
             for protocol in metric.extra_protocols:
                 results[protocol] = metric.last_results[protocol]
-        with storage_errors(out):
-            temp_name(out).write_text(json.dumps(results, indent=2))
-        commit_together([(temp_name(csv_path), csv_path), (temp_name(out), out)], journal)
+        if main:
+            with storage_errors(out):
+                temp_name(out).write_text(json.dumps(results, indent=2))
+            commit_together([(temp_name(csv_path), csv_path), (temp_name(out), out)], journal)
     finally:
-        temp_name(csv_path).unlink(missing_ok=True)
-        temp_name(out).unlink(missing_ok=True)
+        if main:
+            temp_name(csv_path).unlink(missing_ok=True)
+            temp_name(out).unlink(missing_ok=True)
     return results
 
 

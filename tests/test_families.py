@@ -92,7 +92,7 @@ def test_retrained_heads_equal_the_exported_mmdet_heads(family, tiny_data, tmp_p
     r = run_cli("extract-features", config, ckpt, "--data-root", tiny_data, "--out", cache, "--max-images", 2,
                 "--batch-size", 1, "--mask-pos-per-class", 400)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    options = ["train.max_iters=3", "train.checkpoint_interval=3", "train.warmup_iters=1", "train.lr=0.05",
+    options = ["train.max_iters=3", "train.milestones=[]", "train.checkpoint_interval=3", "train.warmup_iters=1", "train.lr=0.05",
                "sampler.rois_per_batch=64", "sampler.masks_per_batch=8", "crat.mask_weights=mask"]  # fmt: skip
     if "seesaw" in family:
         options.append("heads.loss_cls.type=SeesawLoss")
@@ -182,7 +182,7 @@ def test_cascade_demo_detector_through_every_command(tiny_data, tmp_path):
     assert r.stdout.count("box regressor: class-agnostic, kept as it is; CRAT's box branch does not apply") == 3
 
     work = tmp_path / "heads"
-    options = ["heads.loss_cls.type=SeesawLoss", "train.max_iters=3", "train.checkpoint_interval=3",
+    options = ["heads.loss_cls.type=SeesawLoss", "train.max_iters=3", "train.milestones=[]", "train.checkpoint_interval=3",
                "train.warmup_iters=1", "sampler.rois_per_batch=64", "sampler.masks_per_batch=8"]  # fmt: skip
     r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", cache, "--work-dir", work,
                 "--cfg-options", *options)  # fmt: skip

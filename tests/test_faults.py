@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 KILLS = 5  # per command
 HEADS_OPTIONS = [
     "train.max_iters=6",
+    "train.milestones=[]",
     "train.checkpoint_interval=1",
     "train.log_interval=1",
     "train.warmup_iters=2",

@@ -54,7 +54,7 @@ def test_seesaw_normed_predictors_retrain_the_function_the_exported_detector_com
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "roi_head.bbox_head.fc_cls.weight has shape (42, 256) in the checkpoint but (41, 256)" in r.stderr
     work = tmp_path / "heads"
-    options = ["detector.config=" + str(config), "heads.loss_cls.type=SeesawLoss", "train.max_iters=4",
+    options = ["detector.config=" + str(config), "heads.loss_cls.type=SeesawLoss", "train.max_iters=4", "train.milestones=[]",
                "train.checkpoint_interval=4", "train.warmup_iters=1", "sampler.rois_per_batch=64",
                "sampler.masks_per_batch=8", "crat.mask_weights=mask"]  # fmt: skip
     r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", cache, "--work-dir", work,
@@ -129,8 +129,9 @@ def test_box_only_detector_extracts_retrains_exports_and_evaluates(tiny_data, tm
     assert r.returncode == 0, r.stderr[-3000:]
     work = tmp_path / "heads"
     r = run_cli("retrain-heads", demo_config("crat_synthetic.py"), "--cache", cache, "--work-dir", work,
-                "--cfg-options", "detector.config=" + str(config), "train.max_iters=4", "train.checkpoint_interval=4",
-                "train.warmup_iters=1", "sampler.rois_per_batch=64", "crat.mask_weights=mask")  # fmt: skip
+                "--cfg-options", "detector.config=" + str(config), "train.max_iters=4", "train.milestones=[]",
+                "train.checkpoint_interval=4", "train.warmup_iters=1", "sampler.rois_per_batch=64",
+                "crat.mask_weights=mask")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     heads = torch.load(work / "heads.pth", weights_only=True)["state_dict"]
     assert "conv_logits.weight" not in heads and heads["box_stats.seen"].sum() > 0

@@ -15,6 +15,7 @@ from crat_ft.paths import demo_config
 def _heads_options(iters=6, interval=3):
     return [
         "train.max_iters=%d" % iters,
+        "train.milestones=[]",
         "train.checkpoint_interval=%d" % interval,
         "train.log_interval=1",
         "train.warmup_iters=2",
@@ -171,6 +172,7 @@ def test_torchrun_ddp_retraining_all_reduces_fisher_statistics(tiny_cache, tmp_p
 
     opts = [
         "train.max_iters=1",
+        "train.milestones=[]",
         "train.checkpoint_interval=1",
         "train.log_interval=1",
         "train.warmup_iters=1",

@@ -5,7 +5,7 @@
 
 _base_ = "./mask-rcnn_r18_fpn_tiny_synthetic.py"
 
-custom_imports = dict(imports=["crat_ft.evaluation", "crat_ft.plugin"], allow_failed_imports=False)
+custom_imports = dict(imports=["crat_ft.metric", "crat_ft.plugin"], allow_failed_imports=False)
 crat = dict(box_lambda=0.001, mask_lambda=0.01, box_tau=0.05, mask_tau=0.05, momentum=0.01)
 model = dict(
     roi_head=dict(

@@ -190,7 +190,7 @@ param_scheduler = [
 ]
 
 default_scope = "mmdet"
-custom_imports = dict(imports=["crat_ft.evaluation"], allow_failed_imports=False)
+custom_imports = dict(imports=["crat_ft.metric"], allow_failed_imports=False)
 default_hooks = dict(
     timer=dict(type="IterTimerHook"),
     logger=dict(type="LoggerHook", interval=50),

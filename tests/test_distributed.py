@@ -1,0 +1,187 @@
+"""Commands under ``torchrun``: two CPU processes (gloo) give what one process gives.
+
+torchrun starts each process with ``OMP_NUM_THREADS=1``; the one-process runs here use one
+thread too, since the thread count moves a score in its last bits and the comparison is exact.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_TRAIN_OPTIONS, crat_ft_exe, demo_config_path
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args, nproc: int = 1, timeout: int = 900, env=None) -> subprocess.CompletedProcess:
+    """``crat-ft args`` in one process, or under torchrun in ``nproc``, with one thread each."""
+    command = crat_ft_exe() + [str(a) for a in args]
+    if nproc > 1:
+        torchrun = Path(sys.executable).parent / "torchrun"
+        command = [str(torchrun), f"--nproc-per-node={nproc}", f"--master-port={_free_port()}", *command]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _detections_evaluated(log: Path) -> int:
+    """How many detections the metric evaluated, from the line it logs."""
+    import re
+
+    counts = re.findall(r"LVIS metrics \((\d+) detections\)", log.read_text())
+    assert len(counts) == 1, log.read_text()[-2000:]
+    return int(counts[0])
+
+
+def test_evaluate_under_torchrun_equals_one_process(tiny_data, tiny_detector, tmp_path):
+    outs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"np{nproc}" / "m.json"
+        r = _run(["evaluate", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--out", out], nproc)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        assert r.stdout.count("LVIS v1 metrics (%)") == 1, r.stdout  # rank 0 alone reports
+        outs[nproc] = out
+        # every image's 300 detections reached rank 0's evaluation
+        assert _detections_evaluated(out.with_suffix(".log")) == 3000
+        leftovers = [p.name for p in out.parent.iterdir() if p.name not in ("m.json", "m_per_class.csv", "m.log")]
+        assert leftovers == [], leftovers
+    one, two = (json.loads(outs[n].read_text()) for n in (1, 2))
+    assert one == two and set(one) == {"bbox", "segm", "fixed"}
+    assert outs[1].with_name("m_per_class.csv").read_text() == outs[2].with_name("m_per_class.csv").read_text()
+
+
+def _mmdet_style_eval(nproc: int, detector, data, work: Path) -> tuple[dict, Path]:
+    """``tests/mmdet_style_eval.py`` in ``nproc`` processes: its metrics and the (kept) spill directory."""
+    script = Path(__file__).with_name("mmdet_style_eval.py")
+    command = [str(script)] if nproc > 1 else [sys.executable, str(script)]
+    if nproc > 1:
+        command = [str(Path(sys.executable).parent / "torchrun"), f"--nproc-per-node={nproc}",
+                   f"--master-port={_free_port()}", *command]  # fmt: skip
+    out = work / "metrics.json"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    r = subprocess.run([*command, str(demo_config_path()), str(detector), str(data), str(work / "runner"), str(out),
+                        "--keep-detections"], capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    spills = {Path(f"{out}.rank{k}").read_text() for k in range(nproc)}
+    assert len(spills) == 1, spills  # one directory, made by rank 0 and sent to the others
+    spill = Path(spills.pop())
+    assert spill.name.startswith("crat-ft-detections.tmp-") and spill.is_dir()
+    log = next((work / "runner").glob("*/*.log"))
+    assert _detections_evaluated(log) == 3000
+    return json.loads(out.read_text()), spill
+
+
+def test_mmdet_style_test_script_without_spill_dir_equals_one_process(tiny_data, tiny_detector, tmp_path):
+    """What mmdet's tools/test.py does, with the config's own CratLVISMetric and no spill_dir: two
+    processes evaluate exactly the detections one process evaluates, and report crat-ft's metrics."""
+    import shutil
+
+    one, spill = _mmdet_style_eval(1, tiny_detector, tiny_data, tmp_path / "np1")
+    # moved aside: the next run removes the temporary directories of processes that are gone
+    spill_one = Path(shutil.move(spill, tmp_path / "spill-np1"))
+    two, spill_two = _mmdet_style_eval(2, tiny_detector, tiny_data, tmp_path / "np2")
+    assert not spill_one.with_name(spill.name).exists()
+    assert one == two
+    a, b = (_detections_in(s) for s in (spill_one, spill_two))
+    assert len(a["score"]) == 3000 and a["rle"] == b["rle"]
+    assert np.array_equal(a["image_id"], b["image_id"]) and np.array_equal(a["category_id"], b["category_id"])
+    # a batch holds 4 images, grouped otherwise when two ranks share the split: the float32 convolutions
+    # then differ in their last bit (measured: scores by up to 7e-9, box corners at 128 px by 1.5e-5)
+    np.testing.assert_allclose(a["score"], b["score"], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(a["bbox"], b["bbox"], rtol=0, atol=1e-4)
+    shutil.rmtree(spill_two)
+    ours = tmp_path / "ours" / "m.json"
+    r = _run(["evaluate", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--out", ours])
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads(ours.read_text())
+    assert two == {f"lvis/{iou}_{k}": v for iou in ("bbox", "segm") for k, v in metrics[iou].items()}
+
+
+def _detections_in(spill: Path) -> dict:
+    """The spilled detections, sorted by (image, category, score, box)."""
+    from crat_ft.detections import load_spilled
+
+    dets = load_spilled(spill)
+    order = np.lexsort((dets.bbox[:, 1], dets.bbox[:, 0], -dets.score, dets.category_id, dets.image_id))
+    rles = [bytes(dets.rle[dets.rle_offset[i] : dets.rle_offset[i + 1]]) for i in order]
+    return {"image_id": dets.image_id[order], "category_id": dets.category_id[order],
+            "score": dets.score[order], "bbox": dets.bbox[order], "rle": rles}  # fmt: skip
+
+
+def test_train_detector_under_torchrun_writes_one_detector(tiny_data, tmp_path):
+    work = tmp_path / "ddp"
+    args = ["train-detector", demo_config_path(), "--work-dir", work, "--data-root", tiny_data, "--seed", 0,
+            "--cfg-options", *TINY_TRAIN_OPTIONS]  # fmt: skip
+    r = _run(args, 2)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.stdout.count("detector weights:") == 1, r.stdout
+    log = next(work.glob("*/*.log")).read_text()
+    assert "Distributed training: True" in log and "model_wrapper_cfg = dict(type='CratDistributedDataParallel')" in log
+    ckpt = torch.load(work / "detector.pth", weights_only=True)
+    assert ckpt["meta"]["iter"] == 4 and len(ckpt["meta"]["dataset_meta"]["classes"]) == 40
+    # the rank-0 Runner checkpoint at iteration 4 holds the same weights as detector.pth
+    runner_ckpt = torch.load(work / "iter_4.pth", weights_only=False)["state_dict"]
+    assert all(torch.equal(runner_ckpt[k], v) for k, v in ckpt["state_dict"].items())
+
+
+def test_a_bad_input_under_torchrun_ends_every_rank_with_its_line(tiny_data, tmp_path):
+    r = _run(["evaluate", demo_config_path(), tmp_path / "missing.pth", "--data-root", tiny_data, "--out",
+              tmp_path / "m" / "m.json"], 2, timeout=300)  # fmt: skip
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("crat-ft: error:")]
+    assert len(lines) == 2 and all("missing.pth does not exist; check the path" in line for line in lines), r.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def _failing_metric_worker(rank: int, port: int, spill: str, queue) -> None:
+    import torch.distributed as dist
+
+    from crat_ft.errors import UserError
+    from crat_ft.metric import CratLVISMetric
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    class Failing(CratLVISMetric):
+        def compute_metrics(self, results):
+            raise UserError("the annotation file went away")
+
+    metric = Failing(ann_file="unused.json", spill_dir=spill)
+    metric.results.append((f"rank{rank}", 0))
+    try:
+        metric.evaluate(2)
+        queue.put((rank, "returned"))
+    except Exception as exc:
+        queue.put((rank, f"{type(exc).__name__}: {exc}"))
+    dist.destroy_process_group()
+
+
+def test_a_failed_metric_on_rank_0_ends_every_rank_instead_of_hanging(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_failing_metric_worker, args=(r, port, str(tmp_path / "spill"), queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    outcome = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert outcome == {
+        0: "UserError: the annotation file went away",
+        1: "UserError: rank 0 failed to compute the LVIS metrics (UserError: the annotation file went away)",
+    }
+    assert not (tmp_path / "spill").exists()
