@@ -264,6 +264,12 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols
 @click.option("--shard", default=None, metavar="I/N", help="Extract shard I of N (default: torchrun RANK/WORLD_SIZE).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted extraction, skipping finished images.")
 @click.option("--batch-size", default=4, show_default=True, type=POSITIVE)
+@click.option(
+    "--workers",
+    type=COUNT,
+    default=None,
+    help="DataLoader processes decoding images (default: up to 4 per GPU process, none on a CPU).",
+)
 @click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True)
 @click.option("--max-images", type=POSITIVE, default=None, help="Only the first N images (smoke tests).")
 @click.option(
@@ -294,6 +300,7 @@ def extract_features(
     shard,
     resume,
     batch_size,
+    workers,
     compression,
     max_images,
     segment_images,
@@ -346,6 +353,7 @@ def extract_features(
             max_images=max_images,
             segment_images=segment_images,
             space_check=not skip_space_check,
+            workers=workers,
             **kwargs,
         )
     click.echo(f"feature cache: {path}")

@@ -113,6 +113,7 @@ def extract_features(
     trust_checkpoint: bool = False,
     progress: bool = True,
     space_check: bool = True,
+    workers: int | None = None,
 ) -> Path:
     """Extract the cache of the config's training split into directory ``out``.
 
@@ -121,6 +122,9 @@ def extract_features(
     for ``--resume``) → merge them into this shard's file → build the index
     once every shard exists. The shard is locked against a second run; a
     resume is accepted only when every setting in :func:`run_settings` matches.
+
+    ``workers`` DataLoader processes decode the images (default: :func:`default_workers`);
+    the cache is the same whatever their number.
 
     Returns:
         ``out/index.h5`` once every shard exists (the merged virtual index),
@@ -133,6 +137,7 @@ def extract_features(
         ("--batch-size", batch_size, 1),
         ("--segment-images", segment_images, 1),
         ("--max-images", max_images, 1),
+        ("--workers", workers, 0),
     ):
         if value is not None and value < low:
             raise UserError(f"{name}: expected >= {low}, got {value}")
@@ -163,12 +168,25 @@ def extract_features(
             trust_checkpoint=trust_checkpoint,
             progress=progress,
             space_check=space_check,
+            workers=default_workers() if workers is None else workers,
         )
+
+
+def default_workers() -> int:
+    """Image-decoding processes per extraction process: on a GPU up to 4 (the node's cores shared among
+    its ranks), so the detector never waits for JPEG decoding and polygon rasterising; on a CPU none
+    (the cores already run the detector)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    return max(1, min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
 def _extract_locked(
     config, checkpoint, out: Path, shard_path: Path, *, rank, world, cfg_options, data_root, policy, box_level,
     mask_level, resume, batch_size, segment_images, compression, max_images, trust_checkpoint, progress, space_check,
+    workers,
 ) -> Path:  # fmt: skip
     from crat_ft.detector import num_stages
     from crat_ft.files import atomic_write_text
@@ -192,8 +210,9 @@ def _extract_locked(
         cfg, config, checkpoint, policy, box_level, mask_level, trust_checkpoint, settings
     )
     # the checks passed (the checkpoint loaded): from here on this run writes
-    output_begins()
-    print(f"extract-features: {config} + {checkpoint} -> {out}; run settings {json.dumps(settings, sort_keys=True)}")
+    output_begins(
+        f"extract-features: {config} + {checkpoint} -> {out}; run settings {json.dumps(settings, sort_keys=True)}"
+    )
     seg_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(seg_dir / SETTINGS_FILE, json.dumps(settings, sort_keys=True))
     datasets = [dataset, _flipped(cfg)] if policy.flip else [dataset]
@@ -201,12 +220,14 @@ def _extract_locked(
     n_views = len(datasets)
     bar = Progress(len(mine) * n_views, f"extract-features shard {rank}/{world}") if progress else None
     t0 = time.time()
-    space = _SpaceCheck(out, seg_dir, len(segments) * stages) if space_check else None
+    # the disk is shared by every shard not written yet: each rank projects all of them from its own
+    unfinished = sum(not (shards[0].parent / shard_name(i, world)).exists() for i in range(world))
+    space = _SpaceCheck(out, seg_dir, len(segments) * stages, unfinished) if space_check else None
     try:
         for j, seg in enumerate(segments):
             seg_paths = [seg_dir / _segment_name(j, s, stages) for s in range(stages)]
             if not all([_segment_done(p, sha) for p in seg_paths]):
-                _write_segment(seg_paths, seg, extractor, attrs, datasets, batch_size, compression, bar)
+                _write_segment(seg_paths, seg, extractor, attrs, datasets, batch_size, compression, bar, workers)
                 if space:
                     space.after_write()
             elif bar:
@@ -240,11 +261,27 @@ def _clean_or_refuse_start(out: Path, shard_path: Path, seg_dir: Path, resume: b
     clean_stale_temps(seg_dir)
     if seg_dir.exists() and not any(seg_dir.glob("seg-*.h5")):
         _remove_segments(out, seg_dir)  # a run that stopped before its first segment: nothing to continue
+    _refuse_other_world_size(out, shard_path)
     existing = [p for p in [shard_path, *sorted(out.glob(f"stage-*/{shard_path.name}"))] if p.exists()]
     if existing and not resume:
         raise UserError(f"{existing[0]} already exists; pass --resume to reuse it or choose a new --out")
     if seg_dir.exists() and not resume:
         raise UserError(f"{out} holds an unfinished extraction; pass --resume to continue it or delete {out}")
+
+
+def _refuse_other_world_size(out: Path, shard_path: Path) -> None:
+    """Shards are a function of the world size (image ``k`` goes to shard ``k mod N``): a cache begun
+    with another N is continued by N processes only, never silently redone beside the old shards."""
+    world = shard_path.stem.rsplit("-of-", 1)[1]
+    names = [p.name for p in [*out.glob("shard-*-of-*.h5"), *out.glob("stage-*/shard-*-of-*.h5")]]
+    names += [p.name for p in (out / ".segments").glob("shard-*-of-*") if any(p.glob("seg-*.h5"))]
+    other = sorted({n.split("-of-")[1][:5] for n in names} - {world})
+    if other:
+        n = int(other[0])
+        raise UserError(
+            f"--out {out} holds the shards of a {n}-process extraction, this run has {int(world)}; run it with "
+            f"{n} processes (torchrun --nproc-per-node {n}, or --shard I/{n}), or choose a new --out"
+        )
 
 
 def _plan_shard(config, checkpoint, cfg_options, data_root, max_images, rank: int, world: int, trust_checkpoint: bool):
@@ -312,7 +349,10 @@ def _build_extractor(cfg, config, checkpoint, policy, box_level, mask_level, tru
 
     model, sha = build_frozen_detector(cfg, str(checkpoint), trust_checkpoint=trust_checkpoint)
     if torch.cuda.is_available():
-        model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        # torchrun's LOCAL_RANK; without torchrun, `--shard I/N` processes take GPUs round robin
+        device = int(os.environ.get("LOCAL_RANK", parse_shard(settings["shard"])[0] % torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+        model = model.to(f"cuda:{device}")
     doc_cats = categories_with_counts(load_lvis_json(ann_file_of(base_dataset_cfg(cfg))))
     counts = np.array([int(c.get("instance_count", 0)) for c in doc_cats])
     extractor = Extractor(model, policy, counts, box_level, mask_level)
@@ -357,11 +397,25 @@ def _segment_done(seg_path: Path, sha: str) -> bool:
         return False
 
 
-def _write_segment(seg_paths, seg, extractor, attrs, datasets, batch_size, compression, bar) -> None:
+def _batches(dataset, indices: list[int], batch_size: int, workers: int):
+    """``pseudo_collate`` batches of ``dataset[k]`` for ``k`` in ``indices``, in order; with ``workers``,
+    decoded by DataLoader processes while the detector runs."""
+    import torch
+    from mmengine.dataset import pseudo_collate
+
+    if workers == 0:
+        for b in range(0, len(indices), batch_size):
+            yield pseudo_collate([dataset[k] for k in indices[b : b + batch_size]])
+        return
+    subset = torch.utils.data.Subset(dataset, indices)
+    yield from torch.utils.data.DataLoader(
+        subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=pseudo_collate
+    )
+
+
+def _write_segment(seg_paths, seg, extractor, attrs, datasets, batch_size, compression, bar, workers) -> None:
     """One segment: a file per stage, each renamed into place only when every stage's blocks are written."""
     from contextlib import ExitStack
-
-    from mmengine.dataset import pseudo_collate
 
     from crat_ft.cache import CacheWriter
 
@@ -373,13 +427,12 @@ def _write_segment(seg_paths, seg, extractor, attrs, datasets, batch_size, compr
             for s, path in enumerate(seg_paths)
         ]
         for view, ds in enumerate(datasets):
-            for b in range(0, len(seg), batch_size):
-                batch = pseudo_collate([ds[k] for k in seg[b : b + batch_size]])
+            for batch in _batches(ds, seg, batch_size, workers):
                 for blocks in extractor(batch, view):
                     for w, block in zip(writers, blocks):
                         w.append(block)
                 if bar:
-                    bar.update(min(batch_size, len(seg) - b))
+                    bar.update(len(batch["inputs"]))
 
 
 def _merge_segments(shard_path, segments, extractor, stage, attrs, compression) -> None:
@@ -397,11 +450,13 @@ class _SpaceCheck:
     After the first segment this run writes, the mean size of the segments on
     disk projects the ones still to write plus the merged shard file (a copy of
     all segments, written before they are removed), with a margin of
-    :data:`SPACE_MARGIN`.
+    :data:`SPACE_MARGIN`, times the shards still unfinished (every rank writes to
+    the same disk, so each checks for all of them).
     """
 
-    def __init__(self, out: Path, seg_dir: Path, n_segments: int) -> None:
+    def __init__(self, out: Path, seg_dir: Path, n_segments: int, unfinished_shards: int = 1) -> None:
         self.out, self.seg_dir, self.n_segments = out, seg_dir, n_segments
+        self.unfinished = max(1, unfinished_shards)
         self.checked = False
 
     def after_write(self) -> None:
@@ -412,12 +467,13 @@ class _SpaceCheck:
         self.checked = True
         sizes = [p.stat().st_size for p in self.seg_dir.glob("seg-*.h5")]
         per_segment = sum(sizes) / len(sizes)
-        need = SPACE_MARGIN * per_segment * ((self.n_segments - len(sizes)) + self.n_segments)
+        need = SPACE_MARGIN * per_segment * ((self.n_segments - len(sizes)) + self.n_segments) * self.unfinished
         free = free_bytes(self.out)
         if need > free:
+            shards = f", for {self.unfinished} unfinished shards" if self.unfinished > 1 else ""
             raise StorageError(
                 f"not enough free space in {self.out}: the cache needs about {need / 2**20:.1f} MiB more "
-                f"(projected from {len(sizes)} segment(s), with the merged shard), {free / 2**20:.1f} MiB are free; "
+                f"(projected from {len(sizes)} segment(s), with the merged shard{shards}), {free / 2**20:.1f} MiB are free; "
                 "free space or choose another --out and rerun with --resume (or pass --skip-space-check)"
             )
 

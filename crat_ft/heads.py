@@ -213,8 +213,12 @@ class ClasswiseHeads(BaseModel):
         """Batch fields as :class:`crat_ft.sampling.CachedBatchDataset` yields them.
 
         ``mask_box_feat`` (M, D), ``mask_box``/``mask_gt_box`` (M, 4) are the box
-        fields of the masks' RoIs (used by ``crat.mask_weights='box'``).
+        fields of the masks' RoIs (used by ``crat.mask_weights='box'``). Features
+        arrive as cached (float16) and mask targets as uint8; they are cast here, on
+        the device (exactly: float16 and {0, 1} are float32 values).
         """
+        box_feat, mask_feat, mask_target = box_feat.float(), mask_feat.float(), mask_target.float()
+        mask_box_feat = mask_box_feat.float() if mask_box_feat is not None else None
         if mode == "loss":
             mask_box_fields = (mask_box_feat, mask_box, mask_gt_box)
             return self.loss(box_feat, box, gt_box, label, mask_feat, mask_target, mask_label, mask_box_fields)

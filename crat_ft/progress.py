@@ -67,6 +67,10 @@ class _LogFile:
         if held:
             self.write("".join(held))
 
+    def write_note(self, line: str) -> None:
+        """A line of crat-ft's own, straight into the file."""
+        self.write(line.rstrip("\n") + "\n")
+
     def write(self, text: str) -> int:
         if self._held is not None:
             self._held.append(text)
@@ -106,14 +110,17 @@ class _LogFile:
 _OPEN_LOGS: list[_LogFile] = []
 
 
-def output_begins() -> None:
+def output_begins(note: str | None = None) -> None:
     """Say that the running command has passed its checks and starts writing its outputs.
 
     From here on the framework log of :func:`framework_log` goes to its file; before, it is
-    held, so a command refused in its checks leaves no log. Without a framework log, nothing.
+    held, so a command refused in its checks leaves no log. ``note`` (a line saying what the
+    command is about to do) goes into that log only. Without a framework log, nothing.
     """
     for log in _OPEN_LOGS:
         log.begin()
+        if note:
+            log.write_note(note)
 
 
 @contextlib.contextmanager

@@ -58,7 +58,12 @@ def build_cache_loader(reader, sampler_cfg: dict, seed: int, num_workers: int, r
     else:
         dataset, sampler = CachedBatchDataset(reader), samplers[0]
     return torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),  # float16 batches cross to the GPU from pinned memory
     )
 
 
@@ -291,6 +296,10 @@ def _retrain_locked(ft: dict, ft_config, cache, work_dir: Path, *, rank: int, re
             flush=True,
         )
     start = resume_point(work_dir) if resume else None
+    if start is not None:  # mmengine's loop skips the done steps by drawing them: they are not read
+        from crat_ft.checkpoint import load_checkpoint_file
+
+        loader.sampler.skip_steps(int(load_checkpoint_file(start)["meta"]["iter"]))
     runner = build_runner(
         heads, loader, ft["train"], work_dir, resume_from=start, name=f"retrain-heads-{Path(ft_config).stem}"
     )
@@ -320,10 +329,9 @@ def open_cache_and_detector(ft: dict, cache, trust_checkpoint: bool):
     from crat_ft.files import sha256_file
 
     indexes = stage_indexes(cache)
-    readers = [
-        RoIReader(index, in_memory=ft["train"]["in_memory"], box_memory_bytes=(8 << 30) // len(indexes))
-        for index in indexes
-    ]
+    # 8 GiB of box features in RAM per node, shared out among the node's ranks; beyond it, block reads
+    budget = (8 << 30) // len(indexes) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    readers = [RoIReader(index, in_memory=ft["train"]["in_memory"], box_memory_bytes=budget) for index in indexes]
     reader = readers[0]
     stages = int(reader.meta.get("num_stages", 1))
     if stages != len(readers):

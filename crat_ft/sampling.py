@@ -36,6 +36,19 @@ from crat_ft.errors import UserError
 STRATEGIES = ("random", "class_balanced", "bilevel", "repeat_factor")
 
 
+class _Skipped:
+    """The item a sampler yields for a step a resumed run skips (see :meth:`RoIBatchSampler.skip_steps`)."""
+
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+    def __reduce__(self):  # the same object in DataLoader workers
+        return "SKIPPED"
+
+
+SKIPPED = _Skipped()
+
+
 class _Draw:
     """Draws items (RoIs or masks) of positive classes by one strategy."""
 
@@ -168,9 +181,20 @@ class RoIBatchSampler(torch.utils.data.Sampler):
         self.steps = steps_per_epoch or max(1, len(labels) // rois_per_batch)
         self.seed = seed
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_steps(self, n: int) -> None:
+        """Yield :data:`SKIPPED` for the next ``n`` steps, over epochs (a resumed run's past steps).
+
+        mmengine's loop advances a resumed run's loader by the iterations done; the
+        dataset returns the marker without reading, and since :meth:`batch` depends
+        only on ``(seed, epoch, step)`` the steps after them are the uninterrupted
+        run's.
+        """
+        self._skip = int(n)
 
     def __len__(self) -> int:
         return self.steps
@@ -200,14 +224,21 @@ class RoIBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         for step in range(self.steps):
-            yield self.batch(step)
+            if self._skip > 0:
+                self._skip -= 1
+                yield SKIPPED
+            else:
+                yield self.batch(step)
 
 
 class CachedBatchDataset(torch.utils.data.Dataset):
     """Turns a sampler item into a batch of tensors read from the cache.
 
     Used with ``DataLoader(dataset, sampler=RoIBatchSampler(...), batch_size=None)``:
-    each sampler item (a whole step's indices) becomes one batch dict.
+    each sampler item (a whole step's indices) becomes one batch dict. Features stay
+    float16 and mask targets uint8 as cached (half the bytes to the device; pinned
+    when the DataLoader pins); :class:`crat_ft.heads.ClasswiseHeads` casts them there.
+    A :data:`SKIPPED` item is returned as it is, without reading.
     """
 
     def __init__(self, reader) -> None:
@@ -217,19 +248,21 @@ class CachedBatchDataset(torch.utils.data.Dataset):
         return len(self.reader.labels)
 
     def __getitem__(self, item: dict) -> dict:
+        if item is SKIPPED:
+            return SKIPPED
         rois = self.reader.read_rois(item["rois"])
         masks = self.reader.read_masks(item["masks"])
         mask_rois = self.reader.read_rois(self.reader.mask_roi[item["masks"]])
         return {
-            "mask_box_feat": torch.from_numpy(mask_rois["box_feat"]).float(),
+            "mask_box_feat": torch.from_numpy(mask_rois["box_feat"]),
             "mask_box": torch.from_numpy(mask_rois["box"]),
             "mask_gt_box": torch.from_numpy(mask_rois["gt_box"]),
-            "box_feat": torch.from_numpy(rois["box_feat"]).float(),
+            "box_feat": torch.from_numpy(rois["box_feat"]),
             "box": torch.from_numpy(rois["box"]),
             "gt_box": torch.from_numpy(rois["gt_box"]),
             "label": torch.from_numpy(rois["label"].astype(np.int64)),
-            "mask_feat": torch.from_numpy(masks["mask_feat"]).float(),
-            "mask_target": torch.from_numpy(masks["mask_target"]).float(),
+            "mask_feat": torch.from_numpy(masks["mask_feat"]),
+            "mask_target": torch.from_numpy(np.ascontiguousarray(masks["mask_target"], np.uint8)),
             "mask_label": torch.from_numpy(masks["mask_label"].astype(np.int64)),
         }
 
@@ -244,17 +277,26 @@ class StageBatchSampler(torch.utils.data.Sampler):
     def __init__(self, samplers: list[RoIBatchSampler]) -> None:
         self.samplers = samplers
         self.steps = min(len(s) for s in samplers)
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         for s in self.samplers:
             s.set_epoch(epoch)
+
+    def skip_steps(self, n: int) -> None:
+        """As :meth:`RoIBatchSampler.skip_steps`."""
+        self._skip = int(n)
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
         for step in range(self.steps):
-            yield tuple(s.batch(step) for s in self.samplers)
+            if self._skip > 0:
+                self._skip -= 1
+                yield SKIPPED
+            else:
+                yield tuple(s.batch(step) for s in self.samplers)
 
 
 class StageBatchDataset(torch.utils.data.Dataset):
@@ -267,4 +309,6 @@ class StageBatchDataset(torch.utils.data.Dataset):
         return len(self.datasets[0])
 
     def __getitem__(self, items: tuple) -> tuple:
+        if items is SKIPPED:
+            return SKIPPED
         return tuple(d[item] for d, item in zip(self.datasets, items))

@@ -45,18 +45,26 @@ def _detections_evaluated(log: Path) -> int:
     return int(counts[0])
 
 
-def test_evaluate_under_torchrun_equals_one_process(tiny_data, tiny_detector, tmp_path):
-    outs = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"np{nproc}" / "m.json"
-        r = _run(["evaluate", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--out", out], nproc)
-        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-        assert r.stdout.count("LVIS v1 metrics (%)") == 1, r.stdout  # rank 0 alone reports
-        outs[nproc] = out
-        # every image's 300 detections reached rank 0's evaluation
-        assert _detections_evaluated(out.with_suffix(".log")) == 3000
-        leftovers = [p.name for p in out.parent.iterdir() if p.name not in ("m.json", "m_per_class.csv", "m.log")]
-        assert leftovers == [], leftovers
+def _evaluate(nproc: int, detector, data, out: Path) -> Path:
+    """``crat-ft evaluate`` in ``nproc`` processes, checked for what every evaluation must do; ``out``."""
+    r = _run(["evaluate", demo_config_path(), detector, "--data-root", data, "--out", out], nproc)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.stdout.count("LVIS v1 metrics (%)") == 1, r.stdout  # rank 0 alone reports
+    # every image's 300 detections reached rank 0's evaluation
+    assert _detections_evaluated(out.with_suffix(".log")) == 3000
+    leftovers = [p.name for p in out.parent.iterdir() if p.name not in ("m.json", "m_per_class.csv", "m.log")]
+    assert leftovers == [], leftovers
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_metrics(tiny_data, tiny_detector, tmp_path_factory) -> Path:
+    """``crat-ft evaluate`` of the tiny detector in one process (one thread): its metrics JSON."""
+    return _evaluate(1, tiny_detector, tiny_data, tmp_path_factory.mktemp("np1") / "m.json")
+
+
+def test_evaluate_under_torchrun_equals_one_process(tiny_data, tiny_detector, one_process_metrics, tmp_path):
+    outs = {1: one_process_metrics, 2: _evaluate(2, tiny_detector, tiny_data, tmp_path / "np2" / "m.json")}
     one, two = (json.loads(outs[n].read_text()) for n in (1, 2))
     assert one == two and set(one) == {"bbox", "segm", "fixed"}
     assert outs[1].with_name("m_per_class.csv").read_text() == outs[2].with_name("m_per_class.csv").read_text()
@@ -83,7 +91,9 @@ def _mmdet_style_eval(nproc: int, detector, data, work: Path) -> tuple[dict, Pat
     return json.loads(out.read_text()), spill
 
 
-def test_mmdet_style_test_script_without_spill_dir_equals_one_process(tiny_data, tiny_detector, tmp_path):
+def test_mmdet_style_test_script_without_spill_dir_equals_one_process(
+    tiny_data, tiny_detector, one_process_metrics, tmp_path
+):
     """What mmdet's tools/test.py does, with the config's own CratLVISMetric and no spill_dir: two
     processes evaluate exactly the detections one process evaluates, and report crat-ft's metrics."""
     import shutil
@@ -102,10 +112,7 @@ def test_mmdet_style_test_script_without_spill_dir_equals_one_process(tiny_data,
     np.testing.assert_allclose(a["score"], b["score"], rtol=1e-6, atol=0)
     np.testing.assert_allclose(a["bbox"], b["bbox"], rtol=0, atol=1e-4)
     shutil.rmtree(spill_two)
-    ours = tmp_path / "ours" / "m.json"
-    r = _run(["evaluate", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--out", ours])
-    assert r.returncode == 0, r.stderr[-3000:]
-    metrics = json.loads(ours.read_text())
+    metrics = json.loads(one_process_metrics.read_text())
     assert two == {f"lvis/{iou}_{k}": v for iou in ("bbox", "segm") for k, v in metrics[iou].items()}
 
 

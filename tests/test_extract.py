@@ -160,7 +160,15 @@ def test_two_shards_merge_to_single_process_result(tiny_data, tiny_detector, tmp
     r0 = run_cli(*args, "--out", sharded, "--shard", "0/2")
     assert r0.returncode == 0, r0.stderr[-2000:]
     assert not (sharded / "index.h5").exists()  # shard 1 missing: no index yet
-    r1 = run_cli(*args, "--out", sharded, "--shard", "1/2")
+    # the cache of a 2-process extraction is continued by 2 processes only
+    before = {p.name: p.stat().st_mtime_ns for p in sharded.iterdir()}
+    r = run_cli(*args, "--out", sharded, "--resume")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"crat-ft: error: --out {sharded} holds the shards of a 2-process extraction, this run has 1; run it with "
+        "2 processes (torchrun --nproc-per-node 2, or --shard I/2), or choose a new --out"
+    ), r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in sharded.iterdir()} == before
+    r1 = run_cli(*args, "--out", sharded, "--shard", "1/2", "--workers", 2)  # images decoded by 2 DataLoader workers
     assert r1.returncode == 0, r1.stderr[-2000:]
     _assert_same(_tables(single / "index.h5"), _tables(sharded / "index.h5"))
     # the index reads through to both shards, with cross references rewritten
