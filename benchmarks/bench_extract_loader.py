@@ -16,25 +16,9 @@ Self-contained (random weights; nothing downloaded), in one run:
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
-
-
-def _lvis_1203(data: Path, root: Path) -> Path:
-    """``data``'s training split as a 1203-category LVIS file (the extra categories have no instances)."""
-    (root / "annotations").mkdir(parents=True)
-    (root / "train2017").symlink_to(data / "train2017")
-    doc = json.loads((data / "annotations" / "lvis_v1_train.json").read_text())
-    top = max(c["id"] for c in doc["categories"])
-    doc["categories"] += [
-        {"id": i, "name": f"pad_{i}", "frequency": "r", "image_count": 0, "instance_count": 0,
-         "synset": f"pad_{i}.n.01", "synonyms": [], "def": ""}
-        for i in range(top + 1, 1204)
-    ]  # fmt: skip
-    (root / "annotations" / "lvis_v1_train.json").write_text(json.dumps(doc))
-    return root
 
 
 def _loader_vs_forward(data: Path, n: int, batch: int, device: str) -> tuple[float, float]:
@@ -80,6 +64,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from gpu_check import lvis_1203  # benchmarks/: the synthetic data relabelled into 1203 categories
     from mmdet.registry import MODELS
 
     from crat_ft.config import load_config
@@ -95,7 +80,7 @@ def main() -> None:
         data = make_demo_data(
             tmp / "data", DemoDataSpec(train_images=max(args.demo_images, args.images)), progress=False
         )
-        load, fwd = _loader_vs_forward(_lvis_1203(data, tmp / "lvis1203"), args.images, args.batch_size, device)
+        load, fwd = _loader_vs_forward(lvis_1203(data, tmp / "lvis1203"), args.images, args.batch_size, device)
         print(f"(a) mmdet LVIS R50 at 800 px on {device}, {args.images} images, batch {args.batch_size}:")
         print(f"    extraction pipeline alone (one process): {load:6.2f} img/s")
         print(f"    extraction forward of the detector:      {fwd:6.2f} img/s")

@@ -65,6 +65,14 @@ def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def _peak_gpu_memory() -> str:
+    """`` (peak GPU memory X GiB)`` after a command that ran on CUDA (this process's device), else ``""``."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return ""
+    return f" (peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB)"
+
+
 def _split_options(options: tuple[str, ...]) -> list[str]:
     return [part for opt in options for part in opt.split()]
 
@@ -174,7 +182,7 @@ def train_detector(config, work_dir, data_root, seed, resume, cfg_options, verbo
             config, work_dir, cfg_options=_split_options(cfg_options), data_root=data_root, seed=seed, resume=resume
         )
     if _rank() == 0:  # under torchrun rank 0 writes and reports
-        click.echo(f"detector weights: {path}")
+        click.echo(f"detector weights: {path}{_peak_gpu_memory()}")
 
 
 @cli.command()
@@ -235,7 +243,7 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols
     click.echo(format_table(metrics, title="LVIS v1 metrics (%)"))
     for p, m in extra.items():
         click.echo(format_table(m, title=PROTOCOL_TITLES[p]))
-    click.echo(f"metrics: {out}")
+    click.echo(f"metrics: {out}{_peak_gpu_memory()}")
 
 
 @cli.command("extract-features")
@@ -356,7 +364,7 @@ def extract_features(
             workers=workers,
             **kwargs,
         )
-    click.echo(f"feature cache: {path}")
+    click.echo(f"feature cache: {path}{_peak_gpu_memory()}")
 
 
 @cli.command("inspect-cache")
@@ -395,7 +403,7 @@ def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_opti
             trust_checkpoint=trust_checkpoint,
         )
     if _rank() == 0:  # under torchrun only rank 0 writes heads.pth
-        click.echo(f"retrained heads: {path}")
+        click.echo(f"retrained heads: {path}{_peak_gpu_memory()}")
 
 
 @cli.command()
@@ -535,6 +543,10 @@ def demo(work_dir, seed, detector_iters, heads_iters, variant, sharing):
 
 def main():
     """The console script: every failure, click's own usage errors included, is one ``crat-ft: error:`` line."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker runs in a session of its own: end with torchrun
+        from crat_ft.stage1 import die_with_parent
+
+        die_with_parent(os.getppid())
     try:
         code = cli.main(prog_name="crat-ft", standalone_mode=False)
     except click.UsageError as exc:  # a bad option value, a missing argument, an unknown command

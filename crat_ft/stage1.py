@@ -348,7 +348,8 @@ class _QueueBar:
 
 def die_with_parent(parent: int) -> None:
     """Have Linux end this process when its parent ends, so that a killed demo leaves no
-    evaluation running (what the job had not committed is cleaned by the next run)."""
+    evaluation running, nor a killed torchrun its workers (what they had not committed is
+    cleaned by the next run)."""
     import ctypes
     import signal
 

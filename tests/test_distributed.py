@@ -37,12 +37,12 @@ def _run(args, nproc: int = 1, timeout: int = 900, env=None) -> subprocess.Compl
 
 
 def _detections_evaluated(log: Path) -> int:
-    """How many detections the metric evaluated, from the line it logs."""
+    """How many detections the metric evaluated, from the line it logs (the last run's, if several)."""
     import re
 
     counts = re.findall(r"LVIS metrics \((\d+) detections\)", log.read_text())
-    assert len(counts) == 1, log.read_text()[-2000:]
-    return int(counts[0])
+    assert counts, log.read_text()[-2000:]
+    return int(counts[-1])
 
 
 def _evaluate(nproc: int, detector, data, out: Path) -> Path:
@@ -68,6 +68,58 @@ def test_evaluate_under_torchrun_equals_one_process(tiny_data, tiny_detector, on
     one, two = (json.loads(outs[n].read_text()) for n in (1, 2))
     assert one == two and set(one) == {"bbox", "segm", "fixed"}
     assert outs[1].with_name("m_per_class.csv").read_text() == outs[2].with_name("m_per_class.csv").read_text()
+
+
+def test_a_killed_distributed_evaluation_reruns_to_the_same_metrics(
+    tiny_data, tiny_detector, one_process_metrics, tmp_path
+):
+    """SIGKILL to torchrun and both ranks while they spill detections; the rerun cleans what they left."""
+    import signal
+    import time
+
+    out = tmp_path / "killed" / "m.json"
+    args = ["evaluate", demo_config_path(), tiny_detector, "--data-root", tiny_data, "--out", out]
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node=2", f"--master-port={_free_port()}",
+               *crat_ft_exe(), *[str(a) for a in args]]  # fmt: skip
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while not list(out.parent.glob(".m.tmp-*.detections")) and proc.poll() is None:
+        assert time.time() < deadline, "the evaluation never started spilling"
+        time.sleep(0.1)
+    assert proc.poll() is None, "the evaluation ended before it could be killed"
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun alone: its workers run in sessions of their own
+    proc.wait()
+    deadline = time.time() + 10
+    while any(_alive(w) for w in workers):
+        assert time.time() < deadline, "the workers outlived the killed torchrun"
+        time.sleep(0.05)
+    assert list(out.parent.glob(".m.tmp-*.detections")) and not out.exists()  # what the killed run left
+    _evaluate(2, tiny_detector, tiny_data, out)  # checks that nothing but m.json, the CSV and the log is left
+    assert json.loads(out.read_text()) == json.loads(one_process_metrics.read_text())
+
+
+def _children(parent: int) -> list[int]:
+    """Pids of the processes whose parent is ``parent``."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"PPid:\t{parent}\n" in status.read_text():
+                found.append(int(status.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
 
 
 def _mmdet_style_eval(nproc: int, detector, data, work: Path) -> tuple[dict, Path]:

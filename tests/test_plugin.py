@@ -198,6 +198,7 @@ def test_lvis_e2e_configs_inherit_mmdets_files_and_build_the_plugin_heads(name):
     )
     if "eqlv2" in name:
         assert cfg.train_dataloader.dataset.oversample_thr == 0.0  # every repeat factor is 1: uniform sampling
+        assert head.loss_cls.use_distributed  # the gradient statistics are all-reduced over the ranks
     plain = plain_config(cfg)
     assert plain.model.roi_head.bbox_head.type == "Shared2FCBBoxHead" and "crat" not in plain.model.roi_head.mask_head
     assert "custom_imports" not in plain
