@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TRAIN_OPTIONS, crat_ft_exe, demo_config_path
+from conftest import TINY_TRAIN_OPTIONS, crat_ft_exe, demo_config_path, extract_args
 
 pytestmark = pytest.mark.slow
 
@@ -179,20 +179,47 @@ def _detections_in(spill: Path) -> dict:
             "score": dets.score[order], "bbox": dets.bbox[order], "rle": rles}  # fmt: skip
 
 
-def test_train_detector_under_torchrun_writes_one_detector(tiny_data, tmp_path):
+def test_extract_features_under_torchrun_equals_one_process(tiny_data, tiny_detector, tmp_path):
+    """Two ranks, one shard each, give the merged cache of a one-process extraction (one thread each)."""
+    from test_extract import _assert_same, _tables
+
+    caches = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"cache-np{nproc}"
+        r = _run([*extract_args(tiny_detector, tiny_data), "--out", out, "--max-images", 8, "--segment-images", 4,
+                  "--mask-pos-per-class", 400], nproc)  # fmt: skip
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        caches[nproc] = out
+    shards = sorted(p.name for p in caches[2].glob("shard-*.h5"))
+    assert shards == ["shard-00000-of-00002.h5", "shard-00001-of-00002.h5"]
+    _assert_same(_tables(caches[1] / "index.h5"), _tables(caches[2] / "index.h5"))
+
+
+def test_train_detector_under_torchrun_keeps_the_ranks_equal_and_writes_one_detector(tiny_data, tmp_path):
+    config = tmp_path / "demo_with_rank_states.py"  # the demo config, plus a hook saving every rank's weights
+    config.write_text(
+        f"_base_ = {str(demo_config_path())!r}\n"
+        "custom_imports = dict(imports=['crat_ft.metric', 'rank_states'])\n"
+        "custom_hooks = [dict(type='SaveRankStateHook')]\n"
+    )
     work = tmp_path / "ddp"
-    args = ["train-detector", demo_config_path(), "--work-dir", work, "--data-root", tiny_data, "--seed", 0,
+    args = ["train-detector", config, "--work-dir", work, "--data-root", tiny_data, "--seed", 0,
             "--cfg-options", *TINY_TRAIN_OPTIONS]  # fmt: skip
-    r = _run(args, 2)
+    r = _run(args, 2, env={"PYTHONPATH": str(Path(__file__).parent)})
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert r.stdout.count("detector weights:") == 1, r.stdout
     log = next(work.glob("*/*.log")).read_text()
     assert "Distributed training: True" in log and "model_wrapper_cfg = dict(type='CratDistributedDataParallel')" in log
     ckpt = torch.load(work / "detector.pth", weights_only=True)
     assert ckpt["meta"]["iter"] == 4 and len(ckpt["meta"]["dataset_meta"]["classes"]) == 40
-    # the rank-0 Runner checkpoint at iteration 4 holds the same weights as detector.pth
-    runner_ckpt = torch.load(work / "iter_4.pth", weights_only=False)["state_dict"]
-    assert all(torch.equal(runner_ckpt[k], v) for k, v in ckpt["state_dict"].items())
+    # DDP kept both ranks' weights equal, and detector.pth holds them
+    rank0, rank1 = (torch.load(work / f"rank{k}_state.pth", weights_only=True) for k in (0, 1))
+    init = torch.load(work / "iter_4.pth", weights_only=False)["state_dict"]
+    assert rank0.keys() == rank1.keys() and len(rank0) > 50
+    for k in rank0:  # parameters; BatchNorm's running statistics stay each rank's own, as in mmdet's DDP
+        v = ckpt["state_dict"][k]
+        assert torch.equal(rank0[k], v) and torch.equal(rank1[k], v) and torch.equal(init[k], v), k
+    # (the ranks drew other images, as mmengine's sampler splits the data: equal weights mean DDP averaged)
 
 
 def test_a_bad_input_under_torchrun_ends_every_rank_with_its_line(tiny_data, tmp_path):
@@ -202,6 +229,23 @@ def test_a_bad_input_under_torchrun_ends_every_rank_with_its_line(tiny_data, tmp
     lines = [line for line in r.stderr.splitlines() if line.startswith("crat-ft: error:")]
     assert len(lines) == 2 and all("missing.pth does not exist; check the path" in line for line in lines), r.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_a_rank_that_fails_alone_ends_every_rank_within_seconds(tiny_data, tiny_detector, tmp_path):
+    """Rank 1 fails while loading the config; rank 0 has gone on to the process group and is ended by torchrun."""
+    import time
+
+    config = tmp_path / "rank1_fails_config.py"
+    config.write_text(
+        f"_base_ = {str(demo_config_path())!r}\ncustom_imports = dict(imports=['crat_ft.metric', 'rank1_fails'])\n"
+    )
+    t0 = time.time()
+    r = _run(["evaluate", config, tiny_detector, "--data-root", tiny_data, "--out", tmp_path / "m" / "m.json"], 2,
+             timeout=300, env={"PYTHONPATH": str(Path(__file__).parent)})  # fmt: skip
+    assert r.returncode != 0 and time.time() - t0 < 120
+    lines = [line for line in r.stderr.splitlines() if line.startswith("crat-ft: error:")]
+    assert len(lines) == 1 and "rank 1 cannot import what rank 0 can" in lines[0], r.stderr[-3000:]
+    assert not (tmp_path / "m" / "m.json").exists()  # (rank 0, ended by a signal, may leave its empty --out dir)
 
 
 def _failing_metric_worker(rank: int, port: int, spill: str, queue) -> None:

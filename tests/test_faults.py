@@ -265,7 +265,9 @@ def test_a_second_run_on_the_same_output_is_refused(tiny_data, tiny_detector, ti
     assert _leftovers(out) == []
 
     work = tmp_path / "work"
-    args = [*retrain_args(tiny_cache, work), "--cfg-options", *HEADS_OPTIONS]
+    # long enough to still hold the lock when the second run (seconds of imports) reaches it
+    args = [*retrain_args(tiny_cache, work), "--cfg-options", *HEADS_OPTIONS, "train.max_iters=30",
+            "train.checkpoint_interval=30"]  # fmt: skip
     first = _start_and_wait_for_lock(args, work / ".crat-ft.lock")
     r = run_cli(*args)
     assert r.returncode == 2 and f"another crat-ft run (pid {first.pid}) is using --work-dir {work}" in r.stderr, (
