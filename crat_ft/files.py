@@ -315,15 +315,18 @@ class RunLock:
             self.fd = None
 
 
-@contextlib.contextmanager
-def owned_tempdir(prefix: str) -> Iterator[Path]:
-    """A temporary directory named for this process; stale ones of dead processes are removed first.
-
-    The name is ``<prefix>.tmp-<pid>-<random>`` in the system temporary directory.
-    """
+def new_owned_tempdir(prefix: str) -> Path:
+    """A new temporary directory named for this process, ``<prefix>.tmp-<pid>-<random>`` in the system
+    temporary directory; those of processes that are gone are removed first. The caller removes it."""
     base = Path(tempfile.gettempdir())
     clean_stale_temps(base, f"{prefix}.tmp-*")
-    path = Path(tempfile.mkdtemp(prefix=f"{prefix}.tmp-{os.getpid()}-", dir=base))
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}.tmp-{os.getpid()}-", dir=base))
+
+
+@contextlib.contextmanager
+def owned_tempdir(prefix: str) -> Iterator[Path]:
+    """:func:`new_owned_tempdir`, removed when the block ends."""
+    path = new_owned_tempdir(prefix)
     try:
         yield path
     finally:

@@ -12,7 +12,6 @@ categories at a time (see docs/architecture.md#evaluation-protocol).
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -202,18 +201,13 @@ SPILL_PREFIX = "crat-ft-detections"
 def _shared_tempdir() -> str:
     """A temporary spill directory named by rank 0 (``crat-ft-detections.tmp-<pid>-*``), the same
     on every rank; rank 0 first removes those of processes that are gone."""
-    import tempfile
-    from pathlib import Path
-
     from mmengine.dist import broadcast_object_list, get_rank, is_distributed
 
-    from crat_ft.files import clean_stale_temps
+    from crat_ft.files import new_owned_tempdir
 
     name = [None]
     if get_rank() == 0:
-        base = Path(tempfile.gettempdir())
-        clean_stale_temps(base, f"{SPILL_PREFIX}.tmp-*")
-        name = [tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}.tmp-{os.getpid()}-", dir=base)]
+        name = [str(new_owned_tempdir(SPILL_PREFIX))]
     if is_distributed():
         broadcast_object_list(name)
     return name[0]

@@ -170,13 +170,14 @@ def retrain_heads(
     Returns:
         ``work_dir/heads.pth``: retrained layers, Fisher statistics and provenance.
     """
+    from crat_ft.dist import rank as dist_rank
     from crat_ft.files import RunLock, clean_stale_temps, output_dir, temp_pattern
     from crat_ft.ft_config import load_ft_config
     from crat_ft.registry import register_all
 
     register_all()
     ft = load_ft_config(ft_config, cfg_options)
-    rank = int(os.environ.get("RANK", 0))
+    rank = dist_rank()
     with output_dir(work_dir, "--work-dir") as work_dir:
         # one run per work dir; under torchrun rank 0 holds the lock, checks the work dir and records the run
         lock = RunLock(work_dir / ".crat-ft.lock", f"--work-dir {work_dir}") if rank == 0 else contextlib.nullcontext()
@@ -273,6 +274,7 @@ def check_resume(work_dir: Path, record: dict) -> None:
 
 
 def _retrain_locked(ft: dict, ft_config, cache, work_dir: Path, *, rank: int, resume: bool, trust_checkpoint: bool):
+    from crat_ft.dist import world_size
     from crat_ft.files import atomic_write_text
     from crat_ft.progress import output_begins
     from crat_ft.runner import resume_point, unwrap
@@ -282,7 +284,7 @@ def _retrain_locked(ft: dict, ft_config, cache, work_dir: Path, *, rank: int, re
     )
     heads = build_heads(ft, reader, detector_cfg, detector_state)
     loader = build_cache_loader(reader, ft["sampler"], ft["train"]["seed"], ft["train"]["num_workers"], rank)
-    record = run_record(ft, reader, cache, detector_cfg, sha, int(os.environ.get("WORLD_SIZE", 1)))
+    record = run_record(ft, reader, cache, detector_cfg, sha, world_size())
     if rank == 0:
         if resume:
             check_resume(work_dir, record)
