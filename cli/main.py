@@ -213,12 +213,18 @@ def train_detector(config, work_dir, data_root, seed, resume, cfg_options, verbo
     show_default=True,
     help="Also report AP-fixed (10,000 detections per class, no per-image cap) and/or AP-pool (one curve over all classes).",
 )
+@click.option("--outfile-prefix", type=click.Path(dir_okay=False), default=None,
+              help="Also write the detections as mmdet does: PREFIX.bbox.json and PREFIX.segm.json (for analyze-errors).")  # fmt: skip
 @TRUST
 @CFG_OPTIONS
 @VERBOSE
-def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols, trust_checkpoint, cfg_options,
-             verbose):  # fmt: skip
-    """Evaluate CHECKPOINT on the config's test split with the LVIS v1 protocol."""
+def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols, outfile_prefix, trust_checkpoint,
+             cfg_options, verbose):  # fmt: skip
+    """Evaluate CHECKPOINT on the config's test split with the LVIS v1 protocol.
+
+    Beside --out it keeps the per-image matches (<out stem>_matches_bbox.npz, ..._segm.npz) that
+    `crat-ft compare` resamples.
+    """
     from pathlib import Path
 
     from crat_ft.evaluation import format_table
@@ -236,6 +242,7 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols
             per_class_csv=per_class_csv,
             heads=heads,
             extra_protocols=protocols,
+            outfile_prefix=outfile_prefix,
         )
     if _rank() != 0:  # under torchrun rank 0 writes and reports
         return
@@ -487,6 +494,93 @@ def evaluate_results(gt, results, iou_types, protocol, out):
     click.echo(format_table(metrics, title=PROTOCOL_TITLES[protocol]))
     if out:
         click.echo(f"metrics: {out}")
+
+
+@cli.command()
+@click.argument("gt", type=click.Path())
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B")
+@click.option("--seeds", default=None, metavar="S1,S2,...",
+              help="One run per seed in each arm: A and B hold {seed} (e.g. runs/s{seed}/baseline); "
+                   "run s of A pairs with run s of B.")  # fmt: skip
+@click.option("--iou-type", "iou_types", type=click.Choice(["bbox", "segm"]), multiple=True,
+              help="bbox and/or segm (default: what both arms have).")  # fmt: skip
+@click.option(
+    "--resamples", default=1000, show_default=True, type=POSITIVE, help="Bootstrap resamples (at least 1000)."
+)
+@click.option("--bootstrap-seed", default=0, show_default=True, type=COUNT, help="Seed of the resampling.")
+@click.option(
+    "--names", default="A,B", show_default=True, metavar="NAME_A,NAME_B", help="What to call A and B in the table."
+)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the comparison as JSON here.")
+def compare(gt, a, b, seeds, iou_types, resamples, bootstrap_seed, names, out):
+    """B - A on the val split GT: AP, APr, APc, APf with 95% paired bootstrap intervals over images.
+
+    A and B are each a results file (JSON list of LVIS detections, e.g. mmdet's PREFIX.segm.json) or an
+    `evaluate` output (its metrics JSON, or the directory holding metrics.json: evaluate keeps the
+    per-image matches beside it).
+    """
+    import contextlib
+    from pathlib import Path
+
+    from crat_ft.compare import compare as run
+    from crat_ft.compare import format_comparison, verdict, write_json
+    from crat_ft.files import output_dir
+
+    seed_list = _int_list(seeds, "--seeds") if seeds else None
+    pair = tuple(n.strip() for n in names.split(","))
+    if len(pair) != 2 or not all(pair):
+        raise UserError(f"--names: expected two names separated by a comma, got {names!r}")
+    with output_dir(Path(out).parent, "the directory of --out") if out else contextlib.nullcontext():
+        result = run(gt, a, b, seeds=seed_list, iou_types=list(iou_types) or None, n_resamples=resamples,
+                     bootstrap_seed=bootstrap_seed)  # fmt: skip
+        if out:
+            write_json(out, result)
+    click.echo(format_comparison(result, pair))
+    for iou in ("bbox", "segm"):
+        if iou in result:
+            click.echo(verdict(result, pair, "APr", iou))
+    if out:
+        click.echo(f"comparison: {out}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option}: expected integers separated by commas, got {text!r}") from None
+    if not values:
+        raise UserError(f"{option}: expected integers separated by commas, got {text!r}")
+    return values
+
+
+@cli.command("analyze-errors")
+@click.argument("gt", type=click.Path())
+@click.argument("results", type=click.Path())
+@click.argument("results2", type=click.Path(), required=False)
+@click.option("--iou-type", "iou_types", type=click.Choice(["bbox", "segm"]), multiple=True,
+              help="bbox and/or segm (default: bbox, plus segm when every results file has masks).")  # fmt: skip
+@click.option(
+    "--names", default=None, metavar="NAME[,NAME2]", help="What to call the models (default: the file names)."
+)
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Write errors.json and errors_<iou type>.png (stacked bars per frequency group) here.")  # fmt: skip
+def analyze_errors(gt, results, results2, iou_types, names, out_dir):
+    """Where the AP goes: TIDE's error types under LVIS's federated rules, per frequency group, and the
+    class-oracle AP (each detection takes the class of the ground truth it overlaps most).
+
+    RESULTS (and RESULTS2, shown beside it) are JSON results files (mmdet's PREFIX.bbox.json / PREFIX.segm.json).
+    """
+    from crat_ft.error_analysis import analyze_results
+
+    files = [results] + ([results2] if results2 else [])
+    labels = [n.strip() for n in names.split(",")] if names else None
+    if labels is not None and len(labels) != len(files):
+        raise UserError(f"--names: expected {len(files)} name(s) separated by commas, got {names!r}")
+    text, written = analyze_results(gt, files, labels, iou_types=list(iou_types) or None, out_dir=out_dir)
+    click.echo(text)
+    for path in written:
+        click.echo(f"written: {path}")
 
 
 @cli.command("export-plain")

@@ -9,7 +9,9 @@ atomically, so an interrupted stage is simply redone):
 4. ``baseline/heads.pth`` and ``crat/heads.pth``: the class-wise layers retrained
    from the cache, class-balanced, without and with CRAT;
 5. ``{stage1,baseline,crat}/metrics.json``: LVIS bbox/segm metrics on val;
-6. ``summary.json``, the three-way table, ``ap_change_crat_vs_baseline.png``,
+6. ``summary.json``, the three-way table with CRAT - baseline's paired bootstrap intervals
+   (``crat-ft compare``), the class-oracle AP and error decomposition (``crat-ft analyze-errors``,
+   ``errors_bbox.png``, ``errors_segm.png``), ``ap_change_crat_vs_baseline.png``,
    ``rare_classes_baseline_vs_crat.png`` (the rarest classes' val detections,
    baseline beside CRAT), ``fisher_embedding.png`` and ``rare_fisher_neighbors.txt``.
 """
@@ -76,16 +78,38 @@ def _check_reused_data(data: Path, spec: DemoDataSpec) -> None:
 
 
 def delta_table(summary: dict) -> str:
-    """The three-way table with CRAT - baseline deltas, bbox and segm."""
+    """The three-way table, then CRAT - baseline with its paired bootstrap intervals and the
+    class-oracle AP per frequency group, bbox and segm; a last line of verdict."""
     lines = []
+    cmp = summary.get("crat_vs_baseline")
     for iou in ("bbox", "segm"):
         lines.append(
             format_table(
                 {k: summary[k][iou] for k in ("stage1", "baseline", "crat")}, title=f"\n{iou} (LVIS v1 protocol, %)"
             )
         )
-        d = {k: 100 * (summary["crat"][iou][k] - summary["baseline"][iou][k]) for k in DELTA_KEYS}
-        lines.append("CRAT - baseline: " + "  ".join(f"{k} {v:+.1f}" for k, v in d.items()))
+        if cmp and iou in cmp:
+            cells = [
+                f"{k} {100 * m['delta']:+.1f} [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]"
+                for k, m in cmp[iou].items()
+            ]
+            lines.append("CRAT - baseline (95% paired bootstrap over val images): " + "  ".join(cells))
+        else:
+            d = {k: 100 * (summary["crat"][iou][k] - summary["baseline"][iou][k]) for k in DELTA_KEYS}
+            lines.append("CRAT - baseline: " + "  ".join(f"{k} {v:+.1f}" for k, v in d.items()))
+        oracle = summary.get("class_oracle_AP", {})
+        if oracle:
+            groups = (("all", "AP"), ("r", "APr"), ("c", "APc"), ("f", "APf"))
+            lines.append(
+                "class-oracle AP (each detection takes the class of the ground truth it overlaps most): "
+                + "  ".join(
+                    f"{name} "
+                    + " ".join(
+                        f"{key} {100 * oracle[name][iou][g]:.1f}" for g, key in groups if oracle[name][iou][g] >= 0
+                    )
+                    for name in ("baseline", "crat")
+                )
+            )
         if all("fixed" in summary[k] for k in ("stage1", "baseline", "crat")):
             lines.append(
                 "AP-fixed (10,000 per class, no per-image cap): "
@@ -94,7 +118,37 @@ def delta_table(summary: dict) -> str:
                     for k in ("stage1", "baseline", "crat")
                 )
             )
+    if summary.get("verdict"):
+        lines.append("\n" + "\n".join(summary["verdict"]))
     return "\n".join(lines)
+
+
+def _what_the_run_shows(work_dir: Path, data: Path, seed: int) -> dict:
+    """CRAT - baseline with paired bootstrap intervals, the class-oracle AP and the error decomposition
+    of both, and the verdict sentences; ``errors_bbox.png`` / ``errors_segm.png`` in ``work_dir``."""
+    from crat_ft.compare import compare, verdict
+    from crat_ft.detections import Detections
+    from crat_ft.error_analysis import analyze_errors, plot_errors
+    from crat_ft.evaluation import load_results_file
+    from crat_ft.lvis_json import load_lvis_json
+
+    gt = data / "annotations" / "lvis_v1_val.json"
+    _say("CRAT - baseline: paired bootstrap over val images, class-oracle AP and error decomposition")
+    result = compare(gt, str(work_dir / "baseline"), str(work_dir / "crat"), bootstrap_seed=seed)
+    gt_doc = load_lvis_json(gt)
+    errors = {}
+    for name in ("baseline", "crat"):
+        dets = Detections.from_dicts(load_results_file(work_dir / name / "results.segm.json"), masks=True)
+        errors[name] = {iou: analyze_errors(gt_doc, dets, iou) for iou in ("bbox", "segm")}
+    for iou in ("bbox", "segm"):
+        plot_errors(errors, iou, work_dir / f"errors_{iou}.png")
+    names = ("baseline", "CRAT")
+    return {
+        "crat_vs_baseline": result,
+        "class_oracle_AP": {name: {iou: e[iou]["oracle_AP"] for iou in e} for name, e in errors.items()},
+        "errors": errors,
+        "verdict": [verdict(result, names, "APr", iou) for iou in ("bbox", "segm")],
+    }
 
 
 def run_demo(
@@ -188,7 +242,7 @@ def run_demo(
     jobs = {}
     for name in models:
         metrics_file = work_dir / name / "metrics.json"
-        if metrics_file.exists():
+        if metrics_file.exists() and (work_dir / name / "results.segm.json").exists():
             _say(f"evaluating {name}: done before, reusing {metrics_file}")
         else:
             jobs[name] = (None if name == "stage1" else work_dir / name / HEADS_FILE, metrics_file)
@@ -197,9 +251,10 @@ def run_demo(
         _say(what)
         t0 = time.time()
         with contextlib.redirect_stdout(log):
-            evaluate_side_by_side(config, detector, jobs, data_root=data, log=log)
+            evaluate_side_by_side(config, detector, jobs, data_root=data, log=log, with_results=True)
         _say(f"{what}: done in {time.time() - t0:.0f} s")
     summary = {name: _load_json(work_dir / name / "metrics.json") for name in models}
+    summary.update(_what_the_run_shows(work_dir, data, seed))
 
     cats = categories_by_id(_load_json(data / "annotations" / "lvis_v1_train.json"))
     plot_ap_change(

@@ -82,7 +82,7 @@ def top_k_per_class(results: Iterable[dict], k: int) -> list[dict]:
     return _top_k_by(results, "category_id", k)
 
 
-def _top_k_rows(group: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+def top_k_rows(group: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
     """Rows kept by :func:`top_k_per_image` (``group`` = image ids) or :func:`top_k_per_class`, in its order:
     groups by first appearance, a group within its cap in input order, a capped one by descending score."""
     n = len(score)
@@ -106,7 +106,7 @@ def _top_k_rows(group: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
     return rows[np.lexsort((within[keep], group_order[keep]))]
 
 
-def _federated_rows(dets: Detections, rows: np.ndarray, gt_doc: dict) -> np.ndarray:
+def federated_rows(dets: Detections, rows: np.ndarray, gt_doc: dict) -> np.ndarray:
     """The rows LVIS evaluates: category in the image's positive or negative set (order kept)."""
     width = max((c["id"] for c in gt_doc["categories"]), default=0) + 1
     allowed = {img["id"] * width + c for img in gt_doc["images"] for c in img.get("neg_category_ids", [])}
@@ -115,7 +115,7 @@ def _federated_rows(dets: Detections, rows: np.ndarray, gt_doc: dict) -> np.ndar
     return rows[np.isin(keys, np.fromiter(allowed, np.int64, len(allowed)))]
 
 
-def _check_columns(dets: Detections, iou_type: str, image_ids: set, cat_ids: set) -> None:
+def check_columns(dets: Detections, iou_type: str, image_ids: set, cat_ids: set) -> None:
     bad = ~np.isin(dets.image_id, np.fromiter(image_ids, np.int64, len(image_ids)))
     if bad.any():
         i = int(np.argmax(bad))
@@ -285,15 +285,15 @@ def lvis_metrics(
     image_ids = {img["id"] for img in gt_doc["images"]}
     if isinstance(results, Detections):
         dets = results
-        _check_columns(dets, iou_type, image_ids, set(cat_ids))
+        check_columns(dets, iou_type, image_ids, set(cat_ids))
     else:
         _check_results(results, iou_type, image_ids, set(cat_ids))
         dets = Detections.from_dicts(results, masks=iou_type == "segm")
     if protocol == "standard":
-        rows = _federated_rows(dets, _top_k_rows(dets.image_id, dets.score, max_dets), gt_doc)
+        rows = federated_rows(dets, top_k_rows(dets.image_id, dets.score, max_dets), gt_doc)
         engine_cap = max_dets
     else:
-        rows = _federated_rows(dets, _top_k_rows(dets.category_id, dets.score, dets_per_class), gt_doc)
+        rows = federated_rows(dets, top_k_rows(dets.category_id, dets.score, dets_per_class), gt_doc)
         # no per-image cap: the engine's per (image, category) cap is set above the largest count
         pairs = dets.image_id[rows] * (max(cat_ids) + 1) + dets.category_id[rows]
         engine_cap = int(np.unique(pairs, return_counts=True)[1].max()) if len(rows) else 1

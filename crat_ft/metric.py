@@ -43,6 +43,10 @@ class CratLVISMetric(BaseMetric):
             (``"fixed"``: AP-fixed, ``"pool"``: AP-pool; ``last_results[protocol]``).
             They see what the model outputs: raise ``model.test_cfg.rcnn.max_per_img``
             for them to see more than 300 detections per image.
+        matches_files: ``{iou_type: path}``: write the per-(image, category) matches there
+            (:class:`crat_ft.matching.MatchTable`, what ``crat-ft compare`` resamples).
+        outfile_prefix: also write the detections as mmdet does, ``PREFIX.bbox.json`` and
+            (with masks) ``PREFIX.segm.json`` (what ``crat-ft analyze-errors`` reads).
     """
 
     default_prefix = "lvis"
@@ -57,6 +61,8 @@ class CratLVISMetric(BaseMetric):
         per_class_csv: str | None = None,
         extra_protocols: Sequence[str] = ("fixed",),
         spill_dir: str | None = None,
+        matches_files: dict | None = None,
+        outfile_prefix: str | None = None,
         collect_device: str = "cpu",
         prefix: str | None = None,
     ) -> None:
@@ -77,6 +83,8 @@ class CratLVISMetric(BaseMetric):
         self.spill_dir = spill_dir if spill_dir is not None else _shared_tempdir()
         self._spill = None
         self.per_class_csv = per_class_csv
+        self.matches_files = dict(matches_files or {})
+        self.outfile_prefix = outfile_prefix
         self._doc = None
         self.last_results: dict = {}
 
@@ -192,7 +200,27 @@ class CratLVISMetric(BaseMetric):
             logger.info("\n" + format_table(extra, title=f"LVIS AP-{protocol} metrics (10,000 per class)"))
         if self.per_class_csv:
             write_per_class_csv(self.per_class_csv, categories_by_id(self.doc), per_class)
+        self._write_matches_and_results(results)
         return {f"{iou}_{k}": v for iou, m in out.items() for k, v in m.items()}
+
+    def _write_matches_and_results(self, results: Detections) -> None:
+        import json
+
+        from crat_ft.files import atomic_write_text
+        from crat_ft.matching import index_ground_truth, match_table
+
+        if self.matches_files:
+            gt = index_ground_truth(self.doc)
+            for iou in self.iou_types:
+                if iou in self.matches_files:
+                    match_table(self.doc, results, iou, self.max_dets, gt=gt).save(self.matches_files[iou])
+        if self.outfile_prefix:
+            rows = np.arange(len(results))
+            atomic_write_text(f"{self.outfile_prefix}.bbox.json", json.dumps(results.to_dicts(rows, with_masks=False)))
+            if results.has_masks and "segm" in self.iou_types:
+                atomic_write_text(
+                    f"{self.outfile_prefix}.segm.json", json.dumps(results.to_dicts(rows, with_masks=True))
+                )
 
 
 SPILL_PREFIX = "crat-ft-detections"

@@ -101,13 +101,17 @@ def evaluate_detector(
     heads: str | os.PathLike | None = None,
     extra_protocols: Sequence[str] = ("fixed",),
     make_bar=None,
+    outfile_prefix: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate a detector checkpoint on the config's test split with the LVIS protocol
     (and ``extra_protocols``: ``"fixed"`` AP-fixed, ``"pool"`` AP-pool, each under its own key).
 
     Writes ``out`` as ``{"bbox": {...}, "segm": {...}, "fixed": {"bbox": ..., "segm": ...}}``
     (keys of :data:`crat_ft.evaluation.METRIC_KEYS`; ``fixed`` holds AP-fixed) and the per-class CSV beside it
-    (``<out stem>_per_class.csv`` unless ``per_class_csv`` is given).
+    (``<out stem>_per_class.csv`` unless ``per_class_csv`` is given), and the per-(image, category)
+    matches that ``crat-ft compare`` resamples (``<out stem>_matches_bbox.npz``, ``..._segm.npz``).
+    With ``outfile_prefix``, also the detections as mmdet writes them (``PREFIX.bbox.json``,
+    ``PREFIX.segm.json``: what ``crat-ft analyze-errors`` reads).
 
     With ``heads``, the retrained class-wise layers are merged into the
     checkpoint in a temporary directory first (nothing is written beside
@@ -146,20 +150,26 @@ def evaluate_detector(
                 return evaluate_detector(
                     merged_cfg or config, merged, out, cfg_options=cfg_options, data_root=data_root,
                     per_class_csv=csv_path, extra_protocols=extra_protocols, make_bar=make_bar,
+                    outfile_prefix=outfile_prefix,
                 )  # fmt: skip
+        if outfile_prefix is not None:
+            dirs.enter_context(output_dir(Path(outfile_prefix).parent, "the directory of --outfile-prefix"))
         cfg = _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint)
-        return _run_test_and_write(cfg, trust_checkpoint, out, csv_path, journal, extra_protocols, make_bar)
+        return _run_test_and_write(cfg, trust_checkpoint, out, csv_path, journal, extra_protocols, make_bar,
+                                   outfile_prefix)  # fmt: skip
 
 
 def _prepare_outputs(out: Path, csv_path: Path) -> Path:
     """Clean what killed runs left beside the outputs (rank 0 only: a pid names a process of its own
     node); the journal of the final commit."""
+    from crat_ft.compare import matches_path
     from crat_ft.dist import rank
+    from crat_ft.evaluation import IOU_TYPES
     from crat_ft.files import clean_stale_temps, recover_journal, temp_pattern
 
     journal = out.with_name(f".{out.name}.commit")
     if rank() == 0:
-        for path in (out, csv_path):  # temporary JSON, CSV and spilled detections
+        for path in (out, csv_path, *(matches_path(out, iou) for iou in IOU_TYPES)):  # temporary files, spills
             clean_stale_temps(path.parent, temp_pattern(path))
         recover_journal(journal)
     return journal
@@ -198,13 +208,22 @@ def _test_config(config, checkpoint, cfg_options, data_root, trust_checkpoint: b
 
 
 def _run_test_and_write(
-    cfg, trust_checkpoint: bool, out: Path, csv_path: Path, journal: Path, extra_protocols: Sequence[str], make_bar=None
+    cfg,
+    trust_checkpoint: bool,
+    out: Path,
+    csv_path: Path,
+    journal: Path,
+    extra_protocols: Sequence[str],
+    make_bar=None,
+    outfile_prefix=None,
 ) -> dict:
     """Run the test loop in a private work dir; rename the JSON and the per-class CSV into place together."""
     from mmengine.runner import Runner
 
     from crat_ft.checkpoint import trusted_loading
+    from crat_ft.compare import matches_path
     from crat_ft.dist import broadcast_from_rank0, distributed_runner_cfg, rank
+    from crat_ft.evaluation import IOU_TYPES
     from crat_ft.files import commit_together, owned_tempdir, storage_errors, temp_name
     from crat_ft.hooks import ConsoleProgressHook
     from crat_ft.metric import CratLVISMetric
@@ -214,6 +233,11 @@ def _run_test_and_write(
     lvis = next(e for e in evaluators if e.get("type") == "CratLVISMetric")
     lvis["per_class_csv"] = str(temp_name(csv_path))  # written by rank 0 only
     lvis["extra_protocols"] = list(extra_protocols)
+    iou_types = lvis.get("metric", ("bbox", "segm"))
+    matches = {iou: matches_path(out, iou) for iou in ([iou_types] if isinstance(iou_types, str) else iou_types)}
+    lvis["matches_files"] = {iou: str(temp_name(p)) for iou, p in matches.items()}
+    if outfile_prefix is not None:
+        lvis["outfile_prefix"] = str(outfile_prefix)
     distributed_runner_cfg(cfg)
     # detections go to disk beside --out, in one directory all ranks share, named for rank 0's pid
     # (``.<stem>.tmp-<pid>.detections``: rank 0's start-up cleanup removes a dead run's)
@@ -236,9 +260,15 @@ def _run_test_and_write(
         if main:
             with storage_errors(out):
                 temp_name(out).write_text(json.dumps(results, indent=2))
-            commit_together([(temp_name(csv_path), csv_path), (temp_name(out), out)], journal)
+            made = [(temp_name(p), p) for p in matches.values() if temp_name(p).exists()]
+            for iou in IOU_TYPES:  # an earlier evaluation's matches of an IoU type this one did not evaluate
+                if iou not in matches:
+                    matches_path(out, iou).unlink(missing_ok=True)
+            commit_together(made + [(temp_name(csv_path), csv_path), (temp_name(out), out)], journal)
     finally:
         if main:
+            for p in matches.values():
+                temp_name(p).unlink(missing_ok=True)
             temp_name(csv_path).unlink(missing_ok=True)
             temp_name(out).unlink(missing_ok=True)
     return results
@@ -251,6 +281,7 @@ def evaluate_side_by_side(
     *,
     data_root: str | os.PathLike | None = None,
     log=None,
+    with_results: bool = False,
 ) -> None:
     """Evaluate several class-wise layer sets of one detector, at the same time on a CPU.
 
@@ -262,6 +293,9 @@ def evaluate_side_by_side(
     in its last bits: the metrics are those of evaluations one by one (the demo's agree
     to 1e-7). With CUDA, or where processes cannot be forked, the jobs run one after
     another.
+
+    ``with_results``: each job also writes its detections as ``results.bbox.json`` / ``results.segm.json``
+    beside its ``out`` (mmdet's ``outfile_prefix`` format).
 
     ``log`` (an open text file) receives the jobs' stdout (mmengine's logs); one progress
     line on stderr counts the images of all jobs. A failed job raises its error here
@@ -275,7 +309,8 @@ def evaluate_side_by_side(
 
     if len(jobs) < 2 or sys.platform != "linux" or torch.cuda.is_available():
         for heads, out in jobs.values():
-            evaluate_detector(config, checkpoint, out, data_root=data_root, heads=heads)
+            evaluate_detector(config, checkpoint, out, data_root=data_root, heads=heads,
+                              outfile_prefix=Path(out).parent / "results" if with_results else None)  # fmt: skip
         return
     from crat_ft.progress import Progress
 
@@ -295,7 +330,11 @@ def evaluate_side_by_side(
                 threads,
                 log,
                 (config, checkpoint, out),
-                dict(data_root=data_root, heads=heads),
+                dict(
+                    data_root=data_root,
+                    heads=heads,
+                    outfile_prefix=Path(out).parent / "results" if with_results else None,
+                ),
             ),
             daemon=True,
         )

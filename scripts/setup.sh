@@ -7,7 +7,7 @@
 #   3. builds mmcv 2.1.0 from source with CPU ops (c++20 patch, see docs/architecture.md#environment),
 #      caching the wheel in $CRAT_FT_CACHE (default ~/.cache/crat-ft) keyed by
 #      mmcv, torch, python and platform, so the second set-up takes seconds
-#   4. installs mmengine, mmdet, h5py, click, lvis, faster-coco-eval, pytest, ruff
+#   4. installs mmengine, mmdet, h5py, click, lvis, faster-coco-eval, pytest, ruff (and tidecv for a test)
 #   5. installs crat-ft itself (`pip install .`; CRAT_FT_EDITABLE=1 for -e)
 #
 # GPU users: install mmcv the OpenMMLab way instead (`mim install mmcv==2.1.0`
@@ -100,9 +100,10 @@ else
 fi
 
 step "install mmdet 3.3.0, h5py, click, lvis, faster-coco-eval, test and lint tools"
-# setuptools 77-80: torch needs >= 77, and < 81 keeps pkg_resources, which mmengine needs for `mmdet::` configs
+# setuptools 77-80: torch needs >= 77, and < 81 keeps pkg_resources, which mmengine needs for `mmdet::` configs;
+# tidecv (TIDE's reference code, with pandas, seaborn, appdirs) only for the tests of analyze-errors
 "${PIP[@]}" install -q "mmdet==3.3.0" h5py click lvis "faster-coco-eval>=1.6" matplotlib pytest "ruff==0.17.6" "numpy<2" \
-    "setuptools>=77,<81"
+    "setuptools>=77,<81" "tidecv==1.0.1" "pandas<3" seaborn appdirs "opencv-python<4.11"
 
 step "install crat-ft"
 if [[ "${CRAT_FT_EDITABLE:-0}" == "1" ]]; then

@@ -87,9 +87,29 @@ def test_plain_pip_install_works_from_any_directory(tmp_path):
 @pytest.mark.slow
 def test_train_and_evaluate_end_to_end(tiny_data, tiny_detector, tmp_path):
     out = tmp_path / "metrics.json"
-    r = run_cli("evaluate", demo_config_path(), tiny_detector, "--out", out, "--data-root", tiny_data)
+    prefix = tmp_path / "results" / "tiny"
+    r = run_cli("evaluate", demo_config_path(), tiny_detector, "--out", out, "--data-root", tiny_data,
+                "--outfile-prefix", prefix)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads(out.read_text())
+    # the matches evaluate keeps re-accumulate to its metrics; its mmdet-style results give them too
+    gt = tiny_data / "annotations" / "lvis_v1_val.json"
+    from crat_ft.compare import compare
+
+    same = compare(gt, str(tmp_path), str(out))
+    dicts = json.loads(prefix.with_suffix(".segm.json").read_text())
+    assert (
+        dicts
+        and "segmentation" in dicts[0]
+        and "segmentation" not in json.loads(prefix.with_suffix(".bbox.json").read_text())[0]
+    )
+    files = compare(gt, str(prefix.with_suffix(".segm.json")), str(out))
+    for iou in ("bbox", "segm"):
+        for key in ("AP", "APr", "APc", "APf"):
+            if metrics[iou][key] >= 0:
+                assert same[iou][key]["a"] == pytest.approx(metrics[iou][key], abs=1e-12), (iou, key)
+                assert files[iou][key]["a"] == pytest.approx(metrics[iou][key], abs=1e-12), (iou, key)
+                assert same[iou][key]["delta"] == same[iou][key]["low"] == same[iou][key]["high"] == 0.0
     fixed = metrics.pop("fixed")
     assert set(metrics) == set(fixed) == {"bbox", "segm"}
     for iou in metrics:

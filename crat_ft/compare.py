@@ -1,0 +1,179 @@
+"""``crat-ft compare``: is B better than A on this val split, beyond sampling noise?
+
+Each arm is a results file (a JSON list of LVIS detections: mmdet's ``PREFIX.bbox.json`` /
+``PREFIX.segm.json``, detectron2's, lvis-api's) or an ``evaluate`` output (its metrics JSON or
+the directory holding ``metrics.json``), which keeps its per-image matches beside it
+(``<stem>_matches_bbox.npz``, ``<stem>_matches_segm.npz``). Results files are matched here, once.
+
+With ``seeds``, each arm is a pattern holding ``{seed}`` (e.g. ``runs/s{seed}/crat``), one run per
+seed; run s of A is paired with run s of B (the same seed, e.g. the same stage-1 detector).
+See :mod:`crat_ft.bootstrap` for the intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from crat_ft.bootstrap import SUMMARY_KEYS, check_same_split, paired_resamples, seeded_interval
+from crat_ft.detections import Detections
+from crat_ft.errors import UserError
+from crat_ft.evaluation import IOU_TYPES, load_results_file
+from crat_ft.lvis_json import load_lvis_json
+from crat_ft.matching import GroundTruth, MatchTable, index_ground_truth, match_table
+
+MIN_RESAMPLES = 1000
+
+
+def matches_path(metrics_json: str | os.PathLike, iou_type: str) -> Path:
+    """Where ``evaluate`` keeps the matches of ``iou_type`` beside its metrics JSON."""
+    p = Path(metrics_json)
+    return p.with_name(f"{p.stem}_matches_{iou_type}.npz")
+
+
+def _arm_tables(gt_doc: dict, gt: GroundTruth, path: str, iou_types: Sequence[str] | None) -> dict[str, MatchTable]:
+    """``{iou_type: MatchTable}`` of one run: an evaluate output, or a results file matched now."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "metrics.json").is_file():
+            raise UserError(f"{p} is a directory without metrics.json; pass an evaluate output or a results file")
+        p = p / "metrics.json"
+    if not p.is_file():
+        raise UserError(f"{p} does not exist; pass an evaluate output (metrics JSON) or a results file")
+    saved = {iou: matches_path(p, iou) for iou in IOU_TYPES if matches_path(p, iou).is_file()}
+    if saved:
+        wanted = list(iou_types) if iou_types else list(saved)
+        missing = [iou for iou in wanted if iou not in saved]
+        if missing:
+            raise UserError(
+                f"{p} has no {missing[0]} matches ({saved[next(iter(saved))].name} only); drop --iou-type {missing[0]}"
+            )
+        tables = {iou: MatchTable.load(saved[iou]) for iou in wanted}
+        for iou, t in tables.items():
+            if t.gt_fingerprint != gt.fingerprint():
+                raise UserError(
+                    f"{saved[iou]} was matched against other annotations than GT; pass the GT it was evaluated on"
+                )
+        return tables
+    doc = load_results_file(p)
+    if not doc:
+        raise UserError(f"results file {p} holds no detections; nothing to compare")
+    has_masks = "segmentation" in doc[0]
+    wanted = list(iou_types) if iou_types else ["bbox"] + (["segm"] if has_masks else [])
+    if "segm" in wanted and not has_masks:
+        raise UserError(f"results file {p} has no masks; pass the segm results (PREFIX.segm.json) or --iou-type bbox")
+    dets = Detections.from_dicts(doc, masks=has_masks)
+    return {iou: match_table(gt_doc, dets, iou, gt=gt) for iou in wanted}
+
+
+def _runs(pattern: str, seeds: Sequence[int] | None) -> list[str]:
+    if not seeds:
+        return [pattern]
+    if "{seed}" not in pattern:
+        raise UserError(f"--seeds: {pattern!r} should hold {{seed}} where the seed goes, e.g. runs/s{{seed}}/crat")
+    return [pattern.replace("{seed}", str(s)) for s in seeds]
+
+
+def compare(
+    gt: str | os.PathLike,
+    a: str,
+    b: str,
+    *,
+    seeds: Sequence[int] | None = None,
+    iou_types: Sequence[str] | None = None,
+    n_resamples: int = 1000,
+    bootstrap_seed: int = 0,
+    progress=None,
+) -> dict:
+    """B - A: mean difference and 95% interval of AP, APr, APc, APf per IoU type.
+
+    Returns ``{"a", "b", "seeds", "resamples", "bootstrap_seed", "images", iou_type: {key: {"a", "b",
+    "delta", "low", "high", "se_images", "sd_seeds"}}}`` (fractions, as ``lvis_metrics``).
+    """
+    if n_resamples < MIN_RESAMPLES:
+        raise UserError(f"--resamples: expected at least {MIN_RESAMPLES} for a 95% interval, got {n_resamples}")
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds: each seed once, got {list(seeds)}")
+    gt_doc = load_lvis_json(gt)
+    index = index_ground_truth(gt_doc)
+    pairs: dict[str, list] = {}
+    for ra, rb in zip(_runs(a, seeds), _runs(b, seeds)):
+        ta = _arm_tables(gt_doc, index, ra, iou_types)
+        tb = _arm_tables(gt_doc, index, rb, iou_types)
+        for iou in ta:
+            if iou not in tb:
+                raise UserError(f"{rb} has no {iou} results but {ra} has; pass --iou-type with what both have")
+            check_same_split(ta[iou], tb[iou], (ra, rb))
+            pairs.setdefault(iou, []).append((ta[iou], tb[iou]))
+        if progress:
+            progress()
+    out = {"a": a, "b": b, "seeds": list(seeds) if seeds else None, "resamples": n_resamples,
+           "bootstrap_seed": bootstrap_seed, "images": len(index.image_ids)}  # fmt: skip
+    for iou, runs in pairs.items():
+        stats = paired_resamples(runs, n_resamples, bootstrap_seed)
+        out[iou] = {}
+        for key in SUMMARY_KEYS:
+            if (stats["a"][key] < 0).any():  # no ground truth of this group in the split
+                continue
+            ci = seeded_interval(stats["b"][key] - stats["a"][key], stats["boot_delta"][key])
+            out[iou][key] = {"a": float(stats["a"][key].mean()), "b": float(stats["b"][key].mean()), **ci}
+    return out
+
+
+def _pct(x: float, sign: bool = False) -> str:
+    return f"{100 * x:+.1f}" if sign else f"{100 * x:.1f}"
+
+
+def format_comparison(result: dict, names: tuple[str, str] = ("A", "B")) -> str:
+    """The console table: A, B and B - A [95% interval] in AP points per IoU type."""
+    na, nb = names
+    runs = f"{len(result['seeds'])} seeds" if result["seeds"] else "one run each"
+    lines = [
+        f"{nb} - {na}: 95% paired bootstrap intervals over {result['images']} val images "
+        f"({result['resamples']} resamples, seed {result['bootstrap_seed']}; {runs}), AP points"
+    ]
+    keys = [k for k in SUMMARY_KEYS if any(k in result.get(iou, {}) for iou in IOU_TYPES)]
+    lines.append(f"{'':<16}" + "".join(f"{k:>22}" for k in keys))
+    for iou in IOU_TYPES:
+        if iou not in result:
+            continue
+        m = result[iou]
+        cell = lambda k, f: f"{f(m[k]) if k in m else '-':>22}"  # noqa: E731
+        lines.append(f"{iou + ' ' + na:<16}" + "".join(cell(k, lambda v: _pct(v["a"])) for k in keys))
+        lines.append(f"{iou + ' ' + nb:<16}" + "".join(cell(k, lambda v: _pct(v["b"])) for k in keys))
+        lines.append(
+            f"{iou + ' ' + nb[:3] + '-' + na[:3]:<16}"
+            + "".join(
+                cell(k, lambda v: f"{_pct(v['delta'], True)} [{_pct(v['low'], True)}, {_pct(v['high'], True)}]")
+                for k in keys
+            )
+        )
+    return "\n".join(lines)
+
+
+GROUP_WORDS = {"AP": "", "APr": "rare ", "APc": "common ", "APf": "frequent "}
+
+
+def verdict(result: dict, names: tuple[str, str], key: str = "APr", iou: str = "bbox") -> str:
+    """One sentence: the difference, its interval, and whether the interval excludes zero."""
+    if key not in result.get(iou, {}):
+        return f"{names[1]} - {names[0]}: no {GROUP_WORDS[key]}ground truth in the val split, nothing to compare"
+    m = result[iou][key]
+    ci = f"{GROUP_WORDS[key]}{iou} AP {_pct(m['delta'], True)} [{_pct(m['low'], True)}, {_pct(m['high'], True)}]"
+    runs = f"the mean of {len(result['seeds'])} seeds" if result["seeds"] else "this run"
+    if m["low"] <= 0 <= m["high"]:
+        return f"{names[1]} - {names[0]} {ci}: not distinguishable from zero on {runs}"
+    side = "better" if m["delta"] > 0 else "worse"
+    return f"{names[1]} - {names[0]} {ci}: {names[1]} is {side}, the interval excludes zero on {runs}"
+
+
+def write_json(path: str | os.PathLike, result: dict) -> None:
+    from crat_ft.files import atomic_write_text
+
+    atomic_write_text(
+        path, json.dumps(result, indent=2, default=lambda x: x.tolist() if isinstance(x, np.ndarray) else x)
+    )

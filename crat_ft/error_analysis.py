@@ -1,0 +1,270 @@
+"""``crat-ft analyze-errors``: where the AP goes, TIDE's way (Bolya et al., ECCV 2020), under LVIS's rules.
+
+Detections are the metric's: the top ``max_dets`` per image, and only those of a category the image
+verifies (positive or in ``neg_category_ids``); the others do not count for LVIS AP, so they are no
+error either. At the foreground IoU 0.5 the metric's matching marks each a true positive, a false
+positive, or ignored (unmatched in a ``not_exhaustive`` image). Every detection that is not a true
+positive gets one error type, tested in TIDE's order:
+
+- ``loc``: its best IoU with ground truth of its own class lies in [0.1, 0.5];
+- ``cls``: IoU >= 0.5 with ground truth of another class;
+- ``dupe``: IoU >= 0.5 with ground truth of its class that a higher-scored detection took;
+- ``bkg``: IoU <= 0.1 with every ground truth of the image;
+- ``both``: anything else (wrong class and badly placed).
+
+``miss`` is ground truth no detection took and no ``cls``/``loc`` error could take. The AP recovered
+by an error type is AP50 with only those errors fixed, minus AP50 (0 where binning makes it
+negative, as TIDE does): a ``cls`` error takes the ground truth's class and a ``loc`` error its
+place, becoming a true positive when that ground truth is free and it is the highest-scored error
+aiming at it, and is removed otherwise; ``dupe``, ``bkg`` and ``both`` errors are removed; fixing
+``miss`` drops the missed instances from the count. All per frequency group and over all classes.
+
+The class-oracle AP: each detection (of the top ``max_dets`` per image) takes the class of the
+ground truth it overlaps most (any overlap), then the ordinary LVIS AP (0.50:0.95). It is what the
+boxes and masks are worth with a perfect classifier.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from crat_ft.bootstrap import category_ap, curve_ap, first_reaching, summarize
+from crat_ft.detections import Detections
+from crat_ft.evaluation import top_k_rows
+from crat_ft.matching import GroundTruth, greedy_match, image_blocks, index_ground_truth, match_table
+
+ERROR_TYPES = ("cls", "loc", "both", "dupe", "bkg", "miss")
+POS_IOU, BKG_IOU = 0.5, 0.1
+GROUPS = ("all", "r", "c", "f")
+_CODE = {"tp": 0, "cls": 1, "loc": 2, "both": 3, "dupe": 4, "bkg": 5}
+
+
+def _classify(gt: GroundTruth, dets: Detections, iou_type: str, max_dets: int) -> dict:
+    """Per evaluated detection its status and error; per ground truth whether it was taken or can be."""
+    rows = top_k_rows(dets.image_id, dets.score, max_dets)
+    cat_of = np.searchsorted(gt.cat_ids, dets.category_id)
+    img_of = np.searchsorted(gt.image_ids, dets.image_id)
+    keys = gt.key(img_of, cat_of)
+    seen = np.full(len(dets), -1, np.int64)
+    seen[rows] = np.arange(len(rows))
+    evaluated = np.isin(keys, gt.verified) & (seen >= 0)
+    code = np.full(len(dets), -1, np.int64)  # -1: not evaluated
+    target = np.full(len(dets), -1, np.int64)  # the ground truth a cls/loc fix aims at
+    oracle_cat = cat_of.copy()
+    used = np.zeros(len(gt.gt_image), bool)
+    for _, d_rows, g, ious in image_blocks(gt, dets, rows, iou_type):
+        if len(g) and len(d_rows):
+            best = ious.argmax(axis=1)
+            hit = ious[np.arange(len(d_rows)), best] > 0
+            oracle_cat[d_rows[hit]] = gt.gt_cat[g[best[hit]]]
+        ev = evaluated[d_rows]
+        d_rows, ious = d_rows[ev], ious[ev]
+        code[d_rows] = _CODE["bkg"] if not len(g) else -2  # -2: decided below
+        if not len(g) or not len(d_rows):
+            continue
+        d_cat, g_cat = cat_of[d_rows], gt.gt_cat[g]
+        for c in np.unique(d_cat).tolist():
+            ds, gs = np.flatnonzero(d_cat == c), np.flatnonzero(g_cat == c)
+            m = greedy_match(ious[np.ix_(ds, gs)], [POS_IOU])[0]
+            code[d_rows[ds[m >= 0]]] = _CODE["tp"]
+            used[g[gs[m[m >= 0]]]] = True
+        same = d_cat[:, None] == g_cat[None, :]
+        taken = used[g][None, :]
+        for j in np.flatnonzero(code[d_rows] == -2).tolist():
+            own, other = np.where(same[j], ious[j], -1.0), np.where(~same[j], ious[j], -1.0)
+            if BKG_IOU <= own.max() <= POS_IOU:
+                code[d_rows[j]], target[d_rows[j]] = _CODE["loc"], g[int(own.argmax())]
+            elif other.max() >= POS_IOU:
+                code[d_rows[j]], target[d_rows[j]] = _CODE["cls"], g[int(other.argmax())]
+            elif np.where(taken[0], own, -1.0).max() >= POS_IOU:
+                code[d_rows[j]] = _CODE["dupe"]
+            elif ious[j].max() <= BKG_IOU:
+                code[d_rows[j]] = _CODE["bkg"]
+            else:
+                code[d_rows[j]] = _CODE["both"]
+    # a cls/loc fix takes its ground truth only if free, and only for the highest-scored error aiming at it
+    aims = np.flatnonzero(target >= 0)
+    free = aims[~used[target[aims]]]
+    fixed = np.zeros(len(dets), bool)
+    if len(free):
+        order = free[np.lexsort((seen[free], -dets.score[free], target[free]))]
+        first = np.r_[True, target[order][1:] != target[order][:-1]]
+        fixed[order[first]] = True
+    usable = np.zeros(len(gt.gt_image), bool)
+    usable[target[free]] = True
+    nel = np.isin(keys, gt.not_exhaustive)
+    return {"code": code, "target": target, "fixed": fixed, "used": used, "usable": usable, "seen": seen,
+            "cat": cat_of, "img": img_of, "ignored": (code > 0) & nel, "oracle_cat": oracle_cat}  # fmt: skip
+
+
+def _group_ap50(gt: GroundTruth, score, cat, img, seen, tp, fp, npos, valid) -> dict[str, float]:
+    """AP at IoU 0.5 per group from points (``tp``/``fp`` flags; neither: not a point)."""
+    keep = tp | fp
+    score, cat, img, seen, tp = score[keep], cat[keep], img[keep], seen[keep], tp[keep]
+    order = np.lexsort((seen, img, -score, cat))
+    cat, tp = cat[order], tp[order]
+    bounds = np.searchsorted(cat, np.arange(len(gt.cat_ids) + 1))
+    ap = np.zeros(len(gt.cat_ids))
+    for c in np.flatnonzero(valid).tolist():
+        s, e = bounds[c], bounds[c + 1]
+        if npos[c] > 0:
+            ap[c] = curve_ap(tp[s:e], ~tp[s:e], np.ones((1, e - s), np.int64), first_reaching(np.array([npos[c]])))[0]
+    out = {}
+    for group in GROUPS:
+        sel = valid & ((gt.frequency == group) if group != "all" else True)
+        out[group] = float(ap[sel].mean()) if sel.any() else -1.0
+    return out
+
+
+def analyze_errors(gt_doc: dict, dets: Detections, iou_type: str = "bbox", max_dets: int = 300) -> dict:
+    """The decomposition of one model's results.
+
+    Returns ``{"AP50", "AP", "oracle_AP", "dAP50": {error type: ...}}`` each ``{group: value}`` (fractions;
+    -1 where a group has no ground truth), and ``"counts"``: detections (instances for ``miss``) per error type.
+    """
+    from crat_ft.evaluation import check_columns
+
+    gt = index_ground_truth(gt_doc)
+    check_columns(dets, iou_type, set(gt.image_ids.tolist()), set(gt.cat_ids.tolist()))
+    info = _classify(gt, dets, iou_type, max_dets)
+    code, cat, fixed = info["code"], info["cat"], info["fixed"]
+    npos = np.bincount(gt.gt_cat, minlength=len(gt.cat_ids))
+    valid = npos > 0
+    base_tp = code == 0
+    base_fp = (code > 0) & ~info["ignored"]
+
+    def ap50(tp, fp, cats=cat, counts=npos):
+        return _group_ap50(gt, dets.score, cats, info["img"], info["seen"], tp, fp, counts, valid)
+
+    base = ap50(base_tp, base_fp)
+    gains = {}
+    for name in ERROR_TYPES:
+        if name == "miss":
+            missed = ~info["used"] & ~info["usable"]
+            fixed_ap = ap50(base_tp, base_fp, counts=npos - np.bincount(gt.gt_cat[missed], minlength=len(npos)))
+        else:
+            mine = code == _CODE[name]
+            cats = cat
+            if name == "cls":
+                cats = np.where(mine & fixed, gt.gt_cat[np.maximum(info["target"], 0)], cat)
+            becomes_tp = mine & fixed if name in ("cls", "loc") else np.zeros_like(mine)
+            fixed_ap = ap50(base_tp | becomes_tp, base_fp & ~mine, cats=cats)
+        gains[name] = {g: max(fixed_ap[g] - base[g], 0.0) if base[g] >= 0 else -1.0 for g in GROUPS}
+    counts = {name: int((code == _CODE[name]).sum()) for name in ERROR_TYPES if name != "miss"}
+    counts["miss"] = int((~info["used"] & ~info["usable"]).sum())
+    oracle = Detections(image_id=dets.image_id, category_id=gt.cat_ids[info["oracle_cat"]], score=dets.score,
+                        bbox=dets.bbox, rle=dets.rle, rle_offset=dets.rle_offset, rle_size=dets.rle_size)  # fmt: skip
+    return {
+        "AP50": base,
+        "AP": _group_ap(gt, gt_doc, dets, iou_type, max_dets),
+        "oracle_AP": _group_ap(gt, gt_doc, oracle, iou_type, max_dets),
+        "dAP50": gains,
+        "counts": counts,
+    }
+
+
+def _group_ap(gt: GroundTruth, gt_doc: dict, dets: Detections, iou_type: str, max_dets: int) -> dict[str, float]:
+    """LVIS AP (0.50:0.95) per group, by the matching ``crat-ft compare`` uses (equal to ``lvis_metrics``)."""
+    table = match_table(gt_doc, dets, iou_type, max_dets, gt=gt)
+    s = summarize(category_ap(table, np.ones((1, len(gt.image_ids)), np.int32)), gt.frequency)
+    return {"all": float(s["AP"][0]), "r": float(s["APr"][0]), "c": float(s["APc"][0]), "f": float(s["APf"][0])}
+
+
+def format_errors(results: dict[str, dict]) -> str:
+    """One table per IoU type: rows group x model; AP, class-oracle AP, AP50 and the AP50 each fix recovers."""
+    lines = []
+    for iou in ("bbox", "segm"):
+        models = {name: r[iou] for name, r in results.items() if iou in r}
+        if not models:
+            continue
+        lines.append(f"\n{iou}: AP, class-oracle AP, AP50 and the AP50 recovered by fixing each error type (points)")
+        lines.append(f"{'':<22}{'AP':>7}{'oracle':>8}{'AP50':>7}" + "".join(f"{e:>7}" for e in ERROR_TYPES))
+        for group in GROUPS:
+            for name, r in models.items():
+                if r["AP50"][group] < 0:
+                    continue
+                cells = [r["AP"][group], r["oracle_AP"][group], r["AP50"][group]] + [
+                    r["dAP50"][e][group] for e in ERROR_TYPES
+                ]
+                widths = [7, 8, 7] + [7] * len(ERROR_TYPES)
+                lines.append(f"{group + ' ' + name:<22}" + "".join(f"{100 * v:{w}.1f}" for v, w in zip(cells, widths)))
+    return "\n".join(lines).lstrip("\n")
+
+
+def plot_errors(results: dict[str, dict], iou_type: str, path) -> None:
+    """Stacked bars of the AP50 each error type costs, per frequency group, the models side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from crat_ft.files import atomic_path
+
+    models = [name for name, r in results.items() if iou_type in r]
+    groups = [g for g in GROUPS if any(results[m][iou_type]["AP50"][g] >= 0 for m in models)]
+    width = 0.8 / max(len(models), 1)
+    colours = plt.get_cmap("tab10").colors
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(groups) * len(models), 4))
+    for k, name in enumerate(models):
+        r = results[name][iou_type]
+        x = np.arange(len(groups)) + (k - (len(models) - 1) / 2) * width
+        bottom = np.zeros(len(groups))
+        for e, error in enumerate(ERROR_TYPES):
+            h = np.array([100 * max(r["dAP50"][error][g], 0) for g in groups])
+            ax.bar(x, h, width * 0.9, bottom=bottom, color=colours[e], label=error if k == 0 else None,
+                   edgecolor="black", hatch="//" if k else None, linewidth=0.5)  # fmt: skip
+            bottom += h
+        for xi, top in zip(x, bottom):
+            ax.text(xi, top, name, ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.set_xticks(np.arange(len(groups)))
+    ax.set_xticklabels({"all": "all classes", "r": "rare", "c": "common", "f": "frequent"}[g] for g in groups)
+    ax.set_ylabel("AP50 recovered by fixing (points)")
+    ax.set_title(f"{iou_type}: where the AP50 goes (TIDE under LVIS rules)")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def analyze_results(gt, files, names=None, *, iou_types=None, out_dir=None, max_dets: int = 300):
+    """``crat-ft analyze-errors``: the decomposition of each results file; the table, and what was written
+    (``errors.json``, ``errors_<iou type>.png`` in ``out_dir``)."""
+    import contextlib
+    import json
+    from pathlib import Path
+
+    from crat_ft.errors import UserError
+    from crat_ft.evaluation import load_results_file
+    from crat_ft.files import atomic_write_text, output_dir
+    from crat_ft.lvis_json import load_lvis_json
+
+    names = names or [Path(f).name for f in files]
+    if len(set(names)) != len(names):
+        names = [f"{n} ({k + 1})" for k, n in enumerate(names)]
+    gt_doc = load_lvis_json(gt)
+    docs = []
+    for f in files:
+        doc = load_results_file(f)
+        if not doc:
+            raise UserError(f"results file {f} holds no detections; nothing to analyse")
+        docs.append(doc)
+    masks = all("segmentation" in d[0] for d in docs)
+    iou_types = iou_types or ["bbox"] + (["segm"] if masks else [])
+    if "segm" in iou_types and not masks:
+        raise UserError("--iou-type segm: a results file has no masks; pass PREFIX.segm.json files or --iou-type bbox")
+    written = []
+    with output_dir(Path(out_dir), "--out-dir") if out_dir else contextlib.nullcontext():
+        results = {}
+        for name, doc in zip(names, docs):
+            dets = Detections.from_dicts(doc, masks="segm" in iou_types)
+            results[name] = {iou: analyze_errors(gt_doc, dets, iou, max_dets) for iou in iou_types}
+        if out_dir:
+            out = Path(out_dir)
+            atomic_write_text(out / "errors.json", json.dumps({"gt": str(gt), "files": dict(zip(names, map(str, files))),
+                                                               "results": results}, indent=2))  # fmt: skip
+            written.append(out / "errors.json")
+            for iou in iou_types:
+                plot_errors(results, iou, out / f"errors_{iou}.png")
+                written.append(out / f"errors_{iou}.png")
+    return format_errors(results), written
