@@ -12,7 +12,8 @@ recall thresholds), so the unweighted statistic equals :func:`crat_ft.evaluation
 Several seeds per arm (:func:`seeded_interval`): the mean of the per-seed differences, with an
 interval whose variance adds the image-sampling variance of that mean (bootstrap) to the
 seed-to-seed variance over the number of seeds, and a Student t quantile with seeds - 1 degrees of
-freedom.
+freedom. Where each seed has its own val split, the seed-to-seed variance holds image noise too,
+which is then counted twice: the interval errs wide.
 """
 
 from __future__ import annotations
@@ -132,13 +133,17 @@ def check_same_split(a: MatchTable, b: MatchTable, names: tuple[str, str]) -> No
 
 
 def paired_resamples(pairs: list[tuple[MatchTable, MatchTable]], n_resamples: int, seed: int) -> dict:
-    """Full-sample and resampled statistics of each (A, B) pair (one per seed), on shared resamples.
+    """Full-sample and resampled statistics of each (A, B) pair (one per seed). Pairs on one val split
+    share the resamples; a pair on another split (its own images) gets its own.
 
     Returns ``{"a": {key: [S]}, "b": ..., "boot_delta": {key: [S, B]}}`` (B - A per resample)."""
-    weights = resample_weights(len(pairs[0][0].image_ids), n_resamples, seed)
-    full = np.ones((1, len(pairs[0][0].image_ids)), np.int32)
+    splits: dict[str, np.ndarray] = {}
     out = {"a": {}, "b": {}, "boot_delta": {}}
     for a, b in pairs:
+        if a.gt_fingerprint not in splits:
+            splits[a.gt_fingerprint] = resample_weights(len(a.image_ids), n_resamples, seed + len(splits))
+        weights = splits[a.gt_fingerprint]
+        full = np.ones((1, len(a.image_ids)), np.int32)
         sa, sb = summarize(category_ap(a, full), a.frequency), summarize(category_ap(b, full), b.frequency)
         ra, rb = summarize(category_ap(a, weights), a.frequency), summarize(category_ap(b, weights), b.frequency)
         for key in SUMMARY_KEYS:

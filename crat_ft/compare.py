@@ -6,7 +6,8 @@ the directory holding ``metrics.json``), which keeps its per-image matches besid
 (``<stem>_matches_bbox.npz``, ``<stem>_matches_segm.npz``). Results files are matched here, once.
 
 With ``seeds``, each arm is a pattern holding ``{seed}`` (e.g. ``runs/s{seed}/crat``), one run per
-seed; run s of A is paired with run s of B (the same seed, e.g. the same stage-1 detector).
+seed; run s of A is paired with run s of B (the same seed, e.g. the same stage-1 detector). GT may
+hold ``{seed}`` too, where each seed has its own val split (the demo's data depend on its seed).
 See :mod:`crat_ft.bootstrap` for the intervals.
 """
 
@@ -98,10 +99,14 @@ def compare(
         raise UserError(f"--resamples: expected at least {MIN_RESAMPLES} for a 95% interval, got {n_resamples}")
     if seeds is not None and len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds: each seed once, got {list(seeds)}")
-    gt_doc = load_lvis_json(gt)
-    index = index_ground_truth(gt_doc)
+    gts = _runs(str(gt), seeds) if seeds and "{seed}" in str(gt) else [str(gt)] * len(_runs(a, seeds))
     pairs: dict[str, list] = {}
-    for ra, rb in zip(_runs(a, seeds), _runs(b, seeds)):
+    indexed: dict[str, tuple] = {}
+    for g, ra, rb in zip(gts, _runs(a, seeds), _runs(b, seeds)):
+        if g not in indexed:
+            doc = load_lvis_json(g)
+            indexed[g] = (doc, index_ground_truth(doc))
+        gt_doc, index = indexed[g]
         ta = _arm_tables(gt_doc, index, ra, iou_types)
         tb = _arm_tables(gt_doc, index, rb, iou_types)
         for iou in ta:
@@ -111,8 +116,10 @@ def compare(
             pairs.setdefault(iou, []).append((ta[iou], tb[iou]))
         if progress:
             progress()
+    n_images = sorted({len(i.image_ids) for _, i in indexed.values()})
     out = {"a": a, "b": b, "seeds": list(seeds) if seeds else None, "resamples": n_resamples,
-           "bootstrap_seed": bootstrap_seed, "images": len(index.image_ids)}  # fmt: skip
+           "bootstrap_seed": bootstrap_seed, "images": n_images[0] if len(n_images) == 1 else n_images,
+           "splits": len(indexed)}  # fmt: skip
     for iou, runs in pairs.items():
         stats = paired_resamples(runs, n_resamples, bootstrap_seed)
         out[iou] = {}
@@ -132,8 +139,10 @@ def format_comparison(result: dict, names: tuple[str, str] = ("A", "B")) -> str:
     """The console table: A, B and B - A [95% interval] in AP points per IoU type."""
     na, nb = names
     runs = f"{len(result['seeds'])} seeds" if result["seeds"] else "one run each"
+    images = result["images"] if isinstance(result["images"], int) else "/".join(map(str, result["images"]))
+    where = f"{images} val images" + (f" in each of {result['splits']} splits" if result.get("splits", 1) > 1 else "")
     lines = [
-        f"{nb} - {na}: 95% paired bootstrap intervals over {result['images']} val images "
+        f"{nb} - {na}: 95% paired bootstrap intervals over {where} "
         f"({result['resamples']} resamples, seed {result['bootstrap_seed']}; {runs}), AP points"
     ]
     keys = [k for k in SUMMARY_KEYS if any(k in result.get(iou, {}) for iou in IOU_TYPES)]

@@ -65,8 +65,8 @@ def _train_in(cfg, work_dir: Path, seed: int | None, resume: bool) -> Path:
     cfg.resume = start is not None
     if start is not None:
         cfg.load_from = str(start)
-    if seed is not None:
-        cfg.randomness = dict(seed=seed, deterministic=False)
+    if seed is not None:  # randomness.deterministic (mmengine: torch's deterministic algorithms) as configured
+        cfg.randomness = dict(seed=seed, deterministic=bool((cfg.get("randomness") or {}).get("deterministic", False)))
     unique_names(cfg, "train-detector")
     distributed_runner_cfg(cfg)  # under torchrun: DDP over every rank, mmengine's samplers split the data
     output_begins()

@@ -188,3 +188,24 @@ def test_saved_tables_refuse_other_annotations(tmp_path):
         compare(tmp_path / "gt2.json", str(tmp_path / "m"), str(tmp_path / "m"))
     with pytest.raises(UserError, match="has no segm matches"):
         compare(tmp_path / "gt.json", str(tmp_path / "m"), str(tmp_path / "m"), iou_types=["segm"])
+
+
+def test_seeds_with_a_val_split_each(tmp_path):
+    """The demo's data depend on its seed: GT holds {seed} too; each split gets its own resamples."""
+    singles = []
+    for seed in (0, 1):
+        gt, (a, b) = make_split(20 + seed, n_img=40 + 10 * seed, models=2)
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        for name, doc in (("gt", gt), ("a", a), ("b", b)):
+            (run / f"{name}.json").write_text(json.dumps(doc))
+        singles.append(compare(run / "gt.json", str(run / "a.json"), str(run / "b.json"), iou_types=["bbox"]))
+    both = compare(tmp_path / "s{seed}/gt.json", str(tmp_path / "s{seed}/a.json"), str(tmp_path / "s{seed}/b.json"),
+                   seeds=[0, 1])  # fmt: skip
+    assert both["splits"] == 2 and both["images"] == [40, 50]
+    for key in ("AP", "APf"):
+        deltas = [s["bbox"][key]["delta"] for s in singles]
+        m = both["bbox"][key]
+        assert m["delta"] == pytest.approx(np.mean(deltas), abs=1e-12)
+        assert m["sd_seeds"] == pytest.approx(np.std(deltas, ddof=1), abs=1e-12)
+        assert m["low"] < m["delta"] < m["high"]
