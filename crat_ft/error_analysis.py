@@ -204,7 +204,8 @@ def plot_errors(results: dict[str, dict], iou_type: str, path) -> None:
     groups = [g for g in GROUPS if any(results[m][iou_type]["AP50"][g] >= 0 for m in models)]
     width = 0.8 / max(len(models), 1)
     colours = plt.get_cmap("tab10").colors
-    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(groups) * len(models), 4))
+    fig, ax = plt.subplots(figsize=(min(3.0 + 1.1 * len(groups) * len(models), 11), 4))
+    tallest = 0.0
     for k, name in enumerate(models):
         r = results[name][iou_type]
         x = np.arange(len(groups)) + (k - (len(models) - 1) / 2) * width
@@ -215,12 +216,14 @@ def plot_errors(results: dict[str, dict], iou_type: str, path) -> None:
                    edgecolor="black", hatch="//" if k else None, linewidth=0.5)  # fmt: skip
             bottom += h
         for xi, top in zip(x, bottom):
-            ax.text(xi, top, name, ha="center", va="bottom", fontsize=7, rotation=90)
+            ax.text(xi, top, f" {name}", ha="center", va="bottom", fontsize=7, rotation=90)
+        tallest = max(tallest, float(bottom.max()) if len(bottom) else 0.0)
+    ax.set_ylim(0, max(tallest, 1e-3) * 1.3)
     ax.set_xticks(np.arange(len(groups)))
     ax.set_xticklabels({"all": "all classes", "r": "rare", "c": "common", "f": "frequent"}[g] for g in groups)
     ax.set_ylabel("AP50 recovered by fixing (points)")
     ax.set_title(f"{iou_type}: where the AP50 goes (TIDE under LVIS rules)")
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="error fixed")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

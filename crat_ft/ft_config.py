@@ -23,6 +23,7 @@ from typing import Iterable
 from crat_ft.errors import UserError
 
 FISHER_MODES = ("sample", "reference")
+DONORS = ("fisher", "uniform", "permuted")
 MASK_WEIGHTS = ("mask", "box")
 
 
@@ -45,6 +46,12 @@ class CratConfig:
     # a JSON file {class name: group}: transfuse only between classes of one group (e.g. the
     # families of the synthetic benchmark, or LVIS synsets under one hypernym); None: all classes
     donor_groups: str | None = None
+    # the ablation's controls (crat_ft.transfusion.transfusion_weights): "fisher" (CRAT), "uniform"
+    # (equal weights over the other seen classes, tau -> infinity), "permuted" (random receivers)
+    donors: str = "fisher"
+    # log mass_box / mass_mask: the norm of the transfused gradient on the class-wise layer over the own
+    # loss's (crat_ft.transfusion.gradient_mass_ratio; two extra autograd passes through that layer)
+    log_mass: bool = False
 
     @classmethod
     def from_dict(cls, d: dict | None, source: str = "crat") -> "CratConfig":
@@ -56,6 +63,8 @@ class CratConfig:
         cfg = cls(**d)
         if cfg.mask_weights not in MASK_WEIGHTS:
             raise UserError(f"{source}.mask_weights: expected one of {MASK_WEIGHTS}, got {cfg.mask_weights!r}")
+        if cfg.donors not in DONORS:
+            raise UserError(f"{source}.donors: expected one of {DONORS}, got {cfg.donors!r}")
         if cfg.fisher not in FISHER_MODES:
             raise UserError(f"{source}.fisher: expected one of {FISHER_MODES}, got {cfg.fisher!r}")
         for name, ok, expected in (
@@ -67,6 +76,7 @@ class CratConfig:
             ("top_k", lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1"),
             ("enable", lambda v: isinstance(v, bool), "True or False"),
             ("frequency_gate", lambda v: isinstance(v, bool), "True or False"),
+            ("log_mass", lambda v: isinstance(v, bool), "True or False"),
         ):
             _require(source, name, getattr(cfg, name), ok(getattr(cfg, name)), expected)
         return cfg

@@ -34,6 +34,7 @@ from crat_ft.transfusion import (
     FisherStats,
     box_sample_fisher,
     box_transfusion,
+    gradient_mass_ratio,
     mask_transfusion,
     mask_transfusion_loss,
     transfusion_weights,
@@ -274,6 +275,10 @@ class ClasswiseHeads(BaseModel):
                 losses["loss_mask_trans"] = self.crat.mask_lambda * self._mask_transfusion(
                     mask_feat, logits_all, z_own, mask_target, mask_label, mask_box_fields
                 )
+                if self.crat.log_mass:
+                    losses["mass_mask"] = gradient_mass_ratio(
+                        losses["loss_mask"], losses["loss_mask_trans"], self.conv_logits.weight
+                    )
         return losses
 
     def _box_losses(self, x_reg, box, gt_box, label) -> dict:
@@ -292,6 +297,10 @@ class ClasswiseHeads(BaseModel):
             losses["loss_box_trans"] = self.crat.box_lambda * self._box_transfusion(
                 x_pos, pred_all, pred_own, target, y
             )
+            if self.crat.log_mass:
+                losses["mass_box"] = gradient_mass_ratio(
+                    losses["loss_bbox"], losses["loss_box_trans"], self.fc_reg.weight
+                )
         return losses
 
     def _allowed(self, labels: Tensor) -> Tensor | None:
@@ -308,7 +317,7 @@ class ClasswiseHeads(BaseModel):
     def _box_transfusion(self, x_pos, pred_all, pred_own, target, y) -> Tensor:
         return box_transfusion(
             x_pos, pred_all, pred_own, target, y, self.box_stats, temperature=self.crat.box_tau,
-            fisher=self.crat.fisher, top_k=self.crat.top_k, allowed=self._allowed(y),
+            fisher=self.crat.fisher, top_k=self.crat.top_k, allowed=self._allowed(y), donors=self.crat.donors,
         )  # fmt: skip
 
     def _mask_transfusion(self, feats, logits_all, z_own, target, y, mask_box_fields) -> Tensor:
@@ -327,12 +336,18 @@ class ClasswiseHeads(BaseModel):
                 )
             # the box statistics were updated by this step's box branch
             w = transfusion_weights(
-                fisher, self.box_stats, y, self.crat.box_tau, top_k=self.crat.top_k, allowed=self._allowed(y)
+                fisher,
+                self.box_stats,
+                y,
+                self.crat.box_tau,
+                top_k=self.crat.top_k,
+                allowed=self._allowed(y),
+                donors=self.crat.donors,
             )
             return mask_transfusion_loss(logits_all, target, w)
         return mask_transfusion(
             self.conv_logits, feats, logits_all, z_own, target, y, self.mask_stats, temperature=self.crat.mask_tau,
-            fisher=self.crat.fisher, top_k=self.crat.top_k, allowed=self._allowed(y),
+            fisher=self.crat.fisher, top_k=self.crat.top_k, allowed=self._allowed(y), donors=self.crat.donors,
         )  # fmt: skip
 
     # -- refusing non-finite losses -------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from crat_ft.errors import UserError
 from crat_ft.ft_config import CratConfig
-from crat_ft.transfusion import FisherStats, box_transfusion, mask_transfusion
+from crat_ft.transfusion import FisherStats, box_transfusion, gradient_mass_ratio, mask_transfusion
 
 # plugin head type -> the mmdet head it extends
 PLAIN_TYPES = {
@@ -112,6 +112,10 @@ class _TransfusingBBoxHead(_Transfusing):
             out["loss_bbox"]["loss_bbox_transfusion"] = self.crat.box_lambda * self.box_transfusion_loss(
                 self._layer_input, bbox_pred, labels, targets
             )
+            if self.crat.log_mass:
+                out["loss_bbox"]["mass_box"] = gradient_mass_ratio(
+                    out["loss_bbox"]["loss_bbox"], out["loss_bbox"]["loss_bbox_transfusion"], self.fc_reg.weight
+                )
         return out
 
     def box_transfusion_loss(self, reg_input: Tensor, bbox_pred: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
@@ -124,7 +128,7 @@ class _TransfusingBBoxHead(_Transfusing):
         pred_own = pred_all[torch.arange(p, device=y.device), y]
         return box_transfusion(
             reg_input[pos], pred_all, pred_own, targets[pos], y, self.box_stats, temperature=self.crat.box_tau,
-            fisher=self.crat.fisher, top_k=self.crat.top_k, allowed=self._allowed(y),
+            fisher=self.crat.fisher, top_k=self.crat.top_k, allowed=self._allowed(y), donors=self.crat.donors,
         )  # fmt: skip
 
 
@@ -174,6 +178,10 @@ class CratFCNMaskHead(_Transfusing, FCNMaskHead):
             out["loss_mask"]["loss_mask_transfusion"] = self.crat.mask_lambda * self.mask_transfusion_loss(
                 self._layer_input, mask_preds, labels, out["mask_targets"]
             )
+            if self.crat.log_mass:
+                out["loss_mask"]["mass_mask"] = gradient_mass_ratio(
+                    out["loss_mask"]["loss_mask"], out["loss_mask"]["loss_mask_transfusion"], self.conv_logits.weight
+                )
         return out
 
     def mask_transfusion_loss(
@@ -185,7 +193,7 @@ class CratFCNMaskHead(_Transfusing, FCNMaskHead):
         return mask_transfusion(
             self.conv_logits, logits_input, mask_preds, z_own, targets.to(mask_preds.dtype), labels, self.mask_stats,
             temperature=self.crat.mask_tau, fisher=self.crat.fisher, top_k=self.crat.top_k,
-            allowed=self._allowed(labels),
+            allowed=self._allowed(labels), donors=self.crat.donors,
         )  # fmt: skip
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crat_ft.ft_config import DONORS
+
 __all__ = [
     "box_sample_grad",
     "box_sample_fisher",
@@ -42,6 +44,7 @@ __all__ = [
     "mask_layer_sample_grad",
     "box_transfusion",
     "mask_transfusion",
+    "gradient_mass_ratio",
 ]
 
 
@@ -225,12 +228,18 @@ def transfusion_weights(
     *,
     top_k: int | None = None,
     allowed: Tensor | None = None,
+    donors: str = "fisher",
 ) -> Tensor:
     """Transfusion weights ``w`` (P, C): softmax of Fisher cosines over other seen classes.
 
     ``w_{n,c} = softmax_c(cos(F_n, Φ_c) / τ)`` over the seen classes ``c ≠ y_n``;
     ``w_{n, y_n} = 0``; unseen classes get 0 and are excluded before the
     softmax. A row with no eligible class is all zero. Constants (no gradient).
+
+    ``donors`` (the ablation's controls): ``"fisher"`` as above; ``"uniform"``: equal weights over the
+    eligible classes (τ → ∞); ``"permuted"``: class c is scored by the statistics of class π(c), π one
+    fixed random permutation of the classes (seed 0), so the weights keep their sharpness but go to
+    random receivers.
 
     Args:
         sample_fisher: (P, *shape) per-sample Fisher.
@@ -250,9 +259,15 @@ def transfusion_weights(
         p, c = labels.shape[0], stats.num_classes
         if p == 0:
             return sample_fisher.new_zeros(0, c)
+        if donors not in DONORS:
+            raise ValueError(f"donors should be one of {DONORS}, but got {donors!r}")
         f = F.normalize(sample_fisher.reshape(p, -1).float(), dim=1)
         phi = F.normalize(stats.fisher.reshape(c, -1).float(), dim=1)
+        if donors == "permuted":
+            phi = phi[torch.randperm(c, generator=torch.Generator().manual_seed(0)).to(phi.device)]
         logits = f @ phi.T / temperature
+        if donors == "uniform":
+            logits = torch.zeros_like(logits)
         eligible = stats.seen[None, :].expand(p, c).clone()
         eligible[torch.arange(p, device=labels.device), labels] = False
         if allowed is not None:
@@ -343,6 +358,7 @@ def box_transfusion(
     fisher: str = "sample",
     top_k: int | None = None,
     allowed: Tensor | None = None,
+    donors: str = "fisher",
 ) -> Tensor:
     """One step of the box branch: per-sample Fisher → update (and all-reduce) Φ → weights → loss.
 
@@ -362,7 +378,7 @@ def box_transfusion(
         sample = reference_fisher(labels, stats.num_classes, box_sample_grad(feats.detach(), pred_own.detach(), target))
     else:
         sample = box_sample_fisher(feats.detach(), pred_own.detach(), target)
-    w = _update_and_weigh(sample, labels, stats, temperature, top_k, allowed)
+    w = _update_and_weigh(sample, labels, stats, temperature, top_k, allowed, donors)
     return box_transfusion_loss(pred_all, target, w)
 
 
@@ -379,6 +395,7 @@ def mask_transfusion(
     fisher: str = "sample",
     top_k: int | None = None,
     allowed: Tensor | None = None,
+    donors: str = "fisher",
 ) -> Tensor:
     """One step of the mask branch with the mask statistics (see :func:`box_transfusion`).
 
@@ -389,12 +406,26 @@ def mask_transfusion(
     """
     grads = mask_layer_sample_grad(layer, feats, z_own, target, labels)
     sample = reference_fisher(labels, stats.num_classes, grads) if fisher == "reference" else grads.square()
-    w = _update_and_weigh(sample, labels, stats, temperature, top_k, allowed)
+    w = _update_and_weigh(sample, labels, stats, temperature, top_k, allowed, donors)
     return mask_transfusion_loss(logits_all, target, w)
 
 
-def _update_and_weigh(sample, labels, stats: FisherStats, temperature, top_k, allowed) -> Tensor:
+def gradient_mass_ratio(own: Tensor, transfused: Tensor, weight: Tensor) -> Tensor:
+    """``‖∂transfused/∂W‖ / ‖∂own/∂W‖`` for a class-wise layer's weight ``W`` (both losses as weighted in
+    the total): how much gradient transfusion adds to the layer, next to its own-class loss. A detached
+    scalar, 0 where there is no gradient (no positive). For ``crat.log_mass`` (the ablation's loss-mass control)."""
+    zero = weight.new_zeros(())
+    if not (torch.is_grad_enabled() and own.requires_grad and transfused.requires_grad):
+        return zero
+    (g_own,) = torch.autograd.grad(own, weight, retain_graph=True, allow_unused=True)
+    (g_tr,) = torch.autograd.grad(transfused, weight, retain_graph=True, allow_unused=True)
+    if g_own is None or g_tr is None or float(g_own.norm()) == 0:
+        return zero
+    return (g_tr.norm() / g_own.norm()).detach()
+
+
+def _update_and_weigh(sample, labels, stats: FisherStats, temperature, top_k, allowed, donors="fisher") -> Tensor:
     """Both branches' middle step: Φ updated with the step's Fisher (and all-reduced), then the weights."""
     stats.update(sample, labels)
     stats.all_reduce()
-    return transfusion_weights(sample, stats, labels, temperature, top_k=top_k, allowed=allowed)
+    return transfusion_weights(sample, stats, labels, temperature, top_k=top_k, allowed=allowed, donors=donors)

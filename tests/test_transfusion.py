@@ -8,6 +8,7 @@ from crat_ft.transfusion import (
     FisherStats,
     box_sample_fisher,
     box_transfusion_loss,
+    gradient_mass_ratio,
     mask_sample_fisher,
     mask_transfusion_loss,
     transfusion_weights,
@@ -113,6 +114,47 @@ def test_weights_exclude_own_and_unseen_and_sum_to_one():
     assert (w[:, 4:] == 0).all()
     torch.testing.assert_close(w.sum(1), torch.ones(7))
     assert not w.requires_grad
+
+
+def test_control_donors_uniform_and_permuted():
+    g = torch.Generator().manual_seed(5)
+    stats = FisherStats(6, (4, 5))
+    stats.update(torch.rand(12, 4, 5, generator=g), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]))  # 5 unseen
+    sample = torch.rand(5, 4, 5, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 5])
+    uniform = transfusion_weights(sample, stats, labels, 0.05, donors="uniform")
+    expected = torch.full((5, 6), 0.25)
+    expected[torch.arange(5), labels] = 0
+    expected[:, 5] = 0
+    expected[4, :5] = 0.2  # class 5 is unseen: its samples give to all five seen classes
+    torch.testing.assert_close(uniform, expected)
+    # permuted: the same softmax with class c scored by the statistics of class perm[c]
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    moved = FisherStats(6, (4, 5))
+    moved.fisher.copy_(stats.fisher[perm])
+    moved.seen.copy_(stats.seen)
+    permuted = transfusion_weights(sample, stats, labels, 0.05, donors="permuted")
+    torch.testing.assert_close(permuted, transfusion_weights(sample, moved, labels, 0.05))
+    assert not torch.allclose(permuted, transfusion_weights(sample, stats, labels, 0.05))
+    torch.testing.assert_close(permuted.sum(1), torch.ones(5))
+    with pytest.raises(ValueError, match="donors should be one of"):
+        transfusion_weights(sample, stats, labels, 0.05, donors="random")
+
+
+def test_gradient_mass_ratio_is_the_ratio_of_gradient_norms():
+    g = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(5, 12)
+    x, t = torch.rand(8, 5, generator=g), torch.rand(8, 12, generator=g)
+    own = (layer(x) - t).abs().sum() / 8
+    trans = 0.001 * (layer(x) - t.flip(0)).abs().sum()
+    (g_own,) = torch.autograd.grad(own, layer.weight, retain_graph=True)
+    (g_tr,) = torch.autograd.grad(trans, layer.weight, retain_graph=True)
+    ratio = gradient_mass_ratio(own, trans, layer.weight)
+    assert float(ratio) == pytest.approx(float(g_tr.norm() / g_own.norm())) and 0 < float(ratio) < 1
+    assert not ratio.requires_grad
+    (own + trans).backward()  # the graph is still there for the training step
+    with torch.no_grad():
+        assert float(gradient_mass_ratio(layer(x).sum(), layer(x).sum(), layer.weight)) == 0.0
 
 
 def test_weights_golden_and_rows_without_receivers():

@@ -31,6 +31,11 @@ crat = dict(
     mask_weights="box",
     # transfuse only within groups of classes: a JSON file {class name: group} (off: None)
     donor_groups=None,
+    # the ablation's controls (benchmarks/bench_ablation.py): "fisher" (CRAT), "uniform" (equal weights
+    # over the other seen classes), "permuted" (class statistics permuted: random receivers)
+    donors="fisher",
+    # log mass_box / mass_mask: the transfused gradient's norm on fc_reg / conv_logits over the own loss's
+    log_mass=False,
 )
 
 sampler = dict(
