@@ -120,6 +120,14 @@ def compare(
     out = {"a": a, "b": b, "seeds": list(seeds) if seeds else None, "resamples": n_resamples,
            "bootstrap_seed": bootstrap_seed, "images": n_images[0] if len(n_images) == 1 else n_images,
            "splits": len(indexed)}  # fmt: skip
+    out.update(compare_tables(pairs, n_resamples, bootstrap_seed))
+    return out
+
+
+def compare_tables(pairs: dict[str, list], n_resamples: int = 1000, bootstrap_seed: int = 0) -> dict:
+    """``{iou_type: {key: {"a", "b", "delta", "low", "high", "se_images", "sd_seeds"}}}`` of
+    ``{iou_type: [(table A, table B) per seed]}`` (groups without ground truth left out)."""
+    out = {}
     for iou, runs in pairs.items():
         stats = paired_resamples(runs, n_resamples, bootstrap_seed)
         out[iou] = {}
@@ -167,13 +175,14 @@ def format_comparison(result: dict, names: tuple[str, str] = ("A", "B")) -> str:
 GROUP_WORDS = {"AP": "", "APr": "rare ", "APc": "common ", "APf": "frequent "}
 
 
-def verdict(result: dict, names: tuple[str, str], key: str = "APr", iou: str = "bbox") -> str:
-    """One sentence: the difference, its interval, and whether the interval excludes zero."""
+def verdict(result: dict, names: tuple[str, str], key: str = "APr", iou: str = "bbox", what: str = "AP") -> str:
+    """One sentence: the difference, its interval, and whether the interval excludes zero (``what``: the
+    statistic's name, e.g. ``"class-oracle AP"``)."""
     if key not in result.get(iou, {}):
         return f"{names[1]} - {names[0]}: no {GROUP_WORDS[key]}ground truth in the val split, nothing to compare"
     m = result[iou][key]
-    ci = f"{GROUP_WORDS[key]}{iou} AP {_pct(m['delta'], True)} [{_pct(m['low'], True)}, {_pct(m['high'], True)}]"
-    runs = f"the mean of {len(result['seeds'])} seeds" if result["seeds"] else "this run"
+    ci = f"{GROUP_WORDS[key]}{iou} {what} {_pct(m['delta'], True)} [{_pct(m['low'], True)}, {_pct(m['high'], True)}]"
+    runs = f"the mean of {len(result['seeds'])} seeds" if result.get("seeds") else "this run"
     if m["low"] <= 0 <= m["high"]:
         return f"{names[1]} - {names[0]} {ci}: not distinguishable from zero on {runs}"
     side = "better" if m["delta"] > 0 else "worse"

@@ -97,19 +97,18 @@ def delta_table(summary: dict) -> str:
         else:
             d = {k: 100 * (summary["crat"][iou][k] - summary["baseline"][iou][k]) for k in DELTA_KEYS}
             lines.append("CRAT - baseline: " + "  ".join(f"{k} {v:+.1f}" for k, v in d.items()))
-        oracle = summary.get("class_oracle_AP", {})
+        oracle = summary.get("class_oracle_crat_vs_baseline", {}).get(iou)
         if oracle:
-            groups = (("all", "AP"), ("r", "APr"), ("c", "APc"), ("f", "APf"))
             lines.append(
                 "class-oracle AP (each detection takes the class of the ground truth it overlaps most): "
-                + "  ".join(
-                    f"{name} "
-                    + " ".join(
-                        f"{key} {100 * oracle[name][iou][g]:.1f}" for g, key in groups if oracle[name][iou][g] >= 0
-                    )
-                    for name in ("baseline", "crat")
-                )
+                + "baseline "
+                + "  ".join(f"{k} {100 * m['a']:.1f}" for k, m in oracle.items())
             )
+            cells = [
+                f"{k} {100 * m['delta']:+.1f} [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]"
+                for k, m in oracle.items()
+            ]
+            lines.append("class-oracle AP, CRAT - baseline (95% paired bootstrap): " + "  ".join(cells))
         if all("fixed" in summary[k] for k in ("stage1", "baseline", "crat")):
             lines.append(
                 "AP-fixed (10,000 per class, no per-image cap): "
@@ -126,7 +125,7 @@ def delta_table(summary: dict) -> str:
 def _what_the_run_shows(work_dir: Path, data: Path, seed: int) -> dict:
     """CRAT - baseline with paired bootstrap intervals, the class-oracle AP and the error decomposition
     of both, and the verdict sentences; ``errors_bbox.png`` / ``errors_segm.png`` in ``work_dir``."""
-    from crat_ft.compare import compare, verdict
+    from crat_ft.compare import compare, compare_tables, verdict
     from crat_ft.detections import Detections
     from crat_ft.error_analysis import analyze_errors, plot_errors
     from crat_ft.evaluation import load_results_file
@@ -136,18 +135,25 @@ def _what_the_run_shows(work_dir: Path, data: Path, seed: int) -> dict:
     _say("CRAT - baseline: paired bootstrap over val images, class-oracle AP and error decomposition")
     result = compare(gt, str(work_dir / "baseline"), str(work_dir / "crat"), bootstrap_seed=seed)
     gt_doc = load_lvis_json(gt)
-    errors = {}
+    errors, oracle_pairs = {}, {}
     for name in ("baseline", "crat"):
         dets = Detections.from_dicts(load_results_file(work_dir / name / "results.segm.json"), masks=True)
-        errors[name] = {iou: analyze_errors(gt_doc, dets, iou) for iou in ("bbox", "segm")}
+        errors[name] = {}
+        for iou in ("bbox", "segm"):
+            tables: dict = {}
+            errors[name][iou] = analyze_errors(gt_doc, dets, iou, tables=tables)
+            oracle_pairs.setdefault(iou, [[]])[0].append(tables["oracle"])
+    oracle = compare_tables({iou: [tuple(p[0])] for iou, p in oracle_pairs.items()}, bootstrap_seed=seed)
     for iou in ("bbox", "segm"):
         plot_errors(errors, iou, work_dir / f"errors_{iou}.png")
     names = ("baseline", "CRAT")
     return {
         "crat_vs_baseline": result,
         "class_oracle_AP": {name: {iou: e[iou]["oracle_AP"] for iou in e} for name, e in errors.items()},
+        "class_oracle_crat_vs_baseline": oracle,
         "errors": errors,
-        "verdict": [verdict(result, names, "APr", iou) for iou in ("bbox", "segm")],
+        "verdict": [verdict(result, names, "APr", iou) for iou in ("bbox", "segm")]
+        + [verdict(oracle, names, key, "bbox", what="class-oracle AP") for key in ("APr", "AP")],
     }
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from crat_ft.bootstrap import category_ap, curve_ap, first_reaching, summarize
 from crat_ft.detections import Detections
 from crat_ft.evaluation import top_k_rows
-from crat_ft.matching import GroundTruth, greedy_match, image_blocks, index_ground_truth, match_table
+from crat_ft.matching import GroundTruth, MatchTable, greedy_match, image_blocks, index_ground_truth, match_table
 
 ERROR_TYPES = ("cls", "loc", "both", "dupe", "bkg", "miss")
 POS_IOU, BKG_IOU = 0.5, 0.1
@@ -116,11 +116,15 @@ def _group_ap50(gt: GroundTruth, score, cat, img, seen, tp, fp, npos, valid) -> 
     return out
 
 
-def analyze_errors(gt_doc: dict, dets: Detections, iou_type: str = "bbox", max_dets: int = 300) -> dict:
+def analyze_errors(
+    gt_doc: dict, dets: Detections, iou_type: str = "bbox", max_dets: int = 300, tables: dict | None = None
+) -> dict:
     """The decomposition of one model's results.
 
     Returns ``{"AP50", "AP", "oracle_AP", "dAP50": {error type: ...}}`` each ``{group: value}`` (fractions;
     -1 where a group has no ground truth), and ``"counts"``: detections (instances for ``miss``) per error type.
+    ``tables``, if given, receives the match tables of the detections (``"model"``) and of their
+    class-oracle relabelling (``"oracle"``), for :mod:`crat_ft.bootstrap` intervals of either.
     """
     from crat_ft.evaluation import check_columns
 
@@ -154,19 +158,22 @@ def analyze_errors(gt_doc: dict, dets: Detections, iou_type: str = "bbox", max_d
     counts["miss"] = int((~info["used"] & ~info["usable"]).sum())
     oracle = Detections(image_id=dets.image_id, category_id=gt.cat_ids[info["oracle_cat"]], score=dets.score,
                         bbox=dets.bbox, rle=dets.rle, rle_offset=dets.rle_offset, rle_size=dets.rle_size)  # fmt: skip
+    model_table = match_table(gt_doc, dets, iou_type, max_dets, gt=gt)
+    oracle_table = match_table(gt_doc, oracle, iou_type, max_dets, gt=gt)
+    if tables is not None:
+        tables.update(model=model_table, oracle=oracle_table)
     return {
         "AP50": base,
-        "AP": _group_ap(gt, gt_doc, dets, iou_type, max_dets),
-        "oracle_AP": _group_ap(gt, gt_doc, oracle, iou_type, max_dets),
+        "AP": _group_ap(model_table),
+        "oracle_AP": _group_ap(oracle_table),
         "dAP50": gains,
         "counts": counts,
     }
 
 
-def _group_ap(gt: GroundTruth, gt_doc: dict, dets: Detections, iou_type: str, max_dets: int) -> dict[str, float]:
+def _group_ap(table: MatchTable) -> dict[str, float]:
     """LVIS AP (0.50:0.95) per group, by the matching ``crat-ft compare`` uses (equal to ``lvis_metrics``)."""
-    table = match_table(gt_doc, dets, iou_type, max_dets, gt=gt)
-    s = summarize(category_ap(table, np.ones((1, len(gt.image_ids)), np.int32)), gt.frequency)
+    s = summarize(category_ap(table, np.ones((1, len(table.image_ids)), np.int32)), table.frequency)
     return {"all": float(s["AP"][0]), "r": float(s["APr"][0]), "c": float(s["APc"][0]), "f": float(s["APf"][0])}
 
 

@@ -209,3 +209,39 @@ def test_seeds_with_a_val_split_each(tmp_path):
         assert m["delta"] == pytest.approx(np.mean(deltas), abs=1e-12)
         assert m["sd_seeds"] == pytest.approx(np.std(deltas, ddof=1), abs=1e-12)
         assert m["low"] < m["delta"] < m["high"]
+
+
+def test_demo_summary_carries_intervals_oracle_and_verdict(tmp_path):
+    """What the demo prints and writes after its evaluations, on a made-up pair of models."""
+    from crat_ft.compare import matches_path
+    from crat_ft.demo import _what_the_run_shows, delta_table
+
+    gt, models = make_split(9, models=2, masks=True)
+    (tmp_path / "data" / "annotations").mkdir(parents=True)
+    (tmp_path / "data" / "annotations" / "lvis_v1_val.json").write_text(json.dumps(gt))
+    summary = {}
+    for name, dets in zip(("stage1", "baseline", "crat"), [models[0], *models]):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "results.segm.json").write_text(json.dumps(dets))
+        metrics = {iou: lvis_metrics(gt, dets, iou) for iou in ("bbox", "segm")}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        for iou in ("bbox", "segm"):
+            match_table(gt, Detections.from_dicts(dets, masks=True), iou).save(matches_path(run / "metrics.json", iou))
+        summary[name] = metrics
+    shown = _what_the_run_shows(tmp_path, tmp_path / "data", seed=0)
+    cmp = shown["crat_vs_baseline"]
+    assert cmp["bbox"]["APr"]["delta"] == pytest.approx(
+        summary["crat"]["bbox"]["APr"] - summary["baseline"]["bbox"]["APr"]
+    )
+    oracle = shown["class_oracle_crat_vs_baseline"]["segm"]["AP"]
+    assert oracle["a"] == pytest.approx(shown["class_oracle_AP"]["baseline"]["segm"]["all"])
+    assert oracle["low"] <= oracle["delta"] <= oracle["high"]
+    assert (tmp_path / "errors_bbox.png").is_file() and (tmp_path / "errors_segm.png").is_file()
+    text = delta_table({**summary, **shown})
+    m = cmp["segm"]["APr"]
+    assert f"APr {100 * m['delta']:+.1f} [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]" in text
+    assert "class-oracle AP, CRAT - baseline (95% paired bootstrap): AP " in text
+    assert text.splitlines()[-4].startswith("CRAT - baseline rare bbox AP ")
+    assert text.splitlines()[-1].startswith("CRAT - baseline bbox class-oracle AP ")
+    assert all(line.endswith("on this run") for line in text.splitlines()[-4:])

@@ -231,3 +231,16 @@ def test_inputs_not_mutated():
     box_sample_fisher(feats, pred, target)
     for a, b in zip((feats, pred, target), copies):
         assert torch.equal(a, b)
+
+
+def test_crat_config_refuses_unknown_donors_and_non_bool_log_mass():
+    from crat_ft.errors import UserError
+    from crat_ft.ft_config import CratConfig
+
+    assert CratConfig.from_dict({"donors": "uniform", "log_mass": True}).donors == "uniform"
+    with pytest.raises(
+        UserError, match=r"crat.donors: expected one of \('fisher', 'uniform', 'permuted'\), got 'random'"
+    ):
+        CratConfig.from_dict({"donors": "random"})
+    with pytest.raises(UserError, match="crat.log_mass: expected True or False"):
+        CratConfig.from_dict({"log_mass": 1})
