@@ -122,7 +122,7 @@ def delta_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _what_the_run_shows(work_dir: Path, data: Path, seed: int) -> dict:
+def what_the_run_shows(work_dir: Path, data: Path, seed: int) -> dict:
     """CRAT - baseline with paired bootstrap intervals, the class-oracle AP and the error decomposition
     of both, and the verdict sentences; ``errors_bbox.png`` / ``errors_segm.png`` in ``work_dir``."""
     from crat_ft.compare import compare, compare_tables, verdict
@@ -260,7 +260,7 @@ def run_demo(
             evaluate_side_by_side(config, detector, jobs, data_root=data, log=log, with_results=True)
         _say(f"{what}: done in {time.time() - t0:.0f} s")
     summary = {name: _load_json(work_dir / name / "metrics.json") for name in models}
-    summary.update(_what_the_run_shows(work_dir, data, seed))
+    summary.update(what_the_run_shows(work_dir, data, seed))
 
     cats = categories_by_id(_load_json(data / "annotations" / "lvis_v1_train.json"))
     plot_ap_change(
