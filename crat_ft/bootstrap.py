@@ -43,16 +43,27 @@ def first_reaching(npos: np.ndarray) -> np.ndarray:
     return np.where(t / n < r, t + 1, t).astype(np.int64)
 
 
-def curve_ap(tp: np.ndarray, fp: np.ndarray, w: np.ndarray, need: np.ndarray) -> np.ndarray:
+def curve_ap(tp: np.ndarray, fp: np.ndarray, img: np.ndarray, weights: np.ndarray, need: np.ndarray) -> np.ndarray:
     """AP (mean over recall thresholds) of one category at one IoU threshold for each weight row.
 
-    ``tp``/``fp``: (n,) flags in accumulation order; ``w``: [B, n] per-detection weights;
-    ``need``: :func:`first_reaching` of the rows' weighted ground-truth counts (> 0)."""
-    b, n = w.shape
+    ``tp``/``fp``: (n,) flags in accumulation order; ``img``: (n,) each row's column of ``weights``
+    ([B, m] image counts); ``need``: :func:`first_reaching` of the rows' weighted ground-truth counts (> 0).
+
+    Only the true-positive rows are walked: a recall threshold is first reached at one, and a false
+    positive's precision is below the true positive's before it, so false positives matter only as
+    the weighted count before each true positive (a sparse product, one pass over them).
+    """
+    from scipy import sparse
+
+    b = len(weights)
+    k = np.flatnonzero(tp)
+    n = len(k)
     if n == 0:
         return np.zeros(b)
-    tpc = np.cumsum(w * tp, axis=1, dtype=np.int64)
-    fpc = np.cumsum(w * fp, axis=1, dtype=np.int64)
+    f = np.flatnonzero(fp[: k[-1]])
+    seg = sparse.csr_matrix((np.ones(len(f), np.int64), (np.searchsorted(k, f), img[f])), shape=(n, weights.shape[1]))
+    fpc = np.cumsum(np.asarray(seg @ weights.T.astype(np.int64)).T, axis=1)
+    tpc = np.cumsum(weights[:, img[k]], axis=1, dtype=np.int64)
     pr = tpc / (tpc + fpc + EPS)
     env = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
     span = int(tpc[:, -1].max()) + 2
@@ -81,19 +92,18 @@ def category_ap(table: MatchTable, weights: np.ndarray) -> np.ndarray:
     bounds = np.searchsorted(table.det_cat, np.arange(k + 1))
     for c in range(k):
         s, e = bounds[c], bounds[c + 1]
-        img, tp, fp = table.det_image[s:e], table.tp[s:e], ~table.tp[s:e] & ~table.ignored[s:e]
-        step = max(1, MAX_BLOCK // max(e - s, 1))
+        images, img = np.unique(table.det_image[s:e], return_inverse=True)
+        tp, fp = table.tp[s:e], ~table.tp[s:e] & ~table.ignored[s:e]
+        step = max(1, MAX_BLOCK // max(len(images), int(tp.sum(axis=0).max(initial=0)), 1))
         for b0 in range(0, b, step):
             rows = slice(b0, b0 + step)
             valid = np.flatnonzero(npos[rows, c] > 0)
             if not len(valid):
                 continue
-            w = weights[rows][valid][:, img]
+            w = weights[rows][valid][:, images]
             need = first_reaching(npos[rows, c][valid])
             for t in range(n_thr):
-                last = np.flatnonzero(tp[:, t])  # nothing after the last true positive moves the curve
-                n = last[-1] + 1 if len(last) else 0
-                out[b0 + valid, c, t] = curve_ap(tp[:n, t], fp[:n, t], w[:, :n], need)
+                out[b0 + valid, c, t] = curve_ap(tp[:, t], fp[:, t], img, w, need)
     return out
 
 

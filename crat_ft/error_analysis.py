@@ -108,7 +108,13 @@ def _group_ap50(gt: GroundTruth, score, cat, img, seen, tp, fp, npos, valid) -> 
     for c in np.flatnonzero(valid).tolist():
         s, e = bounds[c], bounds[c + 1]
         if npos[c] > 0:
-            ap[c] = curve_ap(tp[s:e], ~tp[s:e], np.ones((1, e - s), np.int64), first_reaching(np.array([npos[c]])))[0]
+            ap[c] = curve_ap(
+                tp[s:e],
+                ~tp[s:e],
+                np.zeros(e - s, np.int64),
+                np.ones((1, 1), np.int64),
+                first_reaching(np.array([npos[c]])),
+            )[0]
     out = {}
     for group in GROUPS:
         sel = valid & ((gt.frequency == group) if group != "all" else True)

@@ -166,13 +166,17 @@ def greedy_match(ious: np.ndarray, thresholds=IOU_THRESHOLDS) -> np.ndarray:
                 match[t, hit[0]] = 0
             continue
         free = np.ones(n_gt, bool)
+        left = n_gt
         for d in np.flatnonzero(best >= thr).tolist():
+            if not left:  # every instance taken: the rest stay unmatched
+                break
             cand = np.where(free, ious[d], -1.0)
             top = cand.max()
             if top >= thr:
                 g = n_gt - 1 - int(np.argmax(cand[::-1] == top))  # of equal IoUs the last, as lvis-api
                 match[t, d] = g
                 free[g] = False
+                left -= 1
     return match
 
 
