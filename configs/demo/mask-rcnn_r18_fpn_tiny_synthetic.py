@@ -208,4 +208,6 @@ log_processor = dict(type="LogProcessor", window_size=50, by_epoch=False)
 log_level = "INFO"
 load_from = None
 resume = False
-randomness = dict(seed=0)
+randomness = dict(
+    seed=0, deterministic=False
+)  # True: torch's deterministic algorithms (benchmarks/bench_reproducibility.py)
