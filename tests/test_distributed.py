@@ -52,7 +52,8 @@ def _evaluate(nproc: int, detector, data, out: Path) -> Path:
     assert r.stdout.count("LVIS v1 metrics (%)") == 1, r.stdout  # rank 0 alone reports
     # every image's 300 detections reached rank 0's evaluation
     assert _detections_evaluated(out.with_suffix(".log")) == 3000
-    leftovers = [p.name for p in out.parent.iterdir() if p.name not in ("m.json", "m_per_class.csv", "m.log")]
+    kept = ("m.json", "m_per_class.csv", "m.log", "m_matches_bbox.npz", "m_matches_segm.npz")
+    leftovers = [p.name for p in out.parent.iterdir() if p.name not in kept]
     assert leftovers == [], leftovers
     return out
 
@@ -68,6 +69,11 @@ def test_evaluate_under_torchrun_equals_one_process(tiny_data, tiny_detector, on
     one, two = (json.loads(outs[n].read_text()) for n in (1, 2))
     assert one == two and set(one) == {"bbox", "segm", "fixed"}
     assert outs[1].with_name("m_per_class.csv").read_text() == outs[2].with_name("m_per_class.csv").read_text()
+    from crat_ft.matching import MatchTable
+
+    for iou in ("bbox", "segm"):  # the matches crat-ft compare resamples are the same too
+        a, b = (MatchTable.load(outs[n].with_name(f"m_matches_{iou}.npz")) for n in (1, 2))
+        assert np.array_equal(a.tp, b.tp) and np.allclose(a.score, b.score, rtol=0, atol=1e-6) and len(a.score) > 0
 
 
 def test_a_killed_distributed_evaluation_reruns_to_the_same_metrics(
