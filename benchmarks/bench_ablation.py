@@ -17,7 +17,7 @@ Modes: ``e2e``, the demo detector trained by mmdet with the arm's heads (the plu
 shared trunk); ``decoupled``, the ``plain`` e2e detector of the seed, its RoI features cached, and the
 class-wise layers retrained from the cache with the arm (the demo's fine-tune configs).
 
-Benchmarks and seeds (stage 1: the demo config's 600 iterations; nothing shortened):
+Benchmarks and seeds:
 
 ================  =====================  =====================  ============
 benchmark         e2e seeds (reported)   decoupled seeds        held out
@@ -27,16 +27,27 @@ families s = 1    0, 1                   0, 1                   7
 families s = 0    --                     0, 1                   7
 ================  =====================  =====================  ============
 
+**Stage 1 is shortened to 300 iterations** (``--stage1-iters``; the demo config trains 600), its
+warm-up and learning-rate steps at the same fractions of the schedule (50; 225 and 275). Reason:
+time, chosen before any ablation run. On 2 CPU cores the whole ablation is 38 stage-1 trainings
+and 80 evaluations; at 600 iterations it would need about seven hours. Every arm of a benchmark
+gets the same schedule, so the comparison is fair; its absolute APs are those of a shorter-trained
+detector.
+
 **Held-out seed: 7 for every benchmark**, named here before any ablation run (no earlier
 benchmark of this project ran seed 7). It is run last and reported separately; nothing is tuned on
 it or on the reported seeds.
 
-Every run writes, as it ends, ``ROOT/<benchmark>/<mode>/s<seed>/<arm>/``: ``metrics.json`` (LVIS
-bbox/segm), the matches ``crat-ft compare`` resamples (``metrics_matches_*.npz``), ``mass.json``
-(for ``crat``: the measured ratios) and, outside git, checkpoints and ``results.segm.json``.
-``--finished`` tabulates what exists: per benchmark and mode, each arm's AP, APr, APc, APf and its
-difference from ``plain`` with ``crat-ft compare``'s interval over the reported seeds, and the
-held-out seed's difference on its own; ``--plot F`` draws the ΔAPr of every arm.
+Each seed's arms are trained one after another, then evaluated side by side
+(``crat_ft.stage1.evaluate_jobs``). Every run writes, as it ends, ``ROOT/<benchmark>/<mode>/s<seed>/<arm>/``:
+``arm.json`` (the config and ``--cfg-options`` it was trained with, its training time), ``metrics.json``
+(LVIS bbox/segm), the matches ``crat-ft compare`` resamples (``metrics_matches_*.npz``), ``errors.json``
+(``crat-ft analyze-errors``: the error decomposition and class-oracle AP) with the class-oracle matches
+(``oracle_matches_*.npz``), ``mass.json`` (``crat`` only: the measured ratios) and, outside git,
+checkpoints and detections. ``--finished`` tabulates what exists: per benchmark and mode, each arm's
+difference from ``plain`` in AP, APr, APc, APf (bbox, segm) and in class-oracle AP, with
+``crat-ft compare``'s interval over the reported seeds, the held-out seed's on its own, the rare
+classes' error decomposition and the mass ratios (``ROOT/ablation.md``); ``--plot F`` draws ΔAPr.
 
     .venv/bin/python benchmarks/bench_ablation.py [--root benchmarks/results/ablation] [--only colour-shapes/e2e]
     .venv/bin/python benchmarks/bench_ablation.py --finished [--plot docs/img/ablation.png]
@@ -48,18 +59,31 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 ARMS = ("plain", "crat", "uniform", "loss-mass", "permuted")
+TRAIN_ORDER = ("plain", "crat", "uniform", "permuted", "loss-mass")  # loss-mass needs crat's ratio
 HELD_OUT = 7
 BENCHMARKS = {
     "colour-shapes": dict(variant="colour-shapes", sharing=None, e2e=(0, 1, 2), decoupled=(0, 1)),
     "families-s1": dict(variant="families", sharing=1.0, e2e=(0, 1), decoupled=(0, 1)),
     "families-s0": dict(variant="families", sharing=0.0, e2e=(), decoupled=(0, 1)),
 }
+MODES = ("e2e", "decoupled")
 KEYS = ("AP", "APr", "APc", "APf")
+IOUS = ("bbox", "segm")
 E2E_CONFIG = "mask-rcnn_r18_fpn_tiny_crat-e2e_synthetic.py"
 PLAIN_CONFIG = "mask-rcnn_r18_fpn_tiny_synthetic.py"
+STAGE1_ITERS = 300
+HEADS = ("model.roi_head.bbox_head.crat", "model.roi_head.mask_head.crat")
+DONORS = {"crat": "fisher", "uniform": "uniform", "permuted": "permuted"}
+
+
+def stage1_options(iters: int) -> list[str]:
+    """The demo config's schedule (600 iterations: warm-up 100, steps at 450 and 550) scaled to ``iters``."""
+    return [f"train_cfg.max_iters={iters}", f"param_scheduler.0.end={iters // 6}", f"param_scheduler.1.end={iters}",
+            f"param_scheduler.1.milestones=[{iters * 3 // 4},{iters * 11 // 12}]"]  # fmt: skip
 
 
 def _mass(work: Path) -> dict:
@@ -76,165 +100,285 @@ def _mass(work: Path) -> dict:
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
-def _e2e_options(arm: str, mass: dict | None) -> tuple[str, list[str]]:
-    heads = ("model.roi_head.bbox_head.crat", "model.roi_head.mask_head.crat")
-    if arm == "plain":
-        return PLAIN_CONFIG, []
-    if arm == "loss-mass":
-        return PLAIN_CONFIG, [f"model.roi_head.bbox_head.loss_bbox.loss_weight={1 + mass['mass_box']}",
-                              f"model.roi_head.mask_head.loss_mask.loss_weight={1 + mass['mass_mask']}"]  # fmt: skip
-    donors = {"crat": "fisher", "uniform": "uniform", "permuted": "permuted"}[arm]
-    return E2E_CONFIG, [f"{h}.donors={donors}" for h in heads] + [f"{h}.log_mass={arm == 'crat'}" for h in heads]
-
-
-def _decoupled_options(arm: str, mass: dict | None) -> tuple[str, list[str]]:
+def arm_settings(mode: str, arm: str, mass: dict | None, stage1_iters: int) -> tuple[str, list[str]]:
+    """``(config file name, --cfg-options)`` of one arm: for ``e2e`` the detector's, for ``decoupled`` the
+    fine-tune config's (its stage 1 is the ``plain`` e2e detector of the same seed)."""
+    if mode == "e2e":
+        s1 = stage1_options(stage1_iters)
+        if arm == "plain":
+            return PLAIN_CONFIG, s1
+        if arm == "loss-mass":
+            return PLAIN_CONFIG, s1 + [f"model.roi_head.bbox_head.loss_bbox.loss_weight={1 + mass['mass_box']}",
+                                       f"model.roi_head.mask_head.loss_mask.loss_weight={1 + mass['mass_mask']}"]  # fmt: skip
+        return E2E_CONFIG, s1 + [f"{h}.donors={DONORS[arm]}" for h in HEADS] + [
+            f"{h}.log_mass={arm == 'crat'}" for h in HEADS
+        ]
     if arm == "plain":
         return "baseline_synthetic.py", []
     if arm == "loss-mass":
         return "baseline_synthetic.py", [f"heads.loss_bbox_weight={1 + mass['mass_box']}",
                                          f"heads.loss_mask_weight={1 + mass['mass_mask']}"]  # fmt: skip
-    donors = {"crat": "fisher", "uniform": "uniform", "permuted": "permuted"}[arm]
-    return "crat_synthetic.py", [f"crat.donors={donors}", f"crat.log_mass={arm == 'crat'}"]
+    return "crat_synthetic.py", [f"crat.donors={DONORS[arm]}", f"crat.log_mass={arm == 'crat'}"]
 
 
 def _say(msg: str) -> None:
-    import time
-
     print(f"[ablation {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_seed(root: Path, bench: str, mode: str, seed: int, log) -> None:
+def _data(root: Path, bench: str, seed: int) -> Path:
+    from crat_ft.synthetic import DemoDataSpec, make_demo_data
+
+    spec = BENCHMARKS[bench]
+    data = root / bench / "data" / f"s{seed}"
+    if not (data / "annotations" / "lvis_v1_val.json").exists():
+        kw = {} if spec["sharing"] is None else {"sharing": spec["sharing"]}
+        make_demo_data(data, DemoDataSpec(seed=seed, variant=spec["variant"], **kw), progress=False)
+    return data
+
+
+def _train(root: Path, bench: str, mode: str, seed: int, arm: str, data: Path, stage1_iters: int) -> dict:
+    """Train one arm (what is not there yet); returns the evaluation job of :func:`crat_ft.stage1.evaluate_jobs`."""
     from crat_ft.cache import INDEX_FILE
     from crat_ft.extract import extract_features
     from crat_ft.paths import demo_config
     from crat_ft.retrain import HEADS_FILE, retrain_heads
     from crat_ft.roi_policy import RoIPolicy
-    from crat_ft.stage1 import DETECTOR_FILE, evaluate_detector, train_detector
-    from crat_ft.synthetic import DemoDataSpec, make_demo_data
+    from crat_ft.stage1 import DETECTOR_FILE, train_detector
 
-    spec = BENCHMARKS[bench]
-    base = root / bench
-    data = base / "data" / f"s{seed}"
-    if not (data / "annotations" / "lvis_v1_val.json").exists():
-        kw = {} if spec["sharing"] is None else {"sharing": spec["sharing"]}
-        make_demo_data(data, DemoDataSpec(seed=seed, variant=spec["variant"], **kw), progress=False)
-    mass = None
-    for arm in ("plain", "crat", "uniform", "permuted", "loss-mass"):  # loss-mass needs crat's ratio
-        out = base / mode / f"s{seed}" / arm
-        if arm == "loss-mass":
-            mass = json.loads((base / mode / f"s{seed}" / "crat" / "mass.json").read_text())
-        if (out / "metrics.json").exists():
+    seed_dir = root / bench / mode / f"s{seed}"
+    out = seed_dir / arm
+    mass = json.loads((seed_dir / "crat" / "mass.json").read_text()) if arm == "loss-mass" else None
+    config_name, options = arm_settings(mode, arm, mass, stage1_iters)
+    t0 = time.time()
+    if mode == "e2e":
+        config = demo_config(config_name)
+        detector, heads = out / DETECTOR_FILE, None
+        if not detector.exists():
+            train_detector(config, out, cfg_options=options, data_root=data, seed=seed)
+        eval_options = options
+    else:
+        plain_config, plain_options = arm_settings("e2e", "plain", None, stage1_iters)
+        config = demo_config(plain_config)
+        detector = root / bench / "e2e" / f"s{seed}" / "plain" / DETECTOR_FILE
+        if not detector.exists():
+            train_detector(config, detector.parent, cfg_options=plain_options, data_root=data, seed=seed)
+        cache = seed_dir / "cache" / INDEX_FILE
+        if not cache.exists():
+            policy = RoIPolicy(seed=seed, mask_pos_per_class=200)
+            extract_features(config, detector, cache.parent, data_root=data, policy=policy, resume=True)
+        heads = out / HEADS_FILE
+        if not heads.exists():
+            retrain_heads(demo_config(config_name), cache, out, cfg_options=[f"train.seed={seed}", *options],
+                          resume=True)  # fmt: skip
+        eval_options = []
+    if arm == "crat" and not (out / "mass.json").exists():
+        (out / "mass.json").write_text(json.dumps(_mass(out)))
+    if not (out / "arm.json").exists():
+        record = dict(benchmark=bench, mode=mode, seed=seed, arm=arm, config=config_name, cfg_options=options,
+                      stage1_iters=stage1_iters, train_s=round(time.time() - t0, 1))  # fmt: skip
+        (out / "arm.json").write_text(json.dumps(record, indent=1))
+    return dict(config=config, checkpoint=detector, out=out / "metrics.json", data_root=data, heads=heads,
+                cfg_options=eval_options, outfile_prefix=out / "results")  # fmt: skip
+
+
+def analyze_arm(out: Path, gt_doc: dict) -> None:
+    """``errors.json`` and the class-oracle matches (``oracle_matches_<iou>.npz``) of one evaluated arm."""
+    from crat_ft.detections import Detections
+    from crat_ft.error_analysis import analyze_errors
+    from crat_ft.evaluation import load_results_file
+
+    dets = Detections.from_dicts(load_results_file(out / "results.segm.json"), masks=True)
+    errors = {}
+    for iou in IOUS:
+        tables: dict = {}
+        errors[iou] = analyze_errors(gt_doc, dets, iou, tables=tables)
+        tables["oracle"].save(out / f"oracle_matches_{iou}.npz")
+    (out / "errors.json").write_text(json.dumps(errors, indent=1))
+
+
+def run_seed(root: Path, bench: str, mode: str, seed: int, stage1_iters: int, log) -> None:
+    """Train every arm of one seed and mode, evaluate them side by side, analyse their errors."""
+    from crat_ft.lvis_json import load_lvis_json
+    from crat_ft.stage1 import evaluate_jobs
+
+    data = _data(root, bench, seed)
+    seed_dir = root / bench / mode / f"s{seed}"
+    jobs = {}
+    for arm in TRAIN_ORDER:
+        if (seed_dir / arm / "metrics.json").exists():
             continue
-        _say(f"{bench} {mode} seed {seed}: {arm}")
+        _say(f"{bench} {mode} seed {seed}: training {arm}")
         with contextlib.redirect_stdout(log):
-            if mode == "e2e":
-                config_name, options = _e2e_options(arm, mass)
-                config = demo_config(config_name)
-                detector = out / DETECTOR_FILE
-                if not detector.exists():
-                    train_detector(config, out, cfg_options=options, data_root=data, seed=seed)
-                if arm == "crat":
-                    (out / "mass.json").write_text(json.dumps(_mass(out)))
-                evaluate_detector(config, detector, out / "metrics.json", data_root=data,
-                                  cfg_options=options, outfile_prefix=out / "results")  # fmt: skip
-            else:
-                stage1 = base / "e2e" / f"s{seed}" / "plain" / DETECTOR_FILE
-                config = demo_config(PLAIN_CONFIG)
-                if not stage1.exists():
-                    train_detector(config, stage1.parent, data_root=data, seed=seed)
-                cache = base / "decoupled" / f"s{seed}" / "cache" / INDEX_FILE
-                if not cache.exists():
-                    policy = RoIPolicy(seed=seed, mask_pos_per_class=200)
-                    extract_features(config, stage1, cache.parent, data_root=data, policy=policy, resume=True)
-                ft_name, options = _decoupled_options(arm, mass)
-                if not (out / HEADS_FILE).exists():
-                    retrain_heads(demo_config(ft_name), cache, out, cfg_options=[f"train.seed={seed}", *options],
-                                  resume=True)  # fmt: skip
-                if arm == "crat":
-                    (out / "mass.json").write_text(json.dumps(_mass(out)))
-                evaluate_detector(config, stage1, out / "metrics.json", data_root=data, heads=out / HEADS_FILE,
-                                  outfile_prefix=out / "results")  # fmt: skip
+            jobs[arm] = _train(root, bench, mode, seed, arm, data, stage1_iters)
+    if jobs:
+        _say(f"{bench} {mode} seed {seed}: evaluating {', '.join(jobs)} side by side")
+        t0 = time.time()
+        with contextlib.redirect_stdout(log):
+            evaluate_jobs(jobs, log=log)
+        _say(f"{bench} {mode} seed {seed}: evaluated in {time.time() - t0:.0f} s")
+    gt_doc = None
+    for arm in ARMS:
+        out = seed_dir / arm
+        if not (out / "errors.json").exists():
+            gt_doc = gt_doc or load_lvis_json(data / "annotations" / "lvis_v1_val.json")
+            analyze_arm(out, gt_doc)
         m = json.loads((out / "metrics.json").read_text())
-        _say(
-            f"{bench} {mode} seed {seed} {arm}: bbox APr {100 * m['bbox']['APr']:.1f} segm APr {100 * m['segm']['APr']:.1f}"
-        )
+        _say(f"{bench} {mode} seed {seed} {arm}: bbox AP {100 * m['bbox']['AP']:.1f} APr {100 * m['bbox']['APr']:.1f}"
+             f"  segm AP {100 * m['segm']['AP']:.1f} APr {100 * m['segm']['APr']:.1f}")  # fmt: skip
 
 
-def finished(root: Path, plot: Path | None) -> None:
-    from crat_ft.compare import compare
+def _check_root(root: Path, stage1_iters: int) -> None:
+    """One stage-1 schedule per results root: runs of two schedules must not be compared."""
+    settings = root / "settings.json"
+    if settings.exists():
+        had = json.loads(settings.read_text())["stage1_iters"]
+        if had != stage1_iters:
+            sys.exit(f"bench_ablation: {root} holds runs with --stage1-iters {had}; pass it, or choose another --root")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps({"stage1_iters": stage1_iters}) + "\n")
+
+
+def plan(only: str | None, which: str) -> list[tuple[str, str, int]]:
+    """``(benchmark, mode, seed)`` in run order: per benchmark the reported seeds of both modes, then its
+    held-out seed (last)."""
+    runs = []
+    for bench, spec in BENCHMARKS.items():
+        if only and only not in (bench, *(f"{bench}/{m}" for m in MODES)):
+            continue
+        modes = [m for m in MODES if not only or only in (bench, f"{bench}/{m}")]
+        if which in ("all", "reported"):
+            runs += [(bench, m, s) for m in modes for s in spec[m]]
+        if which in ("all", "held-out"):
+            runs += [(bench, m, HELD_OUT) for m in modes if spec[m]]
+    return runs
+
+
+def _interval(m: dict) -> str:
+    return f"{100 * m['delta']:+.1f} [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]"
+
+
+def finished(root: Path, plot: Path | None) -> str:
+    """The tables of what exists under ``root`` (also written to ``root/ablation.md`` / ``ablation.json``)."""
+    import numpy as np
+
+    from crat_ft.compare import compare, compare_tables
+    from crat_ft.error_analysis import ERROR_TYPES
+    from crat_ft.matching import MatchTable
 
     rows = []
     for bench, spec in BENCHMARKS.items():
-        for mode in ("e2e", "decoupled"):
-            seeds = [s for s in spec[mode] if (root / bench / mode / f"s{s}" / "plain" / "metrics.json").exists()]
+        for mode in MODES:
+            base = root / bench / mode
             gt = str(root / bench / "data" / "s{seed}" / "annotations" / "lvis_v1_val.json")
             for arm in ARMS[1:]:
-                done = [s for s in seeds if (root / bench / mode / f"s{s}" / arm / "metrics.json").exists()]
-                for label, use in (("reported", done), ("held out", [HELD_OUT])):
-                    run = root / bench / mode / f"s{use[0]}" / arm if use else None
-                    if not use or not (run / "metrics.json").exists():
+                done = [s for s in (*spec[mode], HELD_OUT)
+                        if all((base / f"s{s}" / a / "errors.json").exists() for a in ("plain", arm))]  # fmt: skip
+                for label, use in (("reported", [s for s in done if s != HELD_OUT]),
+                                   ("held out", [s for s in done if s == HELD_OUT])):  # fmt: skip
+                    if not use:
                         continue
-                    r = compare(gt, str(root / bench / mode / "s{seed}" / "plain"),
-                                str(root / bench / mode / "s{seed}" / arm), seeds=use)  # fmt: skip
-                    rows.append((bench, mode, arm, label, use, r))
-    print("arm - plain, AP points, 95% interval (seeds pooled as `crat-ft compare --seeds` does)")
-    for bench, mode, arm, label, use, r in rows:
-        cells = "  ".join(f"{iou} {k} {100 * r[iou][k]['delta']:+.1f} [{100 * r[iou][k]['low']:+.1f}, "
-                          f"{100 * r[iou][k]['high']:+.1f}]" for iou in ("bbox", "segm") for k in ("APr", "APf"))  # fmt: skip
-        print(f"{bench:<14}{mode:<10}{arm:<10}{label:<9}seeds {','.join(map(str, use)):<6} {cells}")
+                    r = compare(gt, str(base / "s{seed}" / "plain"), str(base / "s{seed}" / arm), seeds=use)
+                    pairs = {iou: [(MatchTable.load(base / f"s{s}" / "plain" / f"oracle_matches_{iou}.npz"),
+                                    MatchTable.load(base / f"s{s}" / arm / f"oracle_matches_{iou}.npz")) for s in use]
+                             for iou in IOUS}  # fmt: skip
+                    oracle = compare_tables(pairs)
+                    errs = {a: [json.loads((base / f"s{s}" / a / "errors.json").read_text()) for s in use]
+                            for a in ("plain", arm)}  # fmt: skip
+                    rare_errors = {a: {e: float(np.mean([x["bbox"]["dAP50"][e]["r"] for x in errs[a]]))
+                                       for e in ERROR_TYPES} for a in errs}  # fmt: skip
+                    mass = [json.loads((base / f"s{s}" / "crat" / "mass.json").read_text()) for s in use]
+                    rows.append(dict(benchmark=bench, mode=mode, arm=arm, seeds=use, label=label,
+                                     delta={iou: {k: r[iou][k] for k in KEYS if k in r[iou]} for iou in IOUS},
+                                     oracle={iou: {k: oracle[iou][k] for k in KEYS if k in oracle[iou]} for iou in IOUS},
+                                     rare_errors_bbox=rare_errors,
+                                     mass={k: float(np.mean([m[k] for m in mass])) for k in mass[0]}))  # fmt: skip
+    lines = ["arm − plain, AP points, 95% interval (`crat-ft compare`; several seeds pooled as `--seeds` does)", ""]
+    head = [f"{iou} Δ{k}" for iou in IOUS for k in KEYS[1:]]
+    lines += ["| benchmark | mode | arm | seeds | " + " | ".join(head) + " |", "|---" * (4 + len(head)) + "|"]
+    for r in rows:
+        cells = [_interval(r["delta"][iou][k]) if k in r["delta"][iou] else "–" for iou in IOUS for k in KEYS[1:]]
+        seeds = ",".join(map(str, r["seeds"])) + (" (held out)" if r["label"] == "held out" else "")
+        lines.append(f"| {r['benchmark']} | {r['mode']} | {r['arm']} | {seeds} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Class-oracle AP (each detection takes the class of the ground truth it overlaps most), arm − plain:",
+        "",
+    ]
+    head = [f"{iou} oracle Δ{k}" for iou in IOUS for k in ("AP", "APr")]
+    lines += ["| benchmark | mode | arm | seeds | " + " | ".join(head) + " |", "|---" * (4 + len(head)) + "|"]
+    for r in rows:
+        cells = [
+            _interval(r["oracle"][iou][k]) if k in r["oracle"][iou] else "–" for iou in IOUS for k in ("AP", "APr")
+        ]
+        seeds = ",".join(map(str, r["seeds"])) + (" (held out)" if r["label"] == "held out" else "")
+        lines.append(f"| {r['benchmark']} | {r['mode']} | {r['arm']} | {seeds} | " + " | ".join(cells) + " |")
+    lines += ["", "Rare classes, bbox: AP50 points each error type costs (mean over the seeds; plain → arm), "
+              "and CRAT's gradient-mass ratio (transfused / own, on fc_reg and conv_logits):", ""]  # fmt: skip
+    lines += ["| benchmark | mode | arm | seeds | " + " | ".join(ERROR_TYPES) + " | mass box | mass mask |",
+              "|---" * (6 + len(ERROR_TYPES)) + "|"]  # fmt: skip
+    for r in rows:
+        e = r["rare_errors_bbox"]
+        cells = [f"{100 * e['plain'][t]:.1f} → {100 * e[r['arm']][t]:.1f}" for t in ERROR_TYPES]
+        seeds = ",".join(map(str, r["seeds"])) + (" (held out)" if r["label"] == "held out" else "")
+        lines.append(f"| {r['benchmark']} | {r['mode']} | {r['arm']} | {seeds} | " + " | ".join(cells)
+                     + f" | {r['mass']['mass_box']:.3f} | {r['mass']['mass_mask']:.3f} |")  # fmt: skip
+    text = "\n".join(lines)
+    (root / "ablation.md").write_text(text + "\n")
+    (root / "ablation.json").write_text(json.dumps(rows, indent=1))
     if plot and rows:
         _plot(rows, plot)
+    return text
 
 
-def _plot(rows, path: Path) -> None:
+def _plot(rows: list[dict], path: Path) -> None:
+    """ΔAPr of every arm, bbox and segm, per benchmark and mode: the reported seeds pooled (filled) and the
+    held-out seed (open), with their 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(b, m) for b, m, *_ in rows}, key=lambda x: (list(BENCHMARKS).index(x[0]), x[1]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, iou in zip(axes, ("bbox", "segm")):
-        for g, (bench, mode) in enumerate(groups):
-            for k, arm in enumerate(ARMS[1:]):
-                for bench_, mode_, arm_, label, use, r in rows:
-                    if (bench_, mode_, arm_) == (bench, mode, arm) and label == "reported":
-                        m = r[iou]["APr"]
-                        x = g + (k - 1.5) * 0.18
-                        ax.errorbar(x, 100 * m["delta"], yerr=[[100 * (m["delta"] - m["low"])], [100 * (m["high"] - m["delta"])]],
-                                    fmt="o", color=f"C{k}", capsize=3, label=arm if g == 0 else None)  # fmt: skip
+    groups = sorted({(r["benchmark"], r["mode"]) for r in rows}, key=lambda x: (list(BENCHMARKS).index(x[0]), x[1]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, iou in zip(axes, IOUS):
+        for r in rows:
+            g = groups.index((r["benchmark"], r["mode"]))
+            k = ARMS.index(r["arm"]) - 1
+            held = r["label"] == "held out"
+            m = r["delta"][iou]["APr"]
+            x = g + (k - 1.5) * 0.2 + (0.07 if held else 0)
+            ax.errorbar(x, 100 * m["delta"], yerr=[[100 * (m["delta"] - m["low"])], [100 * (m["high"] - m["delta"])]],
+                        fmt="o", color=f"C{k}", mfc="white" if held else f"C{k}", capsize=3,
+                        label=None if held or g else r["arm"])  # fmt: skip
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{b}\n{m}" for b, m in groups], fontsize=8)
-        ax.set_title(f"{iou} APr: arm - plain (95% interval, reported seeds)")
+        ax.set_title(f"{iou} APr, arm − plain (95% interval; open: held-out seed)", fontsize=9)
     axes[0].set_ylabel("AP points")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("benchmarks/results/ablation"))
-    ap.add_argument("--only", default=None, help="BENCHMARK/MODE, e.g. colour-shapes/e2e")
-    ap.add_argument("--held-out", action="store_true", help="run the held-out seed (last)")
-    ap.add_argument("--finished", action="store_true")
+    ap.add_argument("--only", default=None, help="BENCHMARK or BENCHMARK/MODE, e.g. colour-shapes/e2e")
+    ap.add_argument("--seeds", choices=("all", "reported", "held-out"), default="all",
+                    help="which seeds to run (all: each benchmark's held-out seed after its reported ones)")  # fmt: skip
+    ap.add_argument("--stage1-iters", type=int, default=STAGE1_ITERS)
+    ap.add_argument("--finished", action="store_true", help="tabulate what exists, run nothing")
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
     if args.finished:
-        finished(args.root, args.plot)
+        print(finished(args.root, args.plot))
         return
-    args.root.mkdir(parents=True, exist_ok=True)
+    _check_root(args.root, args.stage1_iters)
     with open(args.root / "ablation.log", "a") as log:
-        for bench, spec in BENCHMARKS.items():
-            for mode in ("e2e", "decoupled"):
-                if args.only and args.only != f"{bench}/{mode}":
-                    continue
-                for seed in [HELD_OUT] if args.held_out else spec[mode]:
-                    if seed == HELD_OUT and not spec[mode]:
-                        continue
-                    run_seed(args.root, bench, mode, seed, log)
-    sys.stdout.flush()
+        for bench, mode, seed in plan(args.only, args.seeds):
+            run_seed(args.root, bench, mode, seed, args.stage1_iters, log)
 
 
 if __name__ == "__main__":

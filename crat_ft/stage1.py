@@ -286,16 +286,37 @@ def evaluate_side_by_side(
     """Evaluate several class-wise layer sets of one detector, at the same time on a CPU.
 
     ``jobs`` maps a name to ``(heads, out)`` as :func:`evaluate_detector` takes them
-    (``heads=None`` evaluates ``checkpoint`` itself). Much of mmdet's CPU test loop is
-    single-threaded Python (mask pasting, mask encoding, the metric), so on a CPU one
-    forked process per job, each with its share of torch's threads, finishes sooner
-    than the jobs one after another. The thread count moves a detection's score at most
-    in its last bits: the metrics are those of evaluations one by one (the demo's agree
-    to 1e-7). With CUDA, or where processes cannot be forked, the jobs run one after
-    another.
+    (``heads=None`` evaluates ``checkpoint`` itself). ``with_results``: each job also writes
+    its detections as ``results.bbox.json`` / ``results.segm.json`` beside its ``out``
+    (mmdet's ``outfile_prefix`` format). The rest is :func:`evaluate_jobs`.
+    """
+    evaluate_jobs(
+        {
+            name: dict(
+                config=config,
+                checkpoint=checkpoint,
+                out=out,
+                data_root=data_root,
+                heads=heads,
+                outfile_prefix=Path(out).parent / "results" if with_results else None,
+            )  # fmt: skip
+            for name, (heads, out) in jobs.items()
+        },
+        log=log,
+    )
 
-    ``with_results``: each job also writes its detections as ``results.bbox.json`` / ``results.segm.json``
-    beside its ``out`` (mmdet's ``outfile_prefix`` format).
+
+def evaluate_jobs(jobs: dict[str, dict], *, log=None) -> None:
+    """Run several evaluations, at the same time on a CPU.
+
+    ``jobs`` maps a name to the keyword arguments of one :func:`evaluate_detector` call
+    (``config``, ``checkpoint``, ``out`` and any of its options), so each job may be another
+    detector. Much of mmdet's CPU test loop is single-threaded Python (mask pasting, mask
+    encoding, the metric), so on a CPU one forked process per job, each with its share of
+    torch's threads, finishes sooner than the jobs one after another. The thread count moves
+    a detection's score at most in its last bits: the metrics are those of evaluations one by
+    one (the demo's agree to 1e-7). With CUDA, or where processes cannot be forked, the jobs
+    run one after another.
 
     ``log`` (an open text file) receives the jobs' stdout (mmengine's logs); one progress
     line on stderr counts the images of all jobs. A failed job raises its error here
@@ -308,9 +329,8 @@ def evaluate_side_by_side(
     import torch
 
     if len(jobs) < 2 or sys.platform != "linux" or torch.cuda.is_available():
-        for heads, out in jobs.values():
-            evaluate_detector(config, checkpoint, out, data_root=data_root, heads=heads,
-                              outfile_prefix=Path(out).parent / "results" if with_results else None)  # fmt: skip
+        for kwargs in jobs.values():
+            evaluate_detector(**kwargs)
         return
     from crat_ft.progress import Progress
 
@@ -321,28 +341,12 @@ def evaluate_side_by_side(
         if stream is not None:
             stream.flush()  # a forked child must not write its parent's buffered text again
     procs = {
-        name: ctx.Process(
-            target=_evaluate_job,
-            args=(
-                queue,
-                name,
-                os.getpid(),
-                threads,
-                log,
-                (config, checkpoint, out),
-                dict(
-                    data_root=data_root,
-                    heads=heads,
-                    outfile_prefix=Path(out).parent / "results" if with_results else None,
-                ),
-            ),
-            daemon=True,
-        )
-        for name, (heads, out) in jobs.items()
+        name: ctx.Process(target=_evaluate_job, args=(queue, name, os.getpid(), threads, log, kwargs), daemon=True)
+        for name, kwargs in jobs.items()
     }
     for proc in procs.values():
         proc.start()
-    bar = None  # every job evaluates the same test split: the first job's count, times the jobs
+    bar = None  # every job evaluates a test split of the same size: the first job's count, times the jobs
     errors: dict[str, BaseException | str] = {}
     finished: set[str] = set()
     while len(finished) < len(procs):
@@ -375,7 +379,7 @@ def evaluate_side_by_side(
 
 
 class _QueueBar:
-    """A progress bar that reports to the parent process's queue (see :func:`evaluate_side_by_side`)."""
+    """A progress bar that reports to the parent process's queue (see :func:`evaluate_jobs`)."""
 
     def __init__(self, queue, name: str, total: int) -> None:
         self.queue, self.name = queue, name
@@ -400,8 +404,8 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _evaluate_job(queue, name: str, parent: int, threads: int, log, args: tuple, kwargs: dict) -> None:
-    """One job of :func:`evaluate_side_by_side`, in a forked process."""
+def _evaluate_job(queue, name: str, parent: int, threads: int, log, kwargs: dict) -> None:
+    """One job of :func:`evaluate_jobs`, in a forked process."""
     import contextlib
     import sys
     import traceback
@@ -412,7 +416,7 @@ def _evaluate_job(queue, name: str, parent: int, threads: int, log, args: tuple,
     torch.set_num_threads(threads)
     try:
         with contextlib.redirect_stdout(log) if log is not None else contextlib.nullcontext():
-            evaluate_detector(*args, **kwargs, make_bar=lambda total, label, unit: _QueueBar(queue, name, total))
+            evaluate_detector(**kwargs, make_bar=lambda total, label, unit: _QueueBar(queue, name, total))
         queue.put(("done", name, None))
     except BaseException as exc:
         if not isinstance(exc, UserError):

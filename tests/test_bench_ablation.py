@@ -1,0 +1,68 @@
+"""The ablation script's settings: every arm's options are keys of its config, the shortened stage-1
+schedule keeps the demo's proportions, and each benchmark's held-out seed runs after its reported ones."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from crat_ft.config import load_config
+from crat_ft.ft_config import load_ft_config
+from crat_ft.paths import demo_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_ablation", ROOT / "benchmarks" / "bench_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage1_options_scale_the_demo_schedule(bench):
+    full = load_config(demo_config(bench.PLAIN_CONFIG))
+    same = load_config(demo_config(bench.PLAIN_CONFIG), bench.stage1_options(600))
+    for cfg in (full, same):  # 600 iterations reproduce the demo config's own schedule
+        assert cfg.train_cfg.max_iters == 600
+        assert cfg.param_scheduler[0].end == 100
+        assert cfg.param_scheduler[1].end == 600 and cfg.param_scheduler[1].milestones == [450, 550]
+    short = load_config(demo_config(bench.PLAIN_CONFIG), bench.stage1_options(300))
+    assert short.train_cfg.max_iters == 300
+    assert short.param_scheduler[0].end == 50
+    assert short.param_scheduler[1].end == 300 and short.param_scheduler[1].milestones == [225, 275]
+
+
+def test_every_arm_is_a_valid_config(bench):
+    mass = {"mass_box": 0.25, "mass_mask": 0.5}
+    for arm in bench.ARMS:
+        name, options = bench.arm_settings("e2e", arm, mass, 300)
+        cfg = load_config(demo_config(name), options)
+        assert cfg.train_cfg.max_iters == 300
+        bbox, mask = cfg.model.roi_head.bbox_head, cfg.model.roi_head.mask_head
+        if arm in ("plain", "loss-mass"):
+            assert bbox.type == "Shared2FCBBoxHead" and "crat" not in bbox
+            weights = (1.25, 1.5) if arm == "loss-mass" else (1.0, 1.0)
+            assert (bbox.loss_bbox.loss_weight, mask.loss_mask.loss_weight) == weights
+        else:
+            assert bbox.crat.donors == mask.crat.donors == bench.DONORS[arm]
+            assert bbox.crat.log_mass is mask.crat.log_mass is (arm == "crat")
+        name, options = bench.arm_settings("decoupled", arm, mass, 300)
+        ft = load_ft_config(demo_config(name), options)
+        assert ft["crat"]["enable"] is (arm not in ("plain", "loss-mass"))
+        if arm == "loss-mass":
+            assert (ft["heads"]["loss_bbox_weight"], ft["heads"]["loss_mask_weight"]) == (1.25, 1.5)
+        if ft["crat"]["enable"]:
+            assert ft["crat"]["donors"] == bench.DONORS[arm]
+
+
+def test_held_out_seed_runs_last_in_each_benchmark(bench):
+    runs = bench.plan(None, "all")
+    for name, spec in bench.BENCHMARKS.items():
+        mine = [(mode, seed) for b, mode, seed in runs if b == name]
+        modes = [m for m in bench.MODES if spec[m]]
+        assert mine[-len(modes) :] == [(m, bench.HELD_OUT) for m in modes]
+        assert bench.HELD_OUT not in [s for _, s in mine[: -len(modes)]]
+    assert bench.plan("colour-shapes/e2e", "reported") == [("colour-shapes", "e2e", s) for s in (0, 1, 2)]
+    assert bench.plan("families-s0", "held-out") == [("families-s0", "decoupled", bench.HELD_OUT)]
