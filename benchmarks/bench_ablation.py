@@ -258,76 +258,93 @@ def _interval(m: dict) -> str:
     return f"{100 * m['delta']:+.1f} [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]"
 
 
-def finished(root: Path, plot: Path | None) -> str:
-    """The tables of what exists under ``root`` (also written to ``root/ablation.md`` / ``ablation.json``)."""
+# what --finished compares, B - A per seed: every arm against plain, then CRAT against each control
+PAIRS = [("plain", arm) for arm in ARMS[1:]] + [(arm, "crat") for arm in ("uniform", "loss-mass", "permuted")]
+
+
+def _pair_row(root: Path, bench: str, mode: str, a: str, b: str, seeds: list[int], label: str) -> dict:
+    """B - A over ``seeds`` of one benchmark and mode: LVIS AP and class-oracle AP with their intervals,
+    the rare classes' bbox error decomposition of both (mean over the seeds), CRAT's mass ratios."""
     import numpy as np
 
     from crat_ft.compare import compare, compare_tables
     from crat_ft.error_analysis import ERROR_TYPES
     from crat_ft.matching import MatchTable
 
+    base = root / bench / mode
+    gt = str(root / bench / "data" / "s{seed}" / "annotations" / "lvis_v1_val.json")
+    r = compare(gt, str(base / "s{seed}" / a), str(base / "s{seed}" / b), seeds=seeds)
+    oracle = compare_tables(
+        {
+            iou: [
+                tuple(MatchTable.load(base / f"s{s}" / x / f"oracle_matches_{iou}.npz") for x in (a, b)) for s in seeds
+            ]
+            for iou in IOUS
+        }  # fmt: skip
+    )
+    errs = {x: [json.loads((base / f"s{s}" / x / "errors.json").read_text()) for s in seeds] for x in (a, b)}
+    mass = [json.loads((base / f"s{s}" / "crat" / "mass.json").read_text()) for s in seeds]
+    return dict(benchmark=bench, mode=mode, a=a, b=b, seeds=seeds, label=label,
+                delta={iou: {k: r[iou][k] for k in KEYS if k in r[iou]} for iou in IOUS},
+                oracle={iou: {k: oracle[iou][k] for k in KEYS if k in oracle[iou]} for iou in IOUS},
+                rare_errors_bbox={x: {e: float(np.mean([y["bbox"]["dAP50"][e]["r"] for y in errs[x]]))
+                                      for e in ERROR_TYPES} for x in errs},
+                mass={k: float(np.mean([m[k] for m in mass])) for k in mass[0]})  # fmt: skip
+
+
+def _table(rows: list[dict], title: str, head: list[str], cells) -> list[str]:
+    lines = ["", title, "", "| benchmark | mode | B − A | seeds | " + " | ".join(head) + " |"]
+    lines.append("|---" * (4 + len(head)) + "|")
+    for r in rows:
+        seeds = ",".join(map(str, r["seeds"])) + (" (held out)" if r["label"] == "held out" else "")
+        lines.append(
+            f"| {r['benchmark']} | {r['mode']} | {r['b']} − {r['a']} | {seeds} | " + " | ".join(cells(r)) + " |"
+        )
+    return lines
+
+
+def finished(root: Path, plot: Path | None) -> str:
+    """The tables of what exists under ``root`` (also written to ``root/ablation.md`` / ``ablation.json``)."""
+    from crat_ft.error_analysis import ERROR_TYPES
+
     rows = []
     for bench, spec in BENCHMARKS.items():
         for mode in MODES:
             base = root / bench / mode
-            gt = str(root / bench / "data" / "s{seed}" / "annotations" / "lvis_v1_val.json")
-            for arm in ARMS[1:]:
-                done = [s for s in (*spec[mode], HELD_OUT)
-                        if all((base / f"s{s}" / a / "errors.json").exists() for a in ("plain", arm))]  # fmt: skip
+            for a, b in PAIRS:
+                done = [
+                    s
+                    for s in (*spec[mode], HELD_OUT)
+                    if all((base / f"s{s}" / x / "errors.json").exists() for x in (a, b))
+                ]
                 for label, use in (("reported", [s for s in done if s != HELD_OUT]),
                                    ("held out", [s for s in done if s == HELD_OUT])):  # fmt: skip
-                    if not use:
-                        continue
-                    r = compare(gt, str(base / "s{seed}" / "plain"), str(base / "s{seed}" / arm), seeds=use)
-                    pairs = {iou: [(MatchTable.load(base / f"s{s}" / "plain" / f"oracle_matches_{iou}.npz"),
-                                    MatchTable.load(base / f"s{s}" / arm / f"oracle_matches_{iou}.npz")) for s in use]
-                             for iou in IOUS}  # fmt: skip
-                    oracle = compare_tables(pairs)
-                    errs = {a: [json.loads((base / f"s{s}" / a / "errors.json").read_text()) for s in use]
-                            for a in ("plain", arm)}  # fmt: skip
-                    rare_errors = {a: {e: float(np.mean([x["bbox"]["dAP50"][e]["r"] for x in errs[a]]))
-                                       for e in ERROR_TYPES} for a in errs}  # fmt: skip
-                    mass = [json.loads((base / f"s{s}" / "crat" / "mass.json").read_text()) for s in use]
-                    rows.append(dict(benchmark=bench, mode=mode, arm=arm, seeds=use, label=label,
-                                     delta={iou: {k: r[iou][k] for k in KEYS if k in r[iou]} for iou in IOUS},
-                                     oracle={iou: {k: oracle[iou][k] for k in KEYS if k in oracle[iou]} for iou in IOUS},
-                                     rare_errors_bbox=rare_errors,
-                                     mass={k: float(np.mean([m[k] for m in mass])) for k in mass[0]}))  # fmt: skip
-    lines = ["arm − plain, AP points, 95% interval (`crat-ft compare`; several seeds pooled as `--seeds` does)", ""]
-    head = [f"{iou} Δ{k}" for iou in IOUS for k in KEYS[1:]]
-    lines += ["| benchmark | mode | arm | seeds | " + " | ".join(head) + " |", "|---" * (4 + len(head)) + "|"]
-    for r in rows:
-        cells = [_interval(r["delta"][iou][k]) if k in r["delta"][iou] else "–" for iou in IOUS for k in KEYS[1:]]
-        seeds = ",".join(map(str, r["seeds"])) + (" (held out)" if r["label"] == "held out" else "")
-        lines.append(f"| {r['benchmark']} | {r['mode']} | {r['arm']} | {seeds} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Class-oracle AP (each detection takes the class of the ground truth it overlaps most), arm − plain:",
-        "",
-    ]
-    head = [f"{iou} oracle Δ{k}" for iou in IOUS for k in ("AP", "APr")]
-    lines += ["| benchmark | mode | arm | seeds | " + " | ".join(head) + " |", "|---" * (4 + len(head)) + "|"]
-    for r in rows:
-        cells = [
-            _interval(r["oracle"][iou][k]) if k in r["oracle"][iou] else "–" for iou in IOUS for k in ("AP", "APr")
-        ]
-        seeds = ",".join(map(str, r["seeds"])) + (" (held out)" if r["label"] == "held out" else "")
-        lines.append(f"| {r['benchmark']} | {r['mode']} | {r['arm']} | {seeds} | " + " | ".join(cells) + " |")
-    lines += ["", "Rare classes, bbox: AP50 points each error type costs (mean over the seeds; plain → arm), "
-              "and CRAT's gradient-mass ratio (transfused / own, on fc_reg and conv_logits):", ""]  # fmt: skip
-    lines += ["| benchmark | mode | arm | seeds | " + " | ".join(ERROR_TYPES) + " | mass box | mass mask |",
-              "|---" * (6 + len(ERROR_TYPES)) + "|"]  # fmt: skip
-    for r in rows:
-        e = r["rare_errors_bbox"]
-        cells = [f"{100 * e['plain'][t]:.1f} → {100 * e[r['arm']][t]:.1f}" for t in ERROR_TYPES]
-        seeds = ",".join(map(str, r["seeds"])) + (" (held out)" if r["label"] == "held out" else "")
-        lines.append(f"| {r['benchmark']} | {r['mode']} | {r['arm']} | {seeds} | " + " | ".join(cells)
-                     + f" | {r['mass']['mass_box']:.3f} | {r['mass']['mass_mask']:.3f} |")  # fmt: skip
+                    if use:
+                        rows.append(_pair_row(root, bench, mode, a, b, use, label))
+    lines = ["AP points, B − A with its 95% interval (`crat-ft compare`; several seeds pooled as `--seeds` does)."]
+    keys = [(iou, k) for iou in IOUS for k in KEYS[1:]]
+
+    def delta(r):
+        return [_interval(r["delta"][iou][k]) if k in r["delta"][iou] else "–" for iou, k in keys]
+
+    against_plain = [r for r in rows if r["a"] == "plain"]
+    against_controls = [r for r in rows if r["a"] != "plain"]
+    lines += _table(against_plain, "Each arm against plain (no transfusion):", [f"{i} Δ{k}" for i, k in keys], delta)
+    lines += _table(against_controls, "CRAT against each control:", [f"{i} Δ{k}" for i, k in keys], delta)
+    okeys = [(iou, k) for iou in IOUS for k in ("AP", "APr")]
+    lines += _table(rows, "Class-oracle AP (each detection takes the class of the ground truth it overlaps most):",
+                    [f"{i} oracle Δ{k}" for i, k in okeys],
+                    lambda r: [_interval(r["oracle"][i][k]) if k in r["oracle"][i] else "–" for i, k in okeys])  # fmt: skip
+    lines += _table(against_plain, "Rare classes, bbox: the AP50 points fixing each error type would recover (mean over "
+                    "the seeds; plain → arm), and CRAT's gradient-mass ratio (transfused / own, fc_reg and conv_logits):",
+                    [*ERROR_TYPES, "mass box", "mass mask"],
+                    lambda r: [f"{100 * r['rare_errors_bbox']['plain'][t]:.1f} → {100 * r['rare_errors_bbox'][r['b']][t]:.1f}"
+                               for t in ERROR_TYPES] + [f"{r['mass']['mass_box']:.3f}", f"{r['mass']['mass_mask']:.3f}"])  # fmt: skip
     text = "\n".join(lines)
     (root / "ablation.md").write_text(text + "\n")
     (root / "ablation.json").write_text(json.dumps(rows, indent=1))
-    if plot and rows:
-        _plot(rows, plot)
+    if plot and against_plain:
+        _plot(against_plain, plot)
     return text
 
 
@@ -344,13 +361,13 @@ def _plot(rows: list[dict], path: Path) -> None:
     for ax, iou in zip(axes, IOUS):
         for r in rows:
             g = groups.index((r["benchmark"], r["mode"]))
-            k = ARMS.index(r["arm"]) - 1
+            k = ARMS.index(r["b"]) - 1
             held = r["label"] == "held out"
             m = r["delta"][iou]["APr"]
             x = g + (k - 1.5) * 0.2 + (0.07 if held else 0)
             ax.errorbar(x, 100 * m["delta"], yerr=[[100 * (m["delta"] - m["low"])], [100 * (m["high"] - m["delta"])]],
                         fmt="o", color=f"C{k}", mfc="white" if held else f"C{k}", capsize=3,
-                        label=None if held or g else r["arm"])  # fmt: skip
+                        label=None if held or g else r["b"])  # fmt: skip
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{b}\n{m}" for b, m in groups], fontsize=8)
