@@ -430,6 +430,32 @@ def _detections(directory: Path) -> dict:
             "score": dets.score[order], "bbox": dets.bbox[order], "rle": rles}  # fmt: skip
 
 
+def test_evaluate_jobs_runs_detectors_with_their_own_options_side_by_side(tiny_data, tiny_detector, tmp_path):
+    from crat_ft.stage1 import evaluate_detector, evaluate_jobs
+
+    config = demo_config_path()
+    options = {"300 per image": [], "20 per image": ["model.test_cfg.rcnn.max_per_img=20"]}
+    jobs = {
+        name: dict(
+            config=config,
+            checkpoint=tiny_detector,
+            out=tmp_path / "jobs" / str(k) / "metrics.json",
+            data_root=tiny_data,
+            cfg_options=opts,
+            outfile_prefix=tmp_path / "jobs" / str(k) / "results",
+        )  # fmt: skip
+        for k, (name, opts) in enumerate(options.items())
+    }
+    evaluate_jobs(jobs)
+    # each job got its own options: 300 and 20 detections on each of the 10 val images
+    counts = [np.bincount([d["image_id"] for d in json.loads((job["out"].parent / "results.bbox.json").read_text())])
+              for job in jobs.values()]  # fmt: skip
+    assert [c[c > 0].tolist() for c in counts] == [[300] * 10, [20] * 10]
+    for k, job in enumerate(jobs.values()):
+        alone = evaluate_detector(**dict(job, out=tmp_path / "alone" / str(k) / "metrics.json", outfile_prefix=None))
+        assert json.loads(job["out"].read_text()) == alone
+
+
 def test_side_by_side_evaluations_equal_one_by_one_and_a_failed_job_raises_its_error(
     tiny_data, tiny_detector, heads_file, tmp_path, capfd, monkeypatch
 ):
