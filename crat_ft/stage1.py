@@ -299,7 +299,7 @@ def evaluate_side_by_side(
                 data_root=data_root,
                 heads=heads,
                 outfile_prefix=Path(out).parent / "results" if with_results else None,
-            )  # fmt: skip
+            )
             for name, (heads, out) in jobs.items()
         },
         log=log,
