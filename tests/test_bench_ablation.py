@@ -2,6 +2,7 @@
 schedule keeps the demo's proportions, and each benchmark's held-out seed runs after its reported ones."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,17 @@ def test_held_out_seed_runs_last_in_each_benchmark(bench):
         assert bench.HELD_OUT not in [s for _, s in mine[: -len(modes)]]
     assert bench.plan("colour-shapes/e2e", "reported") == [("colour-shapes", "e2e", s) for s in (0, 1, 2)]
     assert bench.plan("families-s0", "held-out") == [("families-s0", "decoupled", bench.HELD_OUT)]
+
+
+def test_each_benchmark_keeps_its_schedule_in_a_results_root(bench, tmp_path, monkeypatch):
+    assert bench.BENCHMARKS["colour-shapes"]["stage1_iters"] == 300
+    assert bench.BENCHMARKS["families-s1"]["stage1_iters"] == bench.BENCHMARKS["families-s0"]["stage1_iters"] == 600
+    bench._check_root(tmp_path)
+    recorded = json.loads((tmp_path / "settings.json").read_text())["stage1_iters"]
+    assert recorded == {name: spec["stage1_iters"] for name, spec in bench.BENCHMARKS.items()}
+    monkeypatch.setitem(bench.BENCHMARKS, "families-s1", {**bench.BENCHMARKS["families-s1"], "stage1_iters": 300})
+    with pytest.raises(SystemExit, match="families-s1 runs with a 600-iteration stage 1, this script trains 300"):
+        bench._check_root(tmp_path)
+    (tmp_path / "settings.json").write_text('{"stage1_iters": 300}')
+    with pytest.raises(SystemExit, match="predates per-benchmark schedules"):
+        bench._check_root(tmp_path)
