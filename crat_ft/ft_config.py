@@ -22,7 +22,7 @@ from typing import Iterable
 
 from crat_ft.errors import UserError
 
-FISHER_MODES = ("sample", "reference")
+FISHER_MODES = ("sample", "reference", "signed")
 DONORS = ("fisher", "uniform", "permuted")
 MASK_WEIGHTS = ("mask", "box")
 

@@ -33,6 +33,7 @@ from crat_ft.ft_config import CratConfig
 from crat_ft.transfusion import (
     FisherStats,
     box_sample_fisher,
+    box_sample_grad,
     box_transfusion,
     gradient_mass_ratio,
     mask_transfusion,
@@ -331,7 +332,7 @@ class ClasswiseHeads(BaseModel):
                 m = y.shape[0]
                 x = self.box_inputs(x)[1]
                 pred_own = self.fc_reg(x).view(m, self.num_classes, 4)[torch.arange(m, device=y.device), y]
-                fisher = box_sample_fisher(
+                fisher = (box_sample_grad if self.crat.fisher == "signed" else box_sample_fisher)(
                     x, pred_own, self.bbox_coder.encode(box, gt_box) if m else box.new_zeros(0, 4)
                 )
             # the box statistics were updated by this step's box branch

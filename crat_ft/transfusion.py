@@ -41,6 +41,7 @@ __all__ = [
     "box_transfusion_loss",
     "mask_transfusion_loss",
     "reference_fisher",
+    "sample_statistic",
     "mask_layer_sample_grad",
     "box_transfusion",
     "mask_transfusion",
@@ -335,6 +336,17 @@ def reference_fisher(labels: Tensor, num_classes: int, grads: Tensor) -> Tensor:
     return sums.square()[labels].reshape(grads.shape)
 
 
+def sample_statistic(labels: Tensor, num_classes: int, grads: Tensor, fisher: str) -> Tensor:
+    """What a sample contributes to its class statistics, from its (P, *shape) per-sample gradients:
+    ``'sample'``: their square (the diagonal Fisher); ``'reference'``: :func:`reference_fisher`;
+    ``'signed'``: the gradients themselves. Signed, a class statistic is the EMA of its samples' gradients
+    (the direction its layer is being pulled), and the weights favour classes whose residuals point the
+    same way as the donor's; with an L1 box loss the squared gradient ``1 ⊗ x²`` keeps no residual at all."""
+    if fisher == "reference":
+        return reference_fisher(labels, num_classes, grads)
+    return grads if fisher == "signed" else grads.square()
+
+
 def mask_layer_sample_grad(layer: nn.Module, feats: Tensor, z_own: Tensor, target: Tensor, labels: Tensor) -> Tensor:
     """(P, K) per-sample gradients w.r.t. the own-class rows of a 1x1 mask predictor ``layer``:
     a plain convolution, or mmdet's ``NormedConv2d`` (through its normalisation)."""
@@ -369,15 +381,17 @@ def box_transfusion(
         target: (P, 4) encoded targets.
         labels: (P,) own classes.
         stats: the box :class:`FisherStats` (updated in place).
-        fisher: ``'sample'`` (per-sample Fisher) or ``'reference'`` (the class's batch-summed gradient, squared).
+        fisher: ``'sample'`` (per-sample Fisher), ``'reference'`` (the class's batch-summed gradient, squared)
+            or ``'signed'`` (the per-sample gradient itself, which keeps the sign of the residual).
 
     Returns:
         The unweighted box transfusion loss (:func:`box_transfusion_loss`).
     """
-    if fisher == "reference":
-        sample = reference_fisher(labels, stats.num_classes, box_sample_grad(feats.detach(), pred_own.detach(), target))
-    else:
+    if fisher == "sample":
         sample = box_sample_fisher(feats.detach(), pred_own.detach(), target)
+    else:
+        grads = box_sample_grad(feats.detach(), pred_own.detach(), target)
+        sample = reference_fisher(labels, stats.num_classes, grads) if fisher == "reference" else grads
     w = _update_and_weigh(sample, labels, stats, temperature, top_k, allowed, donors)
     return box_transfusion_loss(pred_all, target, w)
 
@@ -405,7 +419,7 @@ def mask_transfusion(
             ``z_own`` (P, S, S) the own class's logits; ``target`` (P, S, S).
     """
     grads = mask_layer_sample_grad(layer, feats, z_own, target, labels)
-    sample = reference_fisher(labels, stats.num_classes, grads) if fisher == "reference" else grads.square()
+    sample = sample_statistic(labels, stats.num_classes, grads, fisher)
     w = _update_and_weigh(sample, labels, stats, temperature, top_k, allowed, donors)
     return mask_transfusion_loss(logits_all, target, w)
 

@@ -7,10 +7,13 @@ import torch.nn.functional as F
 from crat_ft.transfusion import (
     FisherStats,
     box_sample_fisher,
+    box_sample_grad,
+    box_transfusion,
     box_transfusion_loss,
     gradient_mass_ratio,
     mask_sample_fisher,
     mask_transfusion_loss,
+    sample_statistic,
     transfusion_weights,
 )
 
@@ -244,3 +247,38 @@ def test_crat_config_refuses_unknown_donors_and_non_bool_log_mass():
         CratConfig.from_dict({"donors": "random"})
     with pytest.raises(UserError, match="crat.log_mass: expected True or False"):
         CratConfig.from_dict({"log_mass": 1})
+
+
+def test_signed_fisher_tells_residual_directions_apart():
+    # three classes, the same features; classes 0 and 1 regress too high, class 2 too low
+    feats = torch.tensor([[1.0, 0.5]] * 3)
+    target = torch.zeros(3, 4)
+    pred_own = torch.tensor([[1.0] * 4, [2.0] * 4, [-1.0] * 4])
+    labels = torch.tensor([0, 1, 2])
+    grads = box_sample_grad(feats, pred_own, target)
+    weights = {}
+    for fisher in ("sample", "signed"):
+        stats = FisherStats(3, (4, 2), momentum=1.0)
+        sample = sample_statistic(labels, 3, grads, fisher)
+        stats.update(sample, labels)
+        weights[fisher] = transfusion_weights(sample, stats, labels, 0.05)
+    # squared, the L1 gradient is 1 (x) x^2 for every class: no class is told from another
+    torch.testing.assert_close(weights["sample"][0], torch.tensor([0.0, 0.5, 0.5]))
+    # signed, class 0's donations go to the class pulled the same way (cosines +1 and -1, tau 0.05)
+    assert weights["signed"][0, 1] > 1 - 1e-6 and weights["signed"][0, 2] < 1e-6
+    torch.testing.assert_close(stats.fisher[2], -grads[0])  # the statistic keeps the sign
+    pred_all = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(0))
+    stats = FisherStats(3, (4, 2), momentum=1.0)
+    loss = box_transfusion(feats, pred_all, pred_own, target, labels, stats, temperature=0.05, fisher="signed")
+    torch.testing.assert_close(loss, box_transfusion_loss(pred_all, target, weights["signed"]))
+
+
+def test_crat_config_accepts_signed_fisher_and_refuses_others():
+    from crat_ft.errors import UserError
+    from crat_ft.ft_config import CratConfig
+
+    assert CratConfig.from_dict({"fisher": "signed"}).fisher == "signed"
+    with pytest.raises(
+        UserError, match=r"crat.fisher: expected one of \('sample', 'reference', 'signed'\), got 'squared'"
+    ):
+        CratConfig.from_dict({"fisher": "squared"})
