@@ -40,6 +40,16 @@ those of the schedule.
 benchmark of this project ran seed 7). It is run last and reported separately; nothing is tuned on
 it or on the reported seeds.
 
+**Beyond the paper** (``--improvements``): CRAT with one change each, named here before any of their
+runs, run where CRAT showed an effect (colour-shapes, end to end) on the same seeds, the held-out seed
+last, and compared with ``plain`` and with ``crat``; every other setting is the paper's, nothing tuned:
+
+- ``crat-signed``: a Fisher that carries the residual (``crat.fisher=signed``): each sample's statistic is
+  its own-class gradient unsquared (``sign(p - t) ⊗ x`` for the L1 box loss, whose square ``1 ⊗ x²`` measures
+  appearance only), so donations go to classes whose layers are pulled the same way;
+- ``crat-gate``: a frequency gate (``crat.frequency_gate=True``): a positive of class y transfuses only to
+  classes with fewer training instances than y, so the frequent classes' layers receive nothing.
+
 Each seed's arms are trained one after another, then evaluated side by side
 (``crat_ft.stage1.evaluate_jobs``). Every run writes, as it ends, ``ROOT/<benchmark>/<mode>/s<seed>/<arm>/``:
 ``arm.json`` (the config and ``--cfg-options`` it was trained with, its training time), ``metrics.json``
@@ -52,6 +62,7 @@ difference from ``plain`` in AP, APr, APc, APf (bbox, segm) and in class-oracle 
 classes' error decomposition and the mass ratios (``ROOT/ablation.md``); ``--plot F`` draws ΔAPr.
 
     .venv/bin/python benchmarks/bench_ablation.py [--root benchmarks/results/ablation] [--only colour-shapes/e2e]
+    .venv/bin/python benchmarks/bench_ablation.py --improvements
     .venv/bin/python benchmarks/bench_ablation.py --finished [--plot docs/img/ablation.png]
 """
 
@@ -73,6 +84,9 @@ BENCHMARKS = {
     "families-s0": dict(variant="families", sharing=0.0, e2e=(), decoupled=(0, 1), stage1_iters=600),
 }
 MODES = ("e2e", "decoupled")
+# beyond the paper: arm -> the --cfg-options keys it changes in CRAT's settings (see the docstring)
+IMPROVEMENTS = {"crat-signed": {"fisher": "signed"}, "crat-gate": {"frequency_gate": True}}
+IMPROVED = (("colour-shapes", "e2e"),)
 KEYS = ("AP", "APr", "APc", "APf")
 IOUS = ("bbox", "segm")
 E2E_CONFIG = "mask-rcnn_r18_fpn_tiny_crat-e2e_synthetic.py"
@@ -101,9 +115,25 @@ def _mass(work: Path) -> dict:
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
-def arm_settings(mode: str, arm: str, mass: dict | None, stage1_iters: int) -> tuple[str, list[str]]:
+def arm_settings(
+    mode: str, arm: str, mass: dict | None, stage1_iters: int, counts: list[int] | None = None
+) -> tuple[str, list[str]]:
     """``(config file name, --cfg-options)`` of one arm: for ``e2e`` the detector's, for ``decoupled`` the
-    fine-tune config's (its stage 1 is the ``plain`` e2e detector of the same seed)."""
+    fine-tune config's (its stage 1 is the ``plain`` e2e detector of the same seed). ``counts``: training
+    instances per class, which the plugin heads' frequency gate needs (``crat-gate`` end to end)."""
+    if arm in IMPROVEMENTS:
+        change = [f"{k}={v}" for k, v in IMPROVEMENTS[arm].items()]
+        name, options = arm_settings(mode, "crat", mass, stage1_iters)
+        options = [o.replace("log_mass=True", "log_mass=False") for o in options]
+        if mode == "decoupled":
+            return name, options + [f"crat.{c}" for c in change]
+        options += [f"{h}.{c}" for h in HEADS for c in change]
+        if "frequency_gate" in IMPROVEMENTS[arm]:
+            if counts is None:
+                raise ValueError(f"{arm}: the end-to-end frequency gate needs the training instance counts")
+            heads = [h.rsplit(".", 1)[0] for h in HEADS]
+            options += [f"{h}.class_instance_count=[{','.join(map(str, counts))}]" for h in heads]
+        return name, options
     if mode == "e2e":
         s1 = stage1_options(stage1_iters)
         if arm == "plain":
@@ -141,6 +171,7 @@ def _train(root: Path, bench: str, mode: str, seed: int, arm: str, data: Path, s
     """Train one arm (what is not there yet); returns the evaluation job of :func:`crat_ft.stage1.evaluate_jobs`."""
     from crat_ft.cache import INDEX_FILE
     from crat_ft.extract import extract_features
+    from crat_ft.lvis_json import categories_with_counts, load_lvis_json
     from crat_ft.paths import demo_config
     from crat_ft.retrain import HEADS_FILE, retrain_heads
     from crat_ft.roi_policy import RoIPolicy
@@ -151,7 +182,11 @@ def _train(root: Path, bench: str, mode: str, seed: int, arm: str, data: Path, s
     if (out / "arm.json").exists() and json.loads((out / "arm.json").read_text())["stage1_iters"] != stage1_iters:
         sys.exit(f"bench_ablation: {out} was trained with another stage-1 schedule; remove it or choose another --root")
     mass = json.loads((seed_dir / "crat" / "mass.json").read_text()) if arm == "loss-mass" else None
-    config_name, options = arm_settings(mode, arm, mass, stage1_iters)
+    counts = None
+    if mode == "e2e" and "frequency_gate" in IMPROVEMENTS.get(arm, {}):
+        train = load_lvis_json(data / "annotations" / "lvis_v1_train.json")
+        counts = [int(c["instance_count"]) for c in categories_with_counts(train)]
+    config_name, options = arm_settings(mode, arm, mass, stage1_iters, counts)
     t0 = time.time()
     if mode == "e2e":
         config = demo_config(config_name)
@@ -199,15 +234,15 @@ def analyze_arm(out: Path, gt_doc: dict) -> None:
     (out / "errors.json").write_text(json.dumps(errors, indent=1))
 
 
-def run_seed(root: Path, bench: str, mode: str, seed: int, stage1_iters: int, log) -> None:
-    """Train every arm of one seed and mode, evaluate them side by side, analyse their errors."""
+def run_seed(root: Path, bench: str, mode: str, seed: int, stage1_iters: int, log, arms=TRAIN_ORDER) -> None:
+    """Train ``arms`` (in order) of one seed and mode, evaluate them side by side, analyse their errors."""
     from crat_ft.lvis_json import load_lvis_json
     from crat_ft.stage1 import evaluate_jobs
 
     data = _data(root, bench, seed)
     seed_dir = root / bench / mode / f"s{seed}"
     jobs = {}
-    for arm in TRAIN_ORDER:
+    for arm in arms:
         if (seed_dir / arm / "metrics.json").exists():
             continue
         _say(f"{bench} {mode} seed {seed}: training {arm}")
@@ -220,7 +255,7 @@ def run_seed(root: Path, bench: str, mode: str, seed: int, stage1_iters: int, lo
             evaluate_jobs(jobs, log=log)
         _say(f"{bench} {mode} seed {seed}: evaluated in {time.time() - t0:.0f} s")
     gt_doc = None
-    for arm in ARMS:
+    for arm in arms:
         out = seed_dir / arm
         if not (out / "errors.json").exists():
             gt_doc = gt_doc or load_lvis_json(data / "annotations" / "lvis_v1_val.json")
@@ -261,12 +296,40 @@ def plan(only: str | None, which: str) -> list[tuple[str, str, int]]:
     return runs
 
 
+def improvement_plan(which: str) -> list[tuple[str, str, int]]:
+    """``(benchmark, mode, seed)`` of the improvement arms, each benchmark's held-out seed after its reported ones."""
+    runs = []
+    for bench, mode in IMPROVED:
+        seeds = BENCHMARKS[bench][mode]
+        runs += [(bench, mode, s) for s in seeds if which in ("all", "reported")]
+        runs += [(bench, mode, HELD_OUT)] if which in ("all", "held-out") else []
+    return runs
+
+
 def _interval(m: dict) -> str:
     return f"{100 * m['delta']:+.1f} [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]"
 
 
 # what --finished compares, B - A per seed: every arm against plain, then CRAT against each control
 PAIRS = [("plain", arm) for arm in ARMS[1:]] + [(arm, "crat") for arm in ("uniform", "loss-mass", "permuted")]
+# ... and each improvement against plain and against CRAT
+PAIRS += [(a, arm) for arm in IMPROVEMENTS for a in ("plain", "crat")]
+
+
+def _inputs_digest(root: Path, bench: str, mode: str, a: str, b: str, seeds: list[int]) -> str:
+    """A digest of every file a row of ``--finished`` is computed from (so an unchanged row is reused)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    base = root / bench / mode
+    files = [root / bench / "data" / f"s{s}" / "annotations" / "lvis_v1_val.json" for s in seeds]
+    files += [base / f"s{s}" / "crat" / "mass.json" for s in seeds]
+    for s in seeds:
+        for x in (a, b):
+            files += sorted((base / f"s{s}" / x).glob("*_matches_*.npz")) + [base / f"s{s}" / x / "errors.json"]
+    for f in files:
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def _pair_row(root: Path, bench: str, mode: str, a: str, b: str, seeds: list[int], label: str) -> dict:
@@ -292,6 +355,7 @@ def _pair_row(root: Path, bench: str, mode: str, a: str, b: str, seeds: list[int
     errs = {x: [json.loads((base / f"s{s}" / x / "errors.json").read_text()) for s in seeds] for x in (a, b)}
     mass = [json.loads((base / f"s{s}" / "crat" / "mass.json").read_text()) for s in seeds]
     return dict(benchmark=bench, mode=mode, a=a, b=b, seeds=seeds, label=label,
+                inputs=_inputs_digest(root, bench, mode, a, b, seeds),
                 delta={iou: {k: r[iou][k] for k in KEYS if k in r[iou]} for iou in IOUS},
                 oracle={iou: {k: oracle[iou][k] for k in KEYS if k in oracle[iou]} for iou in IOUS},
                 rare_errors_bbox={x: {e: float(np.mean([y["bbox"]["dAP50"][e]["r"] for y in errs[x]]))
@@ -314,6 +378,8 @@ def finished(root: Path, plot: Path | None) -> str:
     """The tables of what exists under ``root`` (also written to ``root/ablation.md`` / ``ablation.json``)."""
     from crat_ft.error_analysis import ERROR_TYPES
 
+    old = json.loads((root / "ablation.json").read_text()) if (root / "ablation.json").exists() else []
+    cached = {(r["benchmark"], r["mode"], r["a"], r["b"], tuple(r["seeds"])): r for r in old if "inputs" in r}
     rows = []
     for bench, spec in BENCHMARKS.items():
         for mode in MODES:
@@ -326,23 +392,31 @@ def finished(root: Path, plot: Path | None) -> str:
                 ]
                 for label, use in (("reported", [s for s in done if s != HELD_OUT]),
                                    ("held out", [s for s in done if s == HELD_OUT])):  # fmt: skip
-                    if use:
-                        rows.append(_pair_row(root, bench, mode, a, b, use, label))
+                    if not use:
+                        continue
+                    row = cached.get((bench, mode, a, b, tuple(use)))
+                    if row is None or row["inputs"] != _inputs_digest(root, bench, mode, a, b, use):
+                        row = _pair_row(root, bench, mode, a, b, use, label)
+                    rows.append(row)
     lines = ["AP points, B − A with its 95% interval (`crat-ft compare`; several seeds pooled as `--seeds` does)."]
     keys = [(iou, k) for iou in IOUS for k in KEYS[1:]]
 
     def delta(r):
         return [_interval(r["delta"][iou][k]) if k in r["delta"][iou] else "–" for iou, k in keys]
 
-    against_plain = [r for r in rows if r["a"] == "plain"]
-    against_controls = [r for r in rows if r["a"] != "plain"]
+    against_plain = [r for r in rows if r["a"] == "plain" and r["b"] in ARMS]
+    against_controls = [r for r in rows if r["b"] == "crat" and r["a"] != "plain"]
+    beyond = [r for r in rows if r["b"] in IMPROVEMENTS]
     lines += _table(against_plain, "Each arm against plain (no transfusion):", [f"{i} Δ{k}" for i, k in keys], delta)
     lines += _table(against_controls, "CRAT against each control:", [f"{i} Δ{k}" for i, k in keys], delta)
+    lines += _table(beyond, "Beyond the paper: each improvement against plain and against CRAT:",
+                    [f"{i} Δ{k}" for i, k in keys], delta)  # fmt: skip
     okeys = [(iou, k) for iou in IOUS for k in ("AP", "APr")]
     lines += _table(rows, "Class-oracle AP (each detection takes the class of the ground truth it overlaps most):",
                     [f"{i} oracle Δ{k}" for i, k in okeys],
                     lambda r: [_interval(r["oracle"][i][k]) if k in r["oracle"][i] else "–" for i, k in okeys])  # fmt: skip
-    lines += _table(against_plain, "Rare classes, bbox: the AP50 points fixing each error type would recover (mean over "
+    from_plain = [r for r in rows if r["a"] == "plain"]
+    lines += _table(from_plain, "Rare classes, bbox: the AP50 points fixing each error type would recover (mean over "
                     "the seeds; plain → arm), and CRAT's gradient-mass ratio (transfused / own, fc_reg and conv_logits):",
                     [*ERROR_TYPES, "mass box", "mass mask"],
                     lambda r: [f"{100 * r['rare_errors_bbox']['plain'][t]:.1f} → {100 * r['rare_errors_bbox'][r['b']][t]:.1f}"
@@ -351,8 +425,11 @@ def finished(root: Path, plot: Path | None) -> str:
     (root / "ablation.md").write_text(text + "\n")
     (root / "ablation.json").write_text(json.dumps(rows, indent=1))
     if plot and against_plain:
-        _plot(against_plain, plot)
+        _plot(from_plain, plot)
     return text
+
+
+PLOTTED = [*ARMS[1:], *IMPROVEMENTS]
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -366,15 +443,17 @@ def _plot(rows: list[dict], path: Path) -> None:
     groups = sorted({(r["benchmark"], r["mode"]) for r in rows}, key=lambda x: (list(BENCHMARKS).index(x[0]), x[1]))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for ax, iou in zip(axes, IOUS):
+        named = set()
         for r in rows:
             g = groups.index((r["benchmark"], r["mode"]))
-            k = ARMS.index(r["b"]) - 1
+            k = PLOTTED.index(r["b"])
             held = r["label"] == "held out"
             m = r["delta"][iou]["APr"]
-            x = g + (k - 1.5) * 0.2 + (0.07 if held else 0)
+            x = g + (k - (len(PLOTTED) - 1) / 2) * 0.13 + (0.05 if held else 0)
             ax.errorbar(x, 100 * m["delta"], yerr=[[100 * (m["delta"] - m["low"])], [100 * (m["high"] - m["delta"])]],
                         fmt="o", color=f"C{k}", mfc="white" if held else f"C{k}", capsize=3,
-                        label=None if held or g else r["b"])  # fmt: skip
+                        label=None if r["b"] in named else r["b"])  # fmt: skip
+            named.add(r["b"])
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{b}\n{m}" for b, m in groups], fontsize=8)
@@ -392,6 +471,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="BENCHMARK or BENCHMARK/MODE, e.g. colour-shapes/e2e")
     ap.add_argument("--seeds", choices=("all", "reported", "held-out"), default="all",
                     help="which seeds to run (all: each benchmark's held-out seed after its reported ones)")  # fmt: skip
+    ap.add_argument("--improvements", action="store_true",
+                    help=f"run the arms beyond the paper ({', '.join(IMPROVEMENTS)}) instead of the ablation's")  # fmt: skip
     ap.add_argument("--finished", action="store_true", help="tabulate what exists, run nothing")
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
@@ -400,6 +481,10 @@ def main() -> None:
         return
     _check_root(args.root)
     with open(args.root / "ablation.log", "a") as log:
+        if args.improvements:
+            for bench, mode, seed in improvement_plan(args.seeds):
+                run_seed(args.root, bench, mode, seed, BENCHMARKS[bench]["stage1_iters"], log, arms=list(IMPROVEMENTS))
+            return
         for bench, mode, seed in plan(args.only, args.seeds):
             run_seed(args.root, bench, mode, seed, BENCHMARKS[bench]["stage1_iters"], log)
 

@@ -81,3 +81,54 @@ def test_each_benchmark_keeps_its_schedule_in_a_results_root(bench, tmp_path, mo
     (tmp_path / "settings.json").write_text('{"stage1_iters": 300}')
     with pytest.raises(SystemExit, match="predates per-benchmark schedules"):
         bench._check_root(tmp_path)
+
+
+def test_improvement_arms_change_one_crat_setting(bench):
+    import crat_ft.plugin  # noqa: F401  (registers the plugin heads)
+    from mmdet.registry import MODELS
+
+    cfg = load_config(demo_config(bench.PLAIN_CONFIG))
+    n = cfg.model.roi_head.bbox_head.num_classes
+    counts = list(range(1, n + 1))
+    with pytest.raises(ValueError, match="crat-gate: the end-to-end frequency gate needs the training instance counts"):
+        bench.arm_settings("e2e", "crat-gate", None, 300)
+    crat_name, crat_options = bench.arm_settings("e2e", "crat", None, 300)
+    for arm, change in bench.IMPROVEMENTS.items():
+        name, options = bench.arm_settings("e2e", arm, None, 300, counts)
+        assert name == crat_name
+        cfg = load_config(demo_config(name), options)
+        bbox, mask = cfg.model.roi_head.bbox_head, cfg.model.roi_head.mask_head
+        for head in (bbox, mask):
+            assert head.crat.donors == "fisher" and head.crat.log_mass is False
+            assert all(head.crat[k] == v for k, v in change.items())
+            if arm == "crat-gate":
+                assert list(head.class_instance_count) == counts
+        head = MODELS.build(bbox)  # the plugin accepts the settings
+        assert head.crat.fisher == change.get("fisher", "sample")
+        assert head.crat.frequency_gate is change.get("frequency_gate", False)
+        name, options = bench.arm_settings("decoupled", arm, None, 300)
+        ft = load_ft_config(demo_config(name), options)
+        assert ft["crat"]["enable"] and ft["crat"]["log_mass"] is False
+        assert all(ft["crat"][k] == v for k, v in change.items())
+
+
+def test_improvements_run_their_held_out_seed_last(bench):
+    runs = bench.improvement_plan("all")
+    assert runs == [("colour-shapes", "e2e", s) for s in (0, 1, 2, bench.HELD_OUT)]
+    assert bench.improvement_plan("held-out") == [("colour-shapes", "e2e", bench.HELD_OUT)]
+
+
+def test_finished_rows_are_recomputed_when_their_inputs_change(bench, tmp_path):
+    for x in ("plain", "crat"):
+        d = tmp_path / "b" / "e2e" / "s0" / x
+        d.mkdir(parents=True)
+        (d / "metrics_matches_bbox.npz").write_bytes(b"1")
+        (d / "errors.json").write_text("{}")
+    (tmp_path / "b" / "e2e" / "s0" / "crat" / "mass.json").write_text("{}")
+    gt = tmp_path / "b" / "data" / "s0" / "annotations" / "lvis_v1_val.json"
+    gt.parent.mkdir(parents=True)
+    gt.write_text("{}")
+    before = bench._inputs_digest(tmp_path, "b", "e2e", "plain", "crat", [0])
+    assert bench._inputs_digest(tmp_path, "b", "e2e", "plain", "crat", [0]) == before
+    (tmp_path / "b" / "e2e" / "s0" / "crat" / "metrics_matches_bbox.npz").write_bytes(b"2")
+    assert bench._inputs_digest(tmp_path, "b", "e2e", "plain", "crat", [0]) != before
