@@ -84,8 +84,9 @@ def test_each_benchmark_keeps_its_schedule_in_a_results_root(bench, tmp_path, mo
 
 
 def test_improvement_arms_change_one_crat_setting(bench):
-    import crat_ft.plugin  # noqa: F401  (registers the plugin heads)
     from mmdet.registry import MODELS
+
+    import crat_ft.plugin  # noqa: F401  (registers the plugin heads)
 
     cfg = load_config(demo_config(bench.PLAIN_CONFIG))
     n = cfg.model.roi_head.bbox_head.num_classes
