@@ -62,7 +62,7 @@ difference from ``plain`` in AP, APr, APc, APf (bbox, segm) and in class-oracle 
 classes' error decomposition and the mass ratios (``ROOT/ablation.md``); ``--plot F`` draws ΔAPr.
 
     .venv/bin/python benchmarks/bench_ablation.py [--root benchmarks/results/ablation] [--only colour-shapes/e2e]
-    .venv/bin/python benchmarks/bench_ablation.py --improvements
+    .venv/bin/python benchmarks/bench_ablation.py --improvements [crat-signed]
     .venv/bin/python benchmarks/bench_ablation.py --finished [--plot docs/img/ablation.png]
 """
 
@@ -471,8 +471,9 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="BENCHMARK or BENCHMARK/MODE, e.g. colour-shapes/e2e")
     ap.add_argument("--seeds", choices=("all", "reported", "held-out"), default="all",
                     help="which seeds to run (all: each benchmark's held-out seed after its reported ones)")  # fmt: skip
-    ap.add_argument("--improvements", action="store_true",
-                    help=f"run the arms beyond the paper ({', '.join(IMPROVEMENTS)}) instead of the ablation's")  # fmt: skip
+    ap.add_argument("--improvements", nargs="*", choices=list(IMPROVEMENTS), default=None, metavar="ARM",
+                    help=f"run the arms beyond the paper (all, or those named: {', '.join(IMPROVEMENTS)}) instead of "
+                    "the ablation's")  # fmt: skip
     ap.add_argument("--finished", action="store_true", help="tabulate what exists, run nothing")
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
@@ -481,9 +482,10 @@ def main() -> None:
         return
     _check_root(args.root)
     with open(args.root / "ablation.log", "a") as log:
-        if args.improvements:
+        if args.improvements is not None:
+            arms = args.improvements or list(IMPROVEMENTS)
             for bench, mode, seed in improvement_plan(args.seeds):
-                run_seed(args.root, bench, mode, seed, BENCHMARKS[bench]["stage1_iters"], log, arms=list(IMPROVEMENTS))
+                run_seed(args.root, bench, mode, seed, BENCHMARKS[bench]["stage1_iters"], log, arms=arms)
             return
         for bench, mode, seed in plan(args.only, args.seeds):
             run_seed(args.root, bench, mode, seed, BENCHMARKS[bench]["stage1_iters"], log)
