@@ -22,6 +22,8 @@ crat = dict(
     box_tau=0.05,
     mask_tau=0.05,
     momentum=0.01,
+    # each sample's statistic: "sample" (the paper's squared per-sample gradient), "reference" (its class's
+    # batch-summed gradient, squared), "signed" (the per-sample gradient unsquared: keeps the residual's sign)
     fisher="sample",
     top_k=None,
     frequency_gate=False,
