@@ -97,8 +97,9 @@ DONORS = {"crat": "fisher", "uniform": "uniform", "permuted": "permuted"}
 
 def stage1_options(iters: int) -> list[str]:
     """The demo config's schedule (600 iterations: warm-up 100, steps at 450 and 550) scaled to ``iters``."""
-    return [f"train_cfg.max_iters={iters}", f"param_scheduler.0.end={iters // 6}", f"param_scheduler.1.end={iters}",
-            f"param_scheduler.1.milestones=[{iters * 3 // 4},{iters * 11 // 12}]"]  # fmt: skip
+    from crat_ft.stage1 import demo_schedule
+
+    return demo_schedule(iters)
 
 
 def _mass(work: Path) -> dict:

@@ -616,22 +616,57 @@ def fisher_neighbors(heads, class_name, top, branch):
 
 
 @cli.command()
-@click.option("--work-dir", default="work_dirs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--work-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where every stage writes.  [default: work_dirs/demo; work_dirs/demo-e2e with --e2e]",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
-    "--detector-iters", type=POSITIVE, default=None, help="Stage-1 training iterations (default: the config's)."
+    "--e2e",
+    is_flag=True,
+    help="CRAT end to end instead: the detector trained plain and with CRAT's plugin heads, compared with "
+    "intervals (about 8 min on 2 CPU cores).",
+)
+@click.option(
+    "--detector-iters",
+    type=POSITIVE,
+    default=None,
+    help="Stage-1 training iterations (default: the config's; with --e2e 300, warm-up and steps scaled).",
 )
 @click.option(
     "--heads-iters", type=POSITIVE, default=None, help="retrain-heads iterations (default: the fine-tune configs')."
 )
-@VARIANT
+@click.option(
+    "--variant",
+    type=click.Choice(["families", "colour-shapes"]),
+    default=None,
+    help="The synthetic benchmark's variant (see make-demo-data).  [default: families; colour-shapes with --e2e]",
+)
 @SHARING
-def demo(work_dir, seed, detector_iters, heads_iters, variant, sharing):
+def demo(work_dir, seed, e2e, detector_iters, heads_iters, variant, sharing):
     """Run the whole pipeline on the embedded synthetic long-tailed benchmark (CPU)."""
-    from crat_ft.demo import run_demo
+    from crat_ft.demo import E2E_ITERS, E2E_VARIANT, run_demo, run_demo_e2e
 
+    if e2e:
+        if heads_iters is not None:
+            raise click.UsageError("--heads-iters: the end-to-end demo retrains no heads; drop it or --e2e")
+        run_demo_e2e(
+            work_dir or "work_dirs/demo-e2e",
+            seed=seed,
+            detector_iters=detector_iters or E2E_ITERS,
+            variant=variant or E2E_VARIANT,
+            sharing=sharing,
+        )
+        return
     run_demo(
-        work_dir, seed=seed, detector_iters=detector_iters, heads_iters=heads_iters, variant=variant, sharing=sharing
+        work_dir or "work_dirs/demo",
+        seed=seed,
+        detector_iters=detector_iters,
+        heads_iters=heads_iters,
+        variant=variant or "families",
+        sharing=sharing,
     )
 
 

@@ -77,44 +77,44 @@ def _check_reused_data(data: Path, spec: DemoDataSpec) -> None:
         )
 
 
-def delta_table(summary: dict) -> str:
-    """The three-way table, then CRAT - baseline with its paired bootstrap intervals and the
-    class-oracle AP per frequency group, bbox and segm; a last line of verdict."""
+def delta_table(
+    summary: dict, models=("stage1", "baseline", "crat"), arms=("baseline", "crat"), names=("baseline", "CRAT")
+) -> str:
+    """The table of ``models``, then B - A (``arms``, called ``names``) with its paired bootstrap intervals
+    and the class-oracle AP per frequency group, bbox and segm; a last line of verdict."""
     lines = []
-    cmp = summary.get("crat_vs_baseline")
+    a, b = arms
+    said = f"{names[1]} - {names[0]}"
+    cmp = summary.get(f"{b}_vs_{a}")
     for iou in ("bbox", "segm"):
-        lines.append(
-            format_table(
-                {k: summary[k][iou] for k in ("stage1", "baseline", "crat")}, title=f"\n{iou} (LVIS v1 protocol, %)"
-            )
-        )
+        lines.append(format_table({k: summary[k][iou] for k in models}, title=f"\n{iou} (LVIS v1 protocol, %)"))
         if cmp and iou in cmp:
             cells = [
                 f"{k} {100 * m['delta']:+.1f} [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]"
                 for k, m in cmp[iou].items()
             ]
-            lines.append("CRAT - baseline (95% paired bootstrap over val images): " + "  ".join(cells))
+            lines.append(f"{said} (95% paired bootstrap over val images): " + "  ".join(cells))
         else:
-            d = {k: 100 * (summary["crat"][iou][k] - summary["baseline"][iou][k]) for k in DELTA_KEYS}
-            lines.append("CRAT - baseline: " + "  ".join(f"{k} {v:+.1f}" for k, v in d.items()))
-        oracle = summary.get("class_oracle_crat_vs_baseline", {}).get(iou)
+            d = {k: 100 * (summary[b][iou][k] - summary[a][iou][k]) for k in DELTA_KEYS}
+            lines.append(f"{said}: " + "  ".join(f"{k} {v:+.1f}" for k, v in d.items()))
+        oracle = summary.get(f"class_oracle_{b}_vs_{a}", {}).get(iou)
         if oracle:
             lines.append(
                 "class-oracle AP (each detection takes the class of the ground truth it overlaps most): "
-                + "baseline "
+                + f"{names[0]} "
                 + "  ".join(f"{k} {100 * m['a']:.1f}" for k, m in oracle.items())
             )
             cells = [
                 f"{k} {100 * m['delta']:+.1f} [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]"
                 for k, m in oracle.items()
             ]
-            lines.append("class-oracle AP, CRAT - baseline (95% paired bootstrap): " + "  ".join(cells))
-        if all("fixed" in summary[k] for k in ("stage1", "baseline", "crat")):
+            lines.append(f"class-oracle AP, {said} (95% paired bootstrap): " + "  ".join(cells))
+        if all("fixed" in summary[k] for k in models):
             lines.append(
                 "AP-fixed (10,000 per class, no per-image cap): "
                 + "  ".join(
                     f"{k} AP {100 * summary[k]['fixed'][iou]['AP']:.1f} APr {100 * summary[k]['fixed'][iou]['APr']:.1f}"
-                    for k in ("stage1", "baseline", "crat")
+                    for k in models
                 )
             )
     if summary.get("verdict"):
@@ -122,9 +122,12 @@ def delta_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def what_the_run_shows(work_dir: Path, data: Path, seed: int) -> dict:
-    """CRAT - baseline with paired bootstrap intervals, the class-oracle AP and the error decomposition
-    of both, and the verdict sentences; ``errors_bbox.png`` / ``errors_segm.png`` in ``work_dir``."""
+def what_the_run_shows(
+    work_dir: Path, data: Path, seed: int, arms: tuple[str, str] = ("baseline", "crat"), names=("baseline", "CRAT")
+) -> dict:
+    """B - A (``arms``: the runs' directories in ``work_dir``; ``names``: what the console calls them) with
+    paired bootstrap intervals, the class-oracle AP and the error decomposition of both, and the verdict
+    sentences; ``errors_bbox.png`` / ``errors_segm.png`` in ``work_dir``."""
     from crat_ft.compare import compare, compare_tables, verdict
     from crat_ft.detections import Detections
     from crat_ft.error_analysis import analyze_errors, plot_errors
@@ -132,11 +135,12 @@ def what_the_run_shows(work_dir: Path, data: Path, seed: int) -> dict:
     from crat_ft.lvis_json import load_lvis_json
 
     gt = data / "annotations" / "lvis_v1_val.json"
-    _say("CRAT - baseline: paired bootstrap over val images, class-oracle AP and error decomposition")
-    result = compare(gt, str(work_dir / "baseline"), str(work_dir / "crat"), bootstrap_seed=seed)
+    a, b = arms
+    _say(f"{names[1]} - {names[0]}: paired bootstrap over val images, class-oracle AP and error decomposition")
+    result = compare(gt, str(work_dir / a), str(work_dir / b), bootstrap_seed=seed)
     gt_doc = load_lvis_json(gt)
     errors, oracle_pairs = {}, {}
-    for name in ("baseline", "crat"):
+    for name in arms:
         dets = Detections.from_dicts(load_results_file(work_dir / name / "results.segm.json"), masks=True)
         errors[name] = {}
         for iou in ("bbox", "segm"):
@@ -146,15 +150,24 @@ def what_the_run_shows(work_dir: Path, data: Path, seed: int) -> dict:
     oracle = compare_tables({iou: [tuple(p[0])] for iou, p in oracle_pairs.items()}, bootstrap_seed=seed)
     for iou in ("bbox", "segm"):
         plot_errors(errors, iou, work_dir / f"errors_{iou}.png")
-    names = ("baseline", "CRAT")
     return {
-        "crat_vs_baseline": result,
+        f"{b}_vs_{a}": result,
         "class_oracle_AP": {name: {iou: e[iou]["oracle_AP"] for iou in e} for name, e in errors.items()},
-        "class_oracle_crat_vs_baseline": oracle,
+        f"class_oracle_{b}_vs_{a}": oracle,
         "errors": errors,
         "verdict": [verdict(result, names, "APr", iou) for iou in ("bbox", "segm")]
         + [verdict(oracle, names, key, "bbox", what="class-oracle AP") for key in ("APr", "AP")],
     }
+
+
+def _demo_data(data: Path, spec: DemoDataSpec) -> None:
+    spec.validate()
+    _check_reused_data(data, spec)
+    _stage(
+        data / "annotations" / "lvis_v1_val.json",
+        "making the synthetic long-tailed dataset",
+        lambda: make_demo_data(data, spec),
+    )
 
 
 def run_demo(
@@ -197,14 +210,7 @@ def run_demo(
     log = open(work_dir / "demo.log", "a")
     _say(f"framework logs: {work_dir / 'demo.log'}")
 
-    spec = DemoDataSpec(seed=seed, variant=variant, sharing=sharing)
-    spec.validate()
-    _check_reused_data(data, spec)
-    _stage(
-        data / "annotations" / "lvis_v1_val.json",
-        "making the synthetic long-tailed dataset",
-        lambda: make_demo_data(data, spec),
-    )
+    _demo_data(data, DemoDataSpec(seed=seed, variant=variant, sharing=sharing))
 
     detector = work_dir / "stage1" / DETECTOR_FILE
     options = {"train_cfg.max_iters": detector_iters} if detector_iters else {}
@@ -288,4 +294,73 @@ def run_demo(
     _say(
         f"total {time.time() - t_start:.0f} s; summary {work_dir / 'summary.json'}, plots and rare_fisher_neighbors.txt in {work_dir}"
     )
+    return summary
+
+
+# the end-to-end demo: where the ablation (benchmarks/bench_ablation.py) measured CRAT's effect
+E2E_VARIANT = "colour-shapes"
+E2E_ITERS = 300
+E2E_CONFIG = "mask-rcnn_r18_fpn_tiny_crat-e2e_synthetic.py"
+
+
+def run_demo_e2e(
+    work_dir: str | os.PathLike = "work_dirs/demo-e2e",
+    *,
+    seed: int = 0,
+    detector_iters: int = E2E_ITERS,
+    variant: str = E2E_VARIANT,
+    sharing: float = DEFAULT_SHARING,
+) -> dict:
+    """CRAT end to end: the demo detector trained by mmdet twice on the same data and seed, plain and with
+    crat-ft's plugin heads (the paper's settings; the transfusion gradient also reaches the shared trunk),
+    then evaluated side by side and compared with paired bootstrap intervals.
+
+    Writes ``data/``, ``plain/`` and ``crat/`` (each ``detector.pth``, ``metrics.json`` and its matches,
+    ``results.{bbox,segm}.json``), ``errors_{bbox,segm}.png`` and ``summary.json`` under ``work_dir``;
+    stages done before are reused. Returns the summary: ``{"plain"|"crat": metrics, "crat_vs_plain", ...}``.
+    """
+    from crat_ft.stage1 import demo_schedule, evaluate_jobs
+
+    work_dir = Path(work_dir)
+    options = demo_schedule(detector_iters)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    data = work_dir / "data"
+    t_start = time.time()
+    log = open(work_dir / "demo.log", "a")  # left open: mmengine's loggers keep writing to it
+    _say(f"framework logs: {work_dir / 'demo.log'}")
+    _demo_data(data, DemoDataSpec(seed=seed, variant=variant, sharing=sharing))
+    runs = {"plain": demo_config(), "crat": demo_config(E2E_CONFIG)}
+    for name, config in runs.items():
+        out = work_dir / name / DETECTOR_FILE
+        _stage(
+            out,
+            f"training the detector end to end, {'plain' if name == 'plain' else 'with CRAT'} "
+            f"({config.name}, {detector_iters} iterations)",
+            lambda config=config, out=out: train_detector(
+                config, out.parent, cfg_options=options, data_root=data, seed=seed
+            ),
+            log,
+        )
+    jobs = {}
+    for name, config in runs.items():
+        run = work_dir / name
+        if (run / "metrics.json").exists() and (run / "results.segm.json").exists():
+            _say(f"evaluating {name}: done before, reusing {run / 'metrics.json'}")
+            continue
+        jobs[name] = dict(config=config, checkpoint=run / DETECTOR_FILE, out=run / "metrics.json", data_root=data,
+                          cfg_options=options, outfile_prefix=run / "results")  # fmt: skip
+    if jobs:
+        what = f"evaluating {', '.join(jobs)} (LVIS protocol, val split)"
+        _say(what)
+        t0 = time.time()
+        with contextlib.redirect_stdout(log):
+            evaluate_jobs(jobs, log=log)
+        _say(f"{what}: done in {time.time() - t0:.0f} s")
+    arms, names = ("plain", "crat"), ("plain", "CRAT e2e")
+    summary = {name: _load_json(work_dir / name / "metrics.json") for name in arms}
+    summary.update(what_the_run_shows(work_dir, data, seed, arms=arms, names=names))
+    summary["settings"] = dict(variant=variant, sharing=sharing, seed=seed, detector_iters=detector_iters)
+    atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=2))
+    print(delta_table(summary, models=arms, arms=arms, names=names))
+    _say(f"total {time.time() - t_start:.0f} s; summary {work_dir / 'summary.json'}")
     return summary

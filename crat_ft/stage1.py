@@ -17,6 +17,15 @@ from crat_ft.files import atomic_torch_save
 DETECTOR_FILE = "detector.pth"
 
 
+def demo_schedule(iters: int) -> list[str]:
+    """``--cfg-options`` that train the demo detector ``iters`` iterations on its own schedule's proportions
+    (the config's 600: linear warm-up over the first sixth, learning-rate steps at 3/4 and 11/12)."""
+    if iters < 12:
+        raise UserError(f"--detector-iters: the demo schedule needs at least 12 iterations, got {iters}")
+    return [f"train_cfg.max_iters={iters}", f"param_scheduler.0.end={iters // 6}", f"param_scheduler.1.end={iters}",
+            f"param_scheduler.1.milestones=[{iters * 3 // 4},{iters * 11 // 12}]"]  # fmt: skip
+
+
 def train_detector(
     config: str | os.PathLike,
     work_dir: str | os.PathLike,
