@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from conftest import run_cli
 from crat_ft.config import load_config
 from crat_ft.synthetic import DemoDataSpec, make_demo_data
-from tests.conftest import run_cli
 
 
 @pytest.mark.slow
