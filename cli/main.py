@@ -80,6 +80,12 @@ def _split_options(options: tuple[str, ...]) -> list[str]:
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
+            protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args  # click < 8.2
+            args = [*protected, *ctx.args]
+            if args and args[0] != "env" and not {"-h", "--help"} & set(args):
+                from crat_ft.envinfo import check_supported_stack
+
+                check_supported_stack()  # an mmcv or mmdet outside the tested range: one line, before any work
             return super().invoke(ctx)
         except UserError as exc:
             _fail(str(exc), getattr(exc, "exit_code", 2))
@@ -115,7 +121,8 @@ def cli():
 
 @cli.command()
 def env():
-    """Print the software stack; exit 1 with the fix if mmcv's compiled ops are missing."""
+    """Print the software stack and whether it is inside the tested range; exit 1 with the fix if mmcv's
+    compiled ops are missing, or mmcv or mmdet is outside the range."""
     from crat_ft.envinfo import collect, format_rows
 
     rows, problems = collect()

@@ -162,9 +162,11 @@ class DetectionSpill:
     """Writes one process's detections to disk in parts as they arrive (evaluation never holds them all as dicts).
 
     Each :meth:`add` takes one image's detections; every ``part_rows``
-    detections a part ``<directory>/part-<tag>-<k>/`` is written. Images are
-    numbered in arrival order, so a reader can keep exactly the images the
-    test loop reports (mmengine pads the last batch of a distributed sampler).
+    detections a part ``<directory>/part-<tag>-<k>/`` is written, with the
+    sequence numbers of the images it covers (``images.npy``, images without
+    detections included). Images are numbered in arrival order, so a reader
+    can keep exactly the images the test loop reports (mmengine pads the last
+    batch of a distributed sampler) and can tell when one is missing.
     """
 
     def __init__(self, directory: str | os.PathLike, tag: str, part_rows: int = 500_000) -> None:
@@ -174,6 +176,7 @@ class DetectionSpill:
         self.rows = 0
         self.parts = 0
         self.images = 0
+        self.first_image = 0  # sequence number of the buffer's first image
 
     def add(self, dets: Detections) -> int:
         """Buffer one image's detections; returns its sequence number."""
@@ -192,32 +195,57 @@ class DetectionSpill:
         part = self.directory / f"part-{self.tag}-{self.parts:05d}"
         Detections.concat(self.buffer).save(part)
         np.save(part / "sequence.npy", np.concatenate(self.sequence))
+        np.save(part / "images.npy", np.arange(self.first_image, self.images, dtype=np.int64))
         self.buffer, self.sequence, self.rows = [], [], 0
+        self.first_image = self.images
         self.parts += 1
 
 
+def _tag_of(part: Path) -> str:
+    return part.name[len("part-") :].rsplit("-", 1)[0]
+
+
 def load_spilled(directory: str | os.PathLike, keep: dict[str, set[int]] | None = None) -> Detections:
-    """Every part under ``directory`` as one table, keeping, per spill tag, only the image sequence
-    numbers in ``keep``. The RLE bytes of all parts are copied into one file there and memory-mapped."""
+    """The spilled detections of one evaluation as one table.
+
+    With ``keep`` (spill tag -> image sequence numbers, what the test loop reported), only the parts
+    of those tags are read, only those images are kept, and every one of them must be covered by
+    exactly one part: a part that is missing or written twice is an error, never a silent change of
+    the evaluated detections. Without ``keep``, every part in ``directory``. The RLE bytes of all
+    parts are copied into one file there and memory-mapped.
+    """
     directory = Path(directory)
-    found = sorted(directory.glob("part-*"))
-    missing = sorted(set(keep or ()) - {part.name[len("part-") :].rsplit("-", 1)[0] for part in found})
+    by_tag: dict[str, list[Path]] = {}
+    for part in sorted(directory.glob("part-*")):
+        by_tag.setdefault(_tag_of(part), []).append(part)
+    missing = sorted(set(keep or ()) - set(by_tag))
     if missing:
         # every process that saw an image wrote a part: on several nodes a local directory hides theirs
         raise UserError(
             f"the detections of {', '.join(missing)} are not in {directory}; with several nodes, set the "
-            "metric's spill_dir to a directory that every node shares"
+            "metric's spill_dir to a directory that every node shares (else another process removed them: rerun)"
         )
     parts = []
-    for part in found:
-        dets = Detections.load(part)
+    for tag in sorted(keep) if keep is not None else sorted(by_tag):
+        covered = []
+        for part in by_tag[tag]:
+            dets = Detections.load(part)
+            if keep is not None:
+                seq = np.load(part / "sequence.npy")
+                covered.append(np.load(part / "images.npy"))
+                rows = np.nonzero(np.isin(seq, np.fromiter(keep[tag], np.int64, len(keep[tag]))))[0]
+                if len(rows) != len(dets):
+                    dets = dets.take(rows)
+            parts.append(dets)
         if keep is not None:
-            tag = part.name[len("part-") :].rsplit("-", 1)[0]
-            seq = np.load(part / "sequence.npy")
-            rows = np.nonzero(np.isin(seq, np.fromiter(keep.get(tag, ()), np.int64)))[0]
-            if len(rows) != len(dets):
-                dets = dets.take(rows)
-        parts.append(dets)
+            covered = np.concatenate(covered)
+            lost = set(keep[tag]) - set(covered.tolist())
+            if lost or len(np.unique(covered)) != len(covered):
+                what = f"{len(lost)} image(s) are missing" if lost else "some images are there twice"
+                raise UserError(
+                    f"the spilled detections of {tag} in {directory} are incomplete ({what}: another process "
+                    "removed or wrote parts there); rerun the evaluation"
+                )
     if not parts or not parts[0].has_masks:
         return Detections.concat(parts)
     # the masks: one memory-mapped buffer, filled part by part
@@ -238,3 +266,56 @@ def load_spilled(directory: str | os.PathLike, keep: dict[str, set[int]] | None 
     del merged
     out.rle, out.rle_offset = np.load(path, mmap_mode="r"), offsets
     return out
+
+
+# --------------------------------------------------------------------------- one directory per evaluation
+
+RUN_PREFIX = "run-"
+
+
+def claim_spill_run(base: str | os.PathLike, run: str):
+    """Make ``<base>/run-<run>/``, the spill directory of one evaluation, held by a lock (the main process).
+
+    The lock (``run-<run>.lock``, :class:`crat_ft.files.RunLock`) is held until the evaluation
+    releases it, and the kernel drops it when the process dies, so a directory whose lock nobody
+    holds belongs to an evaluation that is over: those are removed first. A live evaluation's
+    directory is never touched, whatever its process id (pids repeat across container starts), and
+    evaluations that share ``base`` each read only their own directory.
+
+    Returns:
+        The held lock; release it with ``release_spill_run``.
+    """
+    from crat_ft.files import RunLock
+
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(base / f"{RUN_PREFIX}{run}.lock", f"the spill directory {base / (RUN_PREFIX + run)}")
+    lock.__enter__()
+    remove_abandoned_runs(base)
+    (base / f"{RUN_PREFIX}{run}").mkdir(exist_ok=True)
+    return lock
+
+
+def remove_abandoned_runs(base: str | os.PathLike) -> list[Path]:
+    """Remove the run directories under ``base`` whose lock no live evaluation holds."""
+    import shutil
+
+    from crat_ft.files import RunLock
+
+    removed = []
+    for lock_path in sorted(Path(base).glob(f"{RUN_PREFIX}*.lock")):
+        try:
+            with RunLock(lock_path, "an abandoned spill directory"):
+                shutil.rmtree(lock_path.with_suffix(""), ignore_errors=True)
+        except UserError:  # held: a live evaluation's
+            continue
+        removed.append(lock_path.with_suffix(""))
+    return removed
+
+
+def release_spill_run(base: str | os.PathLike, run: str, lock) -> None:
+    """Remove an evaluation's run directory, then release its lock."""
+    import shutil
+
+    shutil.rmtree(Path(base) / f"{RUN_PREFIX}{run}", ignore_errors=True)
+    lock.__exit__(None, None, None)

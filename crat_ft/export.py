@@ -138,9 +138,10 @@ def export_checkpoint(
     """
     from pathlib import Path
 
-    from crat_ft.files import RunLock, clean_stale_temps, output_dir, temp_pattern
+    from crat_ft.files import RunLock, clean_stale_temps, output_dir, refuse_output_among_inputs, temp_pattern
 
     out_p = Path(out)
+    refuse_output_among_inputs(out_p, (config, checkpoint, heads), "--out")
     with (
         output_dir(out_p.parent, "the directory of --out"),
         RunLock(out_p.with_name(f".{out_p.name}.lock"), f"--out {out_p}"),
@@ -165,7 +166,7 @@ def _export_locked(
     from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
     from crat_ft.config import load_config
     from crat_ft.errors import sha_mismatch
-    from crat_ft.files import atomic_path, atomic_torch_save, sha256_file
+    from crat_ft.files import atomic_path, atomic_torch_save, refuse_output_among_inputs, sha256_file
 
     cfg = load_config(config, cfg_options)
     det = load_checkpoint_file(checkpoint, trust=trust_checkpoint)
@@ -218,6 +219,7 @@ def _export_locked(
         new_meta["dataset_meta"] = {"classes": tuple(meta["class_names"])}
     cfg_path = out_p.with_suffix(".py") if new_cfg is not None else None
     if cfg_path is not None:  # the config first: a checkpoint that needs it never appears without it
+        refuse_output_among_inputs(cfg_path, (config, checkpoint, heads), "--out's config (<out stem>.py)")
         new_meta["crat_ft"]["config"] = str(cfg_path)
         with atomic_path(cfg_path) as tmp_cfg:
             new_cfg.dump(str(tmp_cfg))

@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from crat_ft.errors import StorageError, UserError
 
@@ -331,3 +331,36 @@ def owned_tempdir(prefix: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def refuse_output_among_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str) -> None:
+    """Refuse an output path that is one of the command's inputs, before anything is written.
+
+    Paths are compared resolved (symlinks followed), and by ``os.path.samefile``
+    where both exist, so a hard link or another spelling of an input is caught too.
+
+    Args:
+        out: the output path given to ``option``.
+        inputs: the command's input paths; ``None`` entries are skipped.
+        option: the option's name for the message, e.g. ``"--out"``.
+
+    Raises:
+        UserError: ``out`` is one of ``inputs``.
+    """
+    out_path = Path(out)
+    out_resolved = out_path.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        path = Path(given)
+        same = path.resolve() == out_resolved
+        if not same and out_path.exists() and path.exists():
+            try:
+                same = os.path.samefile(out_path, path)
+            except OSError:
+                same = False
+        if same:
+            raise UserError(
+                f"{option} {out} is also an input of this command ({given}); choose another path, "
+                "an output never replaces an input"
+            )

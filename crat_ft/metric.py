@@ -12,6 +12,9 @@ categories at a time (see docs/architecture.md#evaluation-protocol).
 
 from __future__ import annotations
 
+import tempfile
+import uuid
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +22,8 @@ from mmdet.registry import METRICS
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import MMLogger
 
-from crat_ft.detections import Detections, DetectionSpill, load_spilled
+from crat_ft.detections import RUN_PREFIX, Detections, DetectionSpill, claim_spill_run, load_spilled, release_spill_run
+from crat_ft.dist import broadcast_from_rank0
 from crat_ft.errors import UserError
 from crat_ft.evaluation import IOU_TYPES, PROTOCOLS, format_table, lvis_metrics, write_per_class_csv
 from crat_ft.lvis_json import categories_by_id, load_lvis_json
@@ -36,9 +40,13 @@ class CratLVISMetric(BaseMetric):
         cat_chunk_size: categories per evaluation chunk (bounded memory).
         per_class_csv: if set, write the per-class AP table there.
         spill_dir: where the processes write their detections, the same directory for
-            every rank (default: a temporary directory that rank 0 makes and sends to the
-            others; several nodes need a shared ``spill_dir``). Removed after evaluation;
-            a default one a killed run left is removed by the next run.
+            every rank (default: ``crat-ft-detections`` in the system's temporary directory;
+            several nodes need a shared ``spill_dir``). Each evaluation writes into a
+            subdirectory of its own, ``run-<id>-<k>``, named by a run id that rank 0 draws and
+            sends to the others, and reads only its own parts; rank 0 holds a lock on it while
+            the evaluation runs and removes it afterwards. A subdirectory whose lock nobody holds
+            (a killed run's) is removed by the next evaluation; a live one is never touched, so
+            several evaluations may share one ``spill_dir``.
         extra_protocols: also compute these protocols of :func:`lvis_metrics`
             (``"fixed"``: AP-fixed, ``"pool"``: AP-pool; ``last_results[protocol]``).
             They see what the model outputs: raise ``model.test_cfg.rcnn.max_per_img``
@@ -79,9 +87,13 @@ class CratLVISMetric(BaseMetric):
             if p not in PROTOCOLS or p == "standard":
                 raise UserError(f"CratLVISMetric.extra_protocols: expected items of ('fixed', 'pool'), got {p!r}")
         self.extra_protocols = list(extra_protocols)
-        # made here: mmengine builds metrics on every rank at the same point, so the broadcast is safe
-        self.spill_dir = spill_dir if spill_dir is not None else _shared_tempdir()
+        self.spill_dir = spill_dir if spill_dir is not None else str(Path(tempfile.gettempdir()) / SPILL_DIR)
+        # drawn here: mmengine builds metrics on every rank at the same point, so the broadcast is safe
+        self._run_id = broadcast_from_rank0(uuid.uuid4().hex[:12])
+        self._evaluations = 0  # evaluations so far (a validation metric runs once per interval)
+        self.run_dir: str | None = None  # the directory of the evaluation under way
         self._spill = None
+        self._lock = None
         self.per_class_csv = per_class_csv
         self.matches_files = dict(matches_files or {})
         self.outfile_prefix = outfile_prefix
@@ -94,14 +106,18 @@ class CratLVISMetric(BaseMetric):
             self._doc = load_lvis_json(self.ann_file)
         return self._doc
 
+    @property
+    def _run(self) -> str:
+        return f"{self._run_id}-{self._evaluations}"
+
     def _spiller(self) -> DetectionSpill:
         if self._spill is None:
-            from pathlib import Path
-
             from mmengine.dist import get_rank
 
-            Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
-            self._spill = DetectionSpill(self.spill_dir, tag=f"rank{get_rank()}")
+            if get_rank() == 0:
+                self._lock = claim_spill_run(self.spill_dir, self._run)
+            self.run_dir = str(Path(self.spill_dir) / f"{RUN_PREFIX}{self._run}")
+            self._spill = DetectionSpill(self.run_dir, tag=f"{self._run}-rank{get_rank()}")
         return self._spill
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
@@ -167,21 +183,21 @@ class CratLVISMetric(BaseMetric):
         return named
 
     def _remove_spill(self) -> None:
-        import shutil
-
-        from mmengine.dist import barrier, is_main_process
+        from mmengine.dist import barrier
 
         barrier()
-        if is_main_process():
-            shutil.rmtree(self.spill_dir, ignore_errors=True)
+        if self._lock is not None:
+            release_spill_run(self.spill_dir, self._run, self._lock)
+            self._lock = None
         self._spill = None
+        self._evaluations += 1
 
     def compute_metrics(self, results: list) -> dict:
         logger = MMLogger.get_current_instance()
         keep: dict[str, set[int]] = {}
         for tag, seq in results:
             keep.setdefault(tag, set()).add(seq)
-        results = load_spilled(self.spill_dir, keep)
+        results = load_spilled(self.run_dir, keep)
         out, per_class = {}, {}
         for iou in self.iou_types:
             if iou == "segm" and len(results) and not results.has_masks:
@@ -223,19 +239,4 @@ class CratLVISMetric(BaseMetric):
                 )
 
 
-SPILL_PREFIX = "crat-ft-detections"
-
-
-def _shared_tempdir() -> str:
-    """A temporary spill directory named by rank 0 (``crat-ft-detections.tmp-<pid>-*``), the same
-    on every rank; rank 0 first removes those of processes that are gone."""
-    from mmengine.dist import broadcast_object_list, get_rank, is_distributed
-
-    from crat_ft.files import new_owned_tempdir
-
-    name = [None]
-    if get_rank() == 0:
-        name = [str(new_owned_tempdir(SPILL_PREFIX))]
-    if is_distributed():
-        broadcast_object_list(name)
-    return name[0]
+SPILL_DIR = "crat-ft-detections"

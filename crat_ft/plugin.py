@@ -258,9 +258,19 @@ def export_plain(config, checkpoint, out, *, cfg_options=(), trust_checkpoint: b
 
     from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
     from crat_ft.config import load_config
-    from crat_ft.files import RunLock, atomic_path, atomic_torch_save, clean_stale_temps, output_dir, temp_pattern
+    from crat_ft.files import (
+        RunLock,
+        atomic_path,
+        atomic_torch_save,
+        clean_stale_temps,
+        output_dir,
+        refuse_output_among_inputs,
+        temp_pattern,
+    )
 
     out = Path(out)
+    refuse_output_among_inputs(out, (config, checkpoint), "--out")
+    refuse_output_among_inputs(out.with_suffix(".py"), (config, checkpoint), "--out's config (<out stem>.py)")
     given = load_config(config, cfg_options)
     cfg = plain_config(given)
     if not any(head.get("type") in PLAIN_TYPES for head in _roi_heads(given)):

@@ -136,10 +136,19 @@ def evaluate_detector(
     """
     import contextlib
 
-    from crat_ft.files import output_dir, owned_tempdir
+    from crat_ft.compare import matches_path
+    from crat_ft.evaluation import IOU_TYPES
+    from crat_ft.files import output_dir, owned_tempdir, refuse_output_among_inputs
 
     out = Path(out)
     csv_path = Path(per_class_csv) if per_class_csv else out.with_name(out.stem + "_per_class.csv")
+    inputs = (config, checkpoint, heads)
+    refuse_output_among_inputs(out, inputs, "--out")
+    refuse_output_among_inputs(csv_path, inputs, "--per-class-csv")
+    for iou in IOU_TYPES:
+        refuse_output_among_inputs(matches_path(out, iou), inputs, f"--out's {iou} matches")
+        if outfile_prefix is not None:
+            refuse_output_among_inputs(f"{outfile_prefix}.{iou}.json", inputs, "--outfile-prefix")
     with contextlib.ExitStack() as dirs:  # a refused evaluation leaves no directory it created
         for path, what in ((out, "the directory of --out"), (csv_path, "the directory of --per-class-csv")):
             dirs.enter_context(output_dir(path.parent, what))
@@ -227,11 +236,13 @@ def _run_test_and_write(
     outfile_prefix=None,
 ) -> dict:
     """Run the test loop in a private work dir; rename the JSON and the per-class CSV into place together."""
+    import contextlib
+
     from mmengine.runner import Runner
 
     from crat_ft.checkpoint import trusted_loading
     from crat_ft.compare import matches_path
-    from crat_ft.dist import broadcast_from_rank0, distributed_runner_cfg, rank
+    from crat_ft.dist import distributed_runner_cfg, rank
     from crat_ft.evaluation import IOU_TYPES
     from crat_ft.files import commit_together, owned_tempdir, storage_errors, temp_name
     from crat_ft.hooks import ConsoleProgressHook
@@ -248,10 +259,9 @@ def _run_test_and_write(
     if outfile_prefix is not None:
         lvis["outfile_prefix"] = str(outfile_prefix)
     distributed_runner_cfg(cfg)
-    # detections go to disk beside --out, in one directory all ranks share, named for rank 0's pid
-    # (``.<stem>.tmp-<pid>.detections``: rank 0's start-up cleanup removes a dead run's)
-    pid0 = broadcast_from_rank0(os.getpid())
-    spill = out.with_name(f".{out.stem}.tmp-{pid0}.detections")
+    # detections go to disk beside --out (``.<stem>.detections/``), into a subdirectory of this
+    # evaluation's own that the metric makes, locks and removes (see CratLVISMetric's spill_dir)
+    spill = out.with_name(f".{out.stem}.detections")
     lvis["spill_dir"] = str(spill)
     output_begins()
     main = rank() == 0
@@ -280,6 +290,8 @@ def _run_test_and_write(
                 temp_name(p).unlink(missing_ok=True)
             temp_name(csv_path).unlink(missing_ok=True)
             temp_name(out).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # kept while another evaluation of this --out holds a run there
+                spill.rmdir()
     return results
 
 

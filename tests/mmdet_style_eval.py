@@ -7,7 +7,7 @@ user of this stack would do them: the data root and class names are set with cra
 classes), and the process group is set up by ``crat_ft.dist`` (mmengine's launcher needs CUDA).
 
 Usage: mmdet_style_eval.py CONFIG CHECKPOINT DATA_ROOT WORK_DIR OUT_JSON [--keep-detections].
-Every rank writes ``OUT_JSON.rank<r>`` with the metric's spill directory; rank 0 writes the
+Every rank writes ``OUT_JSON.rank<r>`` with the directory of the metric's spilled detections; rank 0 writes the
 metrics to OUT_JSON. ``--keep-detections`` leaves the spill directory in place, for the test to
 compare the detections themselves.
 """
@@ -40,7 +40,7 @@ def main() -> None:
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()
     metric = next(m for m in runner.test_evaluator.metrics if isinstance(m, CratLVISMetric))
-    Path(f"{out}.rank{runner.rank}").write_text(metric.spill_dir)
+    Path(f"{out}.rank{runner.rank}").write_text(metric.run_dir)
     if runner.rank == 0:
         Path(out).write_text(json.dumps(metrics))
     print(f"rank {runner.rank} of {runner.world_size}, pid {os.getpid()}: done", file=sys.stderr)

@@ -1,5 +1,7 @@
 """AP-fixed (Dave et al. 2021) against a small independent LVIS bbox evaluator written here."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_evaluation import _random_dets, _square, crafted_gt, det
@@ -244,9 +246,11 @@ def test_metric_spills_detections_to_disk_and_gathers_only_image_numbers(tiny_da
     metric.process({}, samples[:1])  # padding: the first image again, beyond the dataset size
     assert len(metric.results) == len(gt["images"]) + 1 and all(isinstance(r, tuple) for r in metric.results)
     metric._spiller().flush()
-    assert sorted(p.name for p in spill.iterdir()) == ["part-rank0-00000"]
+    run = Path(metric.run_dir)  # this evaluation's own directory in spill_dir, locked while it runs
+    assert run.parent == spill and sorted(p.name for p in spill.iterdir()) == [run.name, f"{run.name}.lock"]
+    assert sorted(p.name for p in run.iterdir()) == [f"part-{run.name[len('run-'):]}-rank0-00000"]
     result = metric.evaluate(len(gt["images"]))
-    assert not spill.exists()  # removed after the evaluation
+    assert not list(spill.iterdir())  # removed after the evaluation
     for iou in ("bbox", "segm"):
         expected = lvis_metrics(gt, dets, iou)
         assert {k: result[f"lvis/{iou}_{k}"] for k in expected} == pytest.approx(expected, abs=1e-12)

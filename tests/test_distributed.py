@@ -92,7 +92,7 @@ def test_a_killed_distributed_evaluation_reruns_to_the_same_metrics(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
     )
     deadline = time.time() + 300
-    while not list(out.parent.glob(".m.tmp-*.detections")) and proc.poll() is None:
+    while not list(out.parent.glob(".m.detections/run-*/part-*")) and proc.poll() is None:
         assert time.time() < deadline, "the evaluation never started spilling"
         time.sleep(0.1)
     assert proc.poll() is None, "the evaluation ended before it could be killed"
@@ -104,7 +104,10 @@ def test_a_killed_distributed_evaluation_reruns_to_the_same_metrics(
     while any(_alive(w) for w in workers):
         assert time.time() < deadline, "the workers outlived the killed torchrun"
         time.sleep(0.05)
-    assert list(out.parent.glob(".m.tmp-*.detections")) and not out.exists()  # what the killed run left
+    assert list(out.parent.glob(".m.detections/run-*/part-*")) and not out.exists()  # what the killed run left
+    # a pid that is alive again (pids repeat across container starts) does not keep a dead run's detections
+    for lock in out.parent.glob(".m.detections/run-*.lock"):
+        lock.write_text(str(os.getpid()))
     _evaluate(2, tiny_detector, tiny_data, out)  # checks that nothing but m.json, the CSV and the log is left
     assert json.loads(out.read_text()) == json.loads(one_process_metrics.read_text())
 
@@ -143,7 +146,7 @@ def _mmdet_style_eval(nproc: int, detector, data, work: Path) -> tuple[dict, Pat
     spills = {Path(f"{out}.rank{k}").read_text() for k in range(nproc)}
     assert len(spills) == 1, spills  # one directory, made by rank 0 and sent to the others
     spill = Path(spills.pop())
-    assert spill.name.startswith("crat-ft-detections.tmp-") and spill.is_dir()
+    assert spill.parent.name == "crat-ft-detections" and spill.name.startswith("run-") and spill.is_dir()
     log = next((work / "runner").glob("*/*.log"))
     assert _detections_evaluated(log) == 3000
     return json.loads(out.read_text()), spill
@@ -157,7 +160,7 @@ def test_mmdet_style_test_script_without_spill_dir_equals_one_process(
     import shutil
 
     one, spill = _mmdet_style_eval(1, tiny_detector, tiny_data, tmp_path / "np1")
-    # moved aside: the next run removes the temporary directories of processes that are gone
+    # moved aside: the next run removes the run directories whose lock nobody holds
     spill_one = Path(shutil.move(spill, tmp_path / "spill-np1"))
     two, spill_two = _mmdet_style_eval(2, tiny_detector, tiny_data, tmp_path / "np2")
     assert not spill_one.with_name(spill.name).exists()
