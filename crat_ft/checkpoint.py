@@ -13,8 +13,11 @@ whatever it is given.
 So crat-ft unpickles with its own restricted unpickler (:class:`SafeUnpickler`,
 passed to ``torch.load`` as the pickle module). It resolves only the globals
 in :func:`safe_globals`: torch's own ``weights_only`` allow-list (tensor
-rebuild functions, dtypes, ``OrderedDict``...), numpy arrays, dtypes and
-scalars, and ``HistoryBuffer``. ``getattr`` is replaced by a function that
+rebuild functions, dtypes...), the containers and constructors that list
+gained only in torch 2.13 (``Counter``, ``set``, ``bytearray``, ``complex``,
+``torch.device``, ``_codecs.encode`` for numpy scalars' bytes) named here, so
+torch 2.1 loads the same files, numpy arrays, dtypes and scalars, and
+``HistoryBuffer``. ``getattr`` is replaced by a function that
 accepts exactly ``getattr(HistoryBuffer, <statistics method>)`` and nothing
 else, so every callable a file can reach is a data constructor.
 
@@ -43,6 +46,10 @@ _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 _TRUSTED = contextvars.ContextVar("crat_ft_trusted_checkpoints", default=False)
 
 
+class UnreadableCheckpointError(UserError):
+    """A checkpoint file that cannot be read at all: truncated, corrupt, or not a torch file."""
+
+
 class UnsafePickleError(pickle.UnpicklingError):
     """The pickle names a global outside the allow-list, or uses ``getattr`` beyond HistoryBuffer's methods."""
 
@@ -63,11 +70,22 @@ def _history_buffer_getattr(obj, name, *default):
 
 def safe_globals() -> dict:
     """``"module.name" -> object`` of every global a checkpoint may name without ``--trust-checkpoint``."""
+    import _codecs
+    import collections
+
     import numpy as np
+    import torch
     from mmengine.logging.history_buffer import HistoryBuffer
     from torch._weights_only_unpickler import _get_allowed_globals
 
-    allowed = dict(_get_allowed_globals())
+    allowed = dict(_get_allowed_globals())  # tensor and storage rebuilders, dtypes: they differ between torch versions
+    # what torch >= 2.13 adds to that list, named here so that every supported torch (2.1 included) loads
+    # what mmengine's Runner saves: numpy scalars in its meta pickle their bytes through _codecs.encode,
+    # the plugin's checkpoints hold Counters; all are data constructors
+    for obj in (collections.OrderedDict, collections.Counter, set, frozenset, bytearray, complex, slice, torch.Size,
+                torch.device):  # fmt: skip
+        allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    allowed["_codecs.encode"] = _codecs.encode
     numpy_core = np.core.multiarray
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[f"{mod}._reconstruct"] = numpy_core._reconstruct
@@ -182,8 +200,9 @@ def load_checkpoint_file(
             such as heads files).
 
     Raises:
-        UserError: missing file, unreadable or truncated file, or a file that
-            needs unpickling beyond the allow-list.
+        UnreadableCheckpointError: an unreadable or truncated file.
+        UserError: a missing file, or a file that needs unpickling beyond the
+            allow-list (the message names the refused global and ``--trust-checkpoint``).
     """
     import torch
 
@@ -205,7 +224,7 @@ def load_checkpoint_file(
     except Exception as exc:  # torch raises many types for corrupt files
         msg = str(exc)
         text = msg.splitlines()[0] if msg else type(exc).__name__
-        raise UserError(
+        raise UnreadableCheckpointError(
             f"checkpoint {path} could not be read ({text}); the file is corrupt or truncated: re-download or re-train it"
         ) from None
     if not isinstance(ckpt, dict):

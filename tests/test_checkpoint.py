@@ -1,6 +1,7 @@
-"""Safe checkpoint loading under torch >= 2.6."""
+"""Safe checkpoint loading, the same on every supported torch (2.1 to 2.14)."""
 
 import argparse
+import collections
 import re
 
 import numpy as np
@@ -17,8 +18,12 @@ def test_mmengine_runner_checkpoint_loads_safely(tmp_path):
 
     buf = HistoryBuffer()
     buf.update(1.5)
+    # what the plugin's checkpoints and mmengine's meta hold besides: every one loads on each supported torch
+    # (torch 2.1's own weights-only list has none of _codecs.encode, Counter, set, bytearray, complex, device)
+    extra = {"counts": collections.Counter({"a": 2}), "ids": {1, 2}, "frozen": frozenset({3}), "raw": bytearray(b"xy"),
+             "z": complex(1, 2), "device": torch.device("cpu"), "size": torch.Size([2, 3]), "cut": slice(1, 4)}  # fmt: skip
     ckpt = {
-        "meta": {"seed": np.int64(3), "lr": np.float64(0.1)},
+        "meta": {"seed": np.int64(3), "lr": np.float64(0.1), "shape": np.zeros((2, 2), np.float32), **extra},
         "message_hub": {"log_scalars": {"train/lr": buf}},
         "state_dict": {"module.w": torch.ones(2)},
     }
@@ -27,6 +32,7 @@ def test_mmengine_runner_checkpoint_loads_safely(tmp_path):
         torch.load(tmp_path / "runner.pth", weights_only=True)
     loaded = load_checkpoint_file(tmp_path / "runner.pth")
     assert loaded["meta"]["seed"] == 3 and loaded["message_hub"]["log_scalars"]["train/lr"].current() == 1.5
+    assert {k: loaded["meta"][k] for k in extra} == extra and loaded["meta"]["shape"].shape == (2, 2)
     assert list(state_dict_of(loaded)) == ["w"]
 
 
