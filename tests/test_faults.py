@@ -480,12 +480,22 @@ def test_side_by_side_evaluations_equal_one_by_one_and_a_failed_job_raises_its_e
     err = capfd.readouterr().err
     assert "evaluate (stage1, retrained, missing): 20/30 images" in err, err
     assert "Load checkpoint from" in (tmp_path / "frameworks.log").read_text()
+    # like with like: one by one at the thread count each forked job had (the thread count moves a float32
+    # convolution's last bits, and with them, on torch 2.1, a mask pixel now and then)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // len(jobs)))
+    try:
+        for name in ("stage1", "retrained"):
+            heads, out = jobs[name]
+            one_by_one = tmp_path / "one-by-one" / name / "metrics.json"
+            assert json.loads(out.read_text()) == evaluate_detector(
+                config, tiny_detector, one_by_one, data_root=tiny_data, heads=heads
+            )
+    finally:
+        torch.set_num_threads(threads)
     for name in ("stage1", "retrained"):
         heads, out = jobs[name]
         one_by_one = tmp_path / "one-by-one" / name / "metrics.json"
-        assert json.loads(out.read_text()) == evaluate_detector(
-            config, tiny_detector, one_by_one, data_root=tiny_data, heads=heads
-        )
         assert (out.parent / "metrics_per_class.csv").read_text() == (
             one_by_one.parent / "metrics_per_class.csv"
         ).read_text()
