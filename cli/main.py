@@ -199,7 +199,8 @@ def train_detector(config, work_dir, data_root, seed, resume, cfg_options, verbo
     "--out",
     required=True,
     type=click.Path(dir_okay=False),
-    help='Metrics JSON: {"bbox": {...}, "segm": {...}, "fixed": {AP-fixed, same keys}}.',
+    help='Metrics JSON: {"bbox": {...}, "segm": {...}, "fixed": {AP-fixed, same keys}, "matches": {iou type: '
+    "the id of the detections its matches file holds}}.",
 )
 @click.option(
     "--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's)."
@@ -491,8 +492,10 @@ def evaluate_results(gt, results, iou_types, protocol, out):
 
     from crat_ft.evaluation import evaluate_results as run
     from crat_ft.evaluation import format_table
-    from crat_ft.files import atomic_write_text, output_dir
+    from crat_ft.files import atomic_write_text, output_dir, refuse_output_among_inputs
 
+    if out:
+        refuse_output_among_inputs(out, [gt, results], "--out")
     # --out's directory is checked first: an unwritable --out fails before the metrics are computed
     with output_dir(Path(out).parent, "the directory of --out") if out else contextlib.nullcontext():
         metrics = run(gt, results, iou_types=list(iou_types) or None, protocol=protocol)
@@ -513,7 +516,7 @@ def evaluate_results(gt, results, iou_types, protocol, out):
 @click.option("--iou-type", "iou_types", type=click.Choice(["bbox", "segm"]), multiple=True,
               help="bbox and/or segm (default: what both arms have).")  # fmt: skip
 @click.option(
-    "--resamples", default=1000, show_default=True, type=POSITIVE, help="Bootstrap resamples (at least 1000)."
+    "--resamples", default=1000, show_default=True, type=POSITIVE, help="Bootstrap resamples (1000 to 100000)."
 )
 @click.option("--bootstrap-seed", default=0, show_default=True, type=COUNT, help="Seed of the resampling.")
 @click.option(
@@ -531,13 +534,15 @@ def compare(gt, a, b, seeds, iou_types, resamples, bootstrap_seed, names, out):
     from pathlib import Path
 
     from crat_ft.compare import compare as run
-    from crat_ft.compare import format_comparison, verdict, write_json
-    from crat_ft.files import output_dir
+    from crat_ft.compare import compare_inputs, format_comparison, verdict, write_json
+    from crat_ft.files import output_dir, refuse_output_among_inputs
 
     seed_list = _int_list(seeds, "--seeds") if seeds else None
     pair = tuple(n.strip() for n in names.split(","))
     if len(pair) != 2 or not all(pair):
         raise UserError(f"--names: expected two names separated by a comma, got {names!r}")
+    if out:
+        refuse_output_among_inputs(out, compare_inputs(gt, a, b, seed_list), "--out")
     with output_dir(Path(out).parent, "the directory of --out") if out else contextlib.nullcontext():
         result = run(gt, a, b, seeds=seed_list, iou_types=list(iou_types) or None, n_resamples=resamples,
                      bootstrap_seed=bootstrap_seed)  # fmt: skip

@@ -164,13 +164,13 @@ def paired_resamples(pairs: list[tuple[MatchTable, MatchTable]], n_resamples: in
     return {part: {k: np.asarray(v) for k, v in d.items()} for part, d in out.items()}
 
 
-# Student t 0.975 quantiles for 1..30 degrees of freedom; the normal quantile beyond
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
-
-
 def t975(df: int) -> float:
-    return _T975[df - 1] if df <= len(_T975) else 1.960
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (exact for any ``df`` >= 1)."""
+    from scipy.stats import t
+
+    if df < 1:
+        raise ValueError(f"t975: expected at least 1 degree of freedom, got {df}")
+    return float(t.ppf(0.975, df))
 
 
 def seeded_interval(full_delta: np.ndarray, boot_delta: np.ndarray) -> dict:

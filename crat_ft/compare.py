@@ -5,6 +5,16 @@ Each arm is a results file (a JSON list of LVIS detections: mmdet's ``PREFIX.bbo
 the directory holding ``metrics.json``), which keeps its per-image matches beside it
 (``<stem>_matches_bbox.npz``, ``<stem>_matches_segm.npz``). Results files are matched here, once.
 
+Matches are used only with the metrics they belong to: each table records the identity of the
+detections it was matched from (:func:`crat_ft.matching.detections_id`), the metrics JSON records the
+same ids under ``"matches"``, and the table's full-sample AP must equal the JSON's AP (to
+:data:`AP_TOLERANCE`). A metrics JSON without those ids (``evaluate-results`` writes none, an older
+crat-ft neither) beside matches is refused, as is a table matched against other annotations
+(:meth:`crat_ft.matching.GroundTruth.fingerprint`, geometry included) or named for another IoU type.
+Results files, ground truth and matches are read and checked by the readers ``evaluate-results`` and
+``analyze-errors`` use too (:func:`crat_ft.evaluation.read_results`, :func:`crat_ft.lvis_json.load_lvis_json`,
+:meth:`crat_ft.matching.MatchTable.load`).
+
 With ``seeds``, each arm is a pattern holding ``{seed}`` (e.g. ``runs/s{seed}/crat``), one run per
 seed; run s of A is paired with run s of B (the same seed, e.g. the same stage-1 detector). GT may
 hold ``{seed}`` too, where each seed has its own val split (the demo's data depend on its seed).
@@ -16,18 +26,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from crat_ft.bootstrap import SUMMARY_KEYS, check_same_split, paired_resamples, seeded_interval
-from crat_ft.detections import Detections
+from crat_ft.bootstrap import SUMMARY_KEYS, category_ap, check_same_split, paired_resamples, seeded_interval, summarize
 from crat_ft.errors import UserError
-from crat_ft.evaluation import IOU_TYPES, load_results_file
+from crat_ft.evaluation import IOU_TYPES, is_metrics, read_json, read_results, results_iou_types
 from crat_ft.lvis_json import load_lvis_json
-from crat_ft.matching import GroundTruth, MatchTable, index_ground_truth, match_table
+from crat_ft.matching import GroundTruth, MatchTable, index_ground_truth, match_table, read_matches_meta
 
 MIN_RESAMPLES = 1000
+MAX_RESAMPLES = 100_000
+AP_TOLERANCE = 1e-9
+_REDO = "re-run `crat-ft evaluate` to write the metrics and their matches together, or pass the results file instead"
 
 
 def matches_path(metrics_json: str | os.PathLike, iou_type: str) -> Path:
@@ -36,8 +48,14 @@ def matches_path(metrics_json: str | os.PathLike, iou_type: str) -> Path:
     return p.with_name(f"{p.stem}_matches_{iou_type}.npz")
 
 
-def _arm_tables(gt_doc: dict, gt: GroundTruth, path: str, iou_types: Sequence[str] | None) -> dict[str, MatchTable]:
-    """``{iou_type: MatchTable}`` of one run: an evaluate output, or a results file matched now."""
+def matches_ids(files: Mapping[str, str | os.PathLike]) -> dict[str, str]:
+    """``{iou_type: detections id}`` of the matches files ``{iou_type: path}`` that exist: what a metrics
+    file records under ``"matches"`` to claim them (:attr:`crat_ft.matching.MatchTable.detections_id`)."""
+    return {iou: read_matches_meta(path)["detections_id"] for iou, path in files.items() if Path(path).is_file()}
+
+
+def _metrics_file(path: str | os.PathLike) -> Path:
+    """The metrics JSON of an evaluate output given as the file or the directory holding ``metrics.json``."""
     p = Path(path)
     if p.is_dir():
         if not (p / "metrics.json").is_file():
@@ -45,30 +63,76 @@ def _arm_tables(gt_doc: dict, gt: GroundTruth, path: str, iou_types: Sequence[st
         p = p / "metrics.json"
     if not p.is_file():
         raise UserError(f"{p} does not exist; pass an evaluate output (metrics JSON) or a results file")
+    return p
+
+
+def _full_sample_ap(table: MatchTable) -> float:
+    return float(summarize(category_ap(table, np.ones((1, len(table.image_ids)), np.int32)), table.frequency)["AP"][0])
+
+
+def _evaluated_tables(
+    p: Path, metrics: dict, gt: GroundTruth, iou_types: Sequence[str] | None
+) -> dict[str, MatchTable]:
+    """The matches an ``evaluate`` kept beside its metrics JSON ``p``, refused unless they are that
+    evaluation's: the metrics record each table's detections id, and the table's full-sample AP is theirs."""
     saved = {iou: matches_path(p, iou) for iou in IOU_TYPES if matches_path(p, iou).is_file()}
-    if saved:
-        wanted = list(iou_types) if iou_types else list(saved)
-        missing = [iou for iou in wanted if iou not in saved]
-        if missing:
+    if not saved:
+        raise UserError(
+            f"{p} is a metrics file without its matches ({matches_path(p, 'bbox').name} or "
+            f"{matches_path(p, 'segm').name} beside it), and compare needs the per-image matches; pass the results "
+            "file (e.g. PREFIX.segm.json of `crat-ft evaluate --outfile-prefix PREFIX`) or re-run `crat-ft evaluate`"
+        )
+    wanted = list(iou_types) if iou_types else list(saved)
+    missing = [iou for iou in wanted if iou not in saved]
+    if missing:
+        raise UserError(
+            f"{p} has no {missing[0]} matches ({saved[next(iter(saved))].name} only); drop --iou-type {missing[0]}"
+        )
+    ids = metrics.get("matches")
+    tables = {}
+    for iou in wanted:
+        table = MatchTable.load(saved[iou], iou)
+        recorded = ids.get(iou) if isinstance(ids, dict) else None
+        if recorded != table.detections_id:
+            why = "records no matches" if recorded is None else "records the matches of other detections"
+            raise UserError(f"{saved[iou]} does not belong to {p} ({p.name} {why}); {_REDO}")
+        if table.gt_fingerprint != gt.fingerprint():
             raise UserError(
-                f"{p} has no {missing[0]} matches ({saved[next(iter(saved))].name} only); drop --iou-type {missing[0]}"
+                f"{saved[iou]} was matched against other annotations than GT; pass the GT it was evaluated on"
             )
-        tables = {iou: MatchTable.load(saved[iou]) for iou in wanted}
-        for iou, t in tables.items():
-            if t.gt_fingerprint != gt.fingerprint():
-                raise UserError(
-                    f"{saved[iou]} was matched against other annotations than GT; pass the GT it was evaluated on"
-                )
-        return tables
-    doc = load_results_file(p)
-    if not doc:
-        raise UserError(f"results file {p} holds no detections; nothing to compare")
-    has_masks = "segmentation" in doc[0]
-    wanted = list(iou_types) if iou_types else ["bbox"] + (["segm"] if has_masks else [])
-    if "segm" in wanted and not has_masks:
-        raise UserError(f"results file {p} has no masks; pass the segm results (PREFIX.segm.json) or --iou-type bbox")
-    dets = Detections.from_dicts(doc, masks=has_masks)
-    return {iou: match_table(gt_doc, dets, iou, gt=gt) for iou in wanted}
+        ap = metrics.get(iou, {}).get("AP") if isinstance(metrics.get(iou), dict) else None
+        full = _full_sample_ap(table)
+        if not isinstance(ap, (int, float)) or isinstance(ap, bool) or not abs(full - ap) <= AP_TOLERANCE:
+            raise UserError(
+                f"{saved[iou]} gives {iou} AP {100 * full:.2f}, but {p} says {ap if ap is None else f'{100 * ap:.2f}'}; "
+                f"the matches do not belong to these metrics: {_REDO}"
+            )
+        tables[iou] = table
+    return tables
+
+
+def _arm_tables(gt_doc: dict, gt: GroundTruth, path: str, iou_types: Sequence[str] | None) -> dict[str, MatchTable]:
+    """``{iou_type: MatchTable}`` of one run: an evaluate output, or a results file matched now."""
+    p = _metrics_file(path)
+    doc = read_json(p, "results file")
+    if is_metrics(doc):
+        return _evaluated_tables(p, doc, gt, iou_types)
+    dets = read_results(p, gt_doc, doc)
+    return {iou: match_table(gt_doc, dets, iou, gt=gt) for iou in results_iou_types(dets, iou_types, p)}
+
+
+def compare_inputs(gt: str | os.PathLike, a: str, b: str, seeds: Sequence[int] | None = None) -> list[Path]:
+    """Every file ``compare`` reads for these arguments (GT, each arm, a directory arm's metrics.json
+    and the matches beside a metrics JSON): what its ``--out`` must not be."""
+    runs = _runs(a, seeds) + _runs(b, seeds)
+    gts = _runs(str(gt), seeds) if seeds and "{seed}" in str(gt) else [str(gt)]
+    paths = [Path(g) for g in gts]
+    for run in runs:
+        p = Path(run)
+        paths.append(p)
+        json_file = p / "metrics.json" if p.is_dir() else p
+        paths += [json_file] + [matches_path(json_file, iou) for iou in IOU_TYPES]
+    return paths
 
 
 def _runs(pattern: str, seeds: Sequence[int] | None) -> list[str]:
@@ -97,6 +161,11 @@ def compare(
     """
     if n_resamples < MIN_RESAMPLES:
         raise UserError(f"--resamples: expected at least {MIN_RESAMPLES} for a 95% interval, got {n_resamples}")
+    if n_resamples > MAX_RESAMPLES:
+        raise UserError(
+            f"--resamples: expected at most {MAX_RESAMPLES} (each resample holds a weight per image), got "
+            f"{n_resamples}; 1000 to 10000 pin a 95% interval down"
+        )
     if seeds is not None and len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds: each seed once, got {list(seeds)}")
     gts = _runs(str(gt), seeds) if seeds and "{seed}" in str(gt) else [str(gt)] * len(_runs(a, seeds))

@@ -221,6 +221,12 @@ def prepare_config(config, cfg_options=(), data_root=None, splits: Iterable[str]
     ``num_classes``; ``trained_classes`` as in :func:`sync_dataset_classes`).
     """
     cfg = load_config(config, cfg_options)
+    if not isinstance(cfg.get("model"), dict):  # e.g. an annotation or results JSON given as CONFIG
+        keys = ", ".join(list(cfg.keys())[:4]) or "none"
+        raise UserError(
+            f"config {config}: expected an mmdet detector config with a 'model' section, got keys {keys}; "
+            "pass the detector's config file (.py)"
+        )
     if data_root is not None:
         if not Path(data_root).is_dir():
             raise UserError(

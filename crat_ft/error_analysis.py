@@ -3,8 +3,10 @@
 Detections are the metric's: the top ``max_dets`` per image, and only those of a category the image
 verifies (positive or in ``neg_category_ids``); the others do not count for LVIS AP, so they are no
 error either. At the foreground IoU 0.5 the metric's matching marks each a true positive, a false
-positive, or ignored (unmatched in a ``not_exhaustive`` image). Every detection that is not a true
-positive gets one error type, tested in TIDE's order:
+positive, or ignored (unmatched, of a category the image lists as ``not_exhaustive``). An ignored
+detection is no error and is not counted, as TIDE skips ignored predictions: it gets no error type,
+costs no AP and cannot take a ground truth's ``cls``/``loc`` fix. Every other detection that is not a
+true positive gets one error type, tested in TIDE's order:
 
 - ``loc``: its best IoU with ground truth of its own class lies in [0.1, 0.5];
 - ``cls``: IoU >= 0.5 with ground truth of another class;
@@ -17,7 +19,10 @@ by an error type is AP50 with only those errors fixed, minus AP50 (0 where binni
 negative, as TIDE does): a ``cls`` error takes the ground truth's class and a ``loc`` error its
 place, becoming a true positive when that ground truth is free and it is the highest-scored error
 aiming at it, and is removed otherwise; ``dupe``, ``bkg`` and ``both`` errors are removed; fixing
-``miss`` drops the missed instances from the count. All per frequency group and over all classes.
+``miss`` drops the missed instances from the count, and a category left without ground truth leaves
+the mean (TIDE drops a class with nothing left; LVIS leaves a category without ground truth
+undefined). All per frequency group and over all classes; -1 where a group has no ground truth, and
+for a fix that leaves a group none.
 
 The class-oracle AP: each detection (of the top ``max_dets`` per image) takes the class of the
 ground truth it overlaps most (any overlap), then the ordinary LVIS AP (0.50:0.95). It is what the
@@ -37,6 +42,7 @@ ERROR_TYPES = ("cls", "loc", "both", "dupe", "bkg", "miss")
 POS_IOU, BKG_IOU = 0.5, 0.1
 GROUPS = ("all", "r", "c", "f")
 _CODE = {"tp": 0, "cls": 1, "loc": 2, "both": 3, "dupe": 4, "bkg": 5}
+_NOT_EVALUATED, _IGNORED = -1, -3
 
 
 def _classify(gt: GroundTruth, dets: Detections, iou_type: str, max_dets: int) -> dict:
@@ -48,7 +54,7 @@ def _classify(gt: GroundTruth, dets: Detections, iou_type: str, max_dets: int) -
     seen = np.full(len(dets), -1, np.int64)
     seen[rows] = np.arange(len(rows))
     evaluated = np.isin(keys, gt.verified) & (seen >= 0)
-    code = np.full(len(dets), -1, np.int64)  # -1: not evaluated
+    code = np.full(len(dets), _NOT_EVALUATED, np.int64)
     target = np.full(len(dets), -1, np.int64)  # the ground truth a cls/loc fix aims at
     oracle_cat = cat_of.copy()
     used = np.zeros(len(gt.gt_image), bool)
@@ -82,6 +88,9 @@ def _classify(gt: GroundTruth, dets: Detections, iou_type: str, max_dets: int) -
                 code[d_rows[j]] = _CODE["bkg"]
             else:
                 code[d_rows[j]] = _CODE["both"]
+    # unmatched in a not-exhaustive (image, category): LVIS ignores it, so it is no error and aims at nothing
+    ignored = (code > 0) & np.isin(keys, gt.not_exhaustive)
+    code[ignored], target[ignored] = _IGNORED, -1
     # a cls/loc fix takes its ground truth only if free, and only for the highest-scored error aiming at it
     aims = np.flatnonzero(target >= 0)
     free = aims[~used[target[aims]]]
@@ -92,13 +101,14 @@ def _classify(gt: GroundTruth, dets: Detections, iou_type: str, max_dets: int) -
         fixed[order[first]] = True
     usable = np.zeros(len(gt.gt_image), bool)
     usable[target[free]] = True
-    nel = np.isin(keys, gt.not_exhaustive)
     return {"code": code, "target": target, "fixed": fixed, "used": used, "usable": usable, "seen": seen,
-            "cat": cat_of, "img": img_of, "ignored": (code > 0) & nel, "oracle_cat": oracle_cat}  # fmt: skip
+            "cat": cat_of, "img": img_of, "oracle_cat": oracle_cat}  # fmt: skip
 
 
-def _group_ap50(gt: GroundTruth, score, cat, img, seen, tp, fp, npos, valid) -> dict[str, float]:
-    """AP at IoU 0.5 per group from points (``tp``/``fp`` flags; neither: not a point)."""
+def _group_ap50(gt: GroundTruth, score, cat, img, seen, tp, fp, npos) -> dict[str, float]:
+    """AP at IoU 0.5 per group from points (``tp``/``fp`` flags; neither: not a point), over the
+    categories with ground truth (``npos`` > 0); -1 for a group without any."""
+    valid = npos > 0
     keep = tp | fp
     score, cat, img, seen, tp = score[keep], cat[keep], img[keep], seen[keep], tp[keep]
     order = np.lexsort((seen, img, -score, cat))
@@ -139,12 +149,11 @@ def analyze_errors(
     info = _classify(gt, dets, iou_type, max_dets)
     code, cat, fixed = info["code"], info["cat"], info["fixed"]
     npos = np.bincount(gt.gt_cat, minlength=len(gt.cat_ids))
-    valid = npos > 0
     base_tp = code == 0
-    base_fp = (code > 0) & ~info["ignored"]
+    base_fp = code > 0
 
     def ap50(tp, fp, cats=cat, counts=npos):
-        return _group_ap50(gt, dets.score, cats, info["img"], info["seen"], tp, fp, counts, valid)
+        return _group_ap50(gt, dets.score, cats, info["img"], info["seen"], tp, fp, counts)
 
     base = ap50(base_tp, base_fp)
     gains = {}
@@ -159,7 +168,7 @@ def analyze_errors(
                 cats = np.where(mine & fixed, gt.gt_cat[np.maximum(info["target"], 0)], cat)
             becomes_tp = mine & fixed if name in ("cls", "loc") else np.zeros_like(mine)
             fixed_ap = ap50(base_tp | becomes_tp, base_fp & ~mine, cats=cats)
-        gains[name] = {g: max(fixed_ap[g] - base[g], 0.0) if base[g] >= 0 else -1.0 for g in GROUPS}
+        gains[name] = {g: max(fixed_ap[g] - base[g], 0.0) if min(base[g], fixed_ap[g]) >= 0 else -1.0 for g in GROUPS}
     counts = {name: int((code == _CODE[name]).sum()) for name in ERROR_TYPES if name != "miss"}
     counts["miss"] = int((~info["used"] & ~info["usable"]).sum())
     oracle = Detections(image_id=dets.image_id, category_id=gt.cat_ids[info["oracle_cat"]], score=dets.score,
@@ -200,7 +209,8 @@ def format_errors(results: dict[str, dict]) -> str:
                     r["dAP50"][e][group] for e in ERROR_TYPES
                 ]
                 widths = [7, 8, 7] + [7] * len(ERROR_TYPES)
-                lines.append(f"{group + ' ' + name:<22}" + "".join(f"{100 * v:{w}.1f}" for v, w in zip(cells, widths)))
+                shown = (f"{100 * v:{w}.1f}" if v >= 0 else f"{'-':>{w}}" for v, w in zip(cells, widths))
+                lines.append(f"{group + ' ' + name:<22}" + "".join(shown))
     return "\n".join(lines).lstrip("\n")
 
 
@@ -245,36 +255,34 @@ def plot_errors(results: dict[str, dict], iou_type: str, path) -> None:
 
 def analyze_results(gt, files, names=None, *, iou_types=None, out_dir=None, max_dets: int = 300):
     """``crat-ft analyze-errors``: the decomposition of each results file; the table, and what was written
-    (``errors.json``, ``errors_<iou type>.png`` in ``out_dir``)."""
+    (``errors.json``, ``errors_<iou type>.png`` in ``out_dir``, which must not replace an input)."""
     import contextlib
     import json
     from pathlib import Path
 
-    from crat_ft.errors import UserError
-    from crat_ft.evaluation import load_results_file
-    from crat_ft.files import atomic_write_text, output_dir
+    from crat_ft.evaluation import read_results, results_iou_types
+    from crat_ft.files import atomic_write_text, output_dir, refuse_output_among_inputs
     from crat_ft.lvis_json import load_lvis_json
 
     names = names or [Path(f).name for f in files]
     if len(set(names)) != len(names):
         names = [f"{n} ({k + 1})" for k, n in enumerate(names)]
+    if out_dir:
+        out = Path(out_dir)
+        for target in [out, out / "errors.json"] + [out / f"errors_{iou}.png" for iou in ("bbox", "segm")]:
+            refuse_output_among_inputs(target, [gt, *files], "--out-dir")
     gt_doc = load_lvis_json(gt)
-    docs = []
-    for f in files:
-        doc = load_results_file(f)
-        if not doc:
-            raise UserError(f"results file {f} holds no detections; nothing to analyse")
-        docs.append(doc)
-    masks = all("segmentation" in d[0] for d in docs)
-    iou_types = iou_types or ["bbox"] + (["segm"] if masks else [])
-    if "segm" in iou_types and not masks:
-        raise UserError("--iou-type segm: a results file has no masks; pass PREFIX.segm.json files or --iou-type bbox")
+    dets = {name: read_results(f, gt_doc) for name, f in zip(names, files)}
+    if iou_types:
+        for f, d in zip(files, dets.values()):
+            results_iou_types(d, iou_types, f)  # a file without masks refuses segm
+    else:
+        iou_types = ["bbox"] + (["segm"] if all(d.has_masks for d in dets.values()) else [])
     written = []
     with output_dir(Path(out_dir), "--out-dir") if out_dir else contextlib.nullcontext():
-        results = {}
-        for name, doc in zip(names, docs):
-            dets = Detections.from_dicts(doc, masks="segm" in iou_types)
-            results[name] = {iou: analyze_errors(gt_doc, dets, iou, max_dets) for iou in iou_types}
+        results = {
+            name: {iou: analyze_errors(gt_doc, d, iou, max_dets) for iou in iou_types} for name, d in dets.items()
+        }
         if out_dir:
             out = Path(out_dir)
             atomic_write_text(out / "errors.json", json.dumps({"gt": str(gt), "files": dict(zip(names, map(str, files))),

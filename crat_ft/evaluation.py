@@ -29,10 +29,20 @@ precision-recall curve over the detections of all categories together
 across categories. APr/APc/APf pool the categories of one frequency group.
 It is computed by the same engine: every (image, category) pair where the
 category is annotated becomes an image of one pooled category.
+
+Results files are read by one reader, :func:`read_results` (``evaluate-results``,
+``compare`` and ``analyze-errors`` all use it): the file's shape first
+(:func:`load_results_file`), then every detection against the ground truth
+(:func:`check_results`; RLE masks are decoded by :func:`rle_problem` before the
+COCO mask API, which trusts them, ever sees them). A bad file stops with one line
+naming the first bad detection.
 """
 
 from __future__ import annotations
 
+import itertools
+import numbers
+import operator
 import os
 from collections import defaultdict
 from typing import Iterable, Sequence
@@ -135,22 +145,260 @@ def check_columns(dets: Detections, iou_type: str, image_ids: set, cat_ids: set)
         )
 
 
-def _check_results(results: Sequence[dict], iou_type: str, image_ids: set, cat_ids: set) -> None:
-    field = "bbox" if iou_type == "bbox" else "segmentation"
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _shown(v, limit: int = 40) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_RLE_CHUNK = 1 << 24  # RLE characters decoded at once
+
+
+def rle_problem(rle: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> tuple[int, str] | None:
+    """The first compressed RLE of a column that pycocotools' decoder would misread, and why; None if all are sound.
+
+    ``rle``: the ``counts`` strings of ``n`` masks concatenated (uint8), ``offsets`` (n + 1,), ``sizes``
+    (n, 2) height, width. The decoder (``rleFrString`` of the COCO mask API) reads each run length as
+    5-bit groups (character - 48, bit 0x20: another group follows, bit 0x10 of the last: negative),
+    each run after the second as a difference to the run two before; it checks nothing, so a string
+    that ends inside a number, a character outside '0'..'o', a negative run, or runs that do not add
+    up to height x width make it read or write out of bounds. Decoded here with numpy, in chunks.
+    """
+    n = len(offsets) - 1
+    start = 0
+    while start < n:
+        stop = start + 1
+        while stop < n and offsets[stop + 1] - offsets[start] <= _RLE_CHUNK:
+            stop += 1
+        found = _rle_chunk_problem(rle, offsets[start : stop + 1], sizes[start:stop])
+        if found is not None:
+            return start + found[0], found[1]
+        start = stop
+    return None
+
+
+def _rle_chunk_problem(rle: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> tuple[int, str] | None:
+    n = len(offsets) - 1
+    c = np.asarray(rle[offsets[0] : offsets[-1]], np.int64) - 48
+    string = np.repeat(np.arange(n), np.diff(offsets))
+    outside = (c < 0) | (c > 63)
+    if outside.any():
+        return int(string[np.argmax(outside)]), "a character outside the RLE alphabet '0'..'o'"
+    ends = (c & 0x20) == 0  # the last character of a run length
+    last = offsets[1:] - offsets[0] - 1
+    nonempty = np.diff(offsets) > 0
+    open_end = nonempty & ~ends[np.maximum(last, 0)]
+    if open_end.any():
+        return int(np.argmax(open_end)), "it ends inside a run length"
+    group = np.cumsum(ends) - ends  # run number of each character, over all strings
+    first = np.r_[0, np.flatnonzero(ends)[:-1] + 1]  # first character of each run
+    k = np.arange(len(c)) - first[group]  # its place in the run
+    if len(k) and k.max() >= 7:
+        i = int(string[np.argmax(k >= 7)])
+        return i, "a run length longer than 7 characters"
+    x = np.zeros(len(first), np.int64)
+    np.add.at(x, group, (c & 0x1F) << (5 * k))
+    width = np.bincount(group, minlength=len(first))
+    negative = (c[ends] & 0x10) != 0
+    x = np.where(negative, x - (np.int64(1) << (5 * width)), x)
+    run_string = string[first]
+    runs_per = np.bincount(run_string, minlength=n)
+    run_start = np.r_[0, np.cumsum(runs_per)[:-1]]
+    m = np.arange(len(x)) - run_start[run_string]  # index of the run in its string
+    counts = x.copy()
+    for parity in (0, 1):  # run m > 2 adds run m - 2: sums over the runs of one parity (run 0 alone)
+        sel = (m % 2 == parity) & (m >= (2 if parity == 0 else 1))
+        total = np.cumsum(np.where(sel, x, 0))
+        before = np.where(run_start > 0, total[np.maximum(run_start - 1, 0)], 0)
+        counts = np.where(sel, total - before[run_string], counts)
+    bad = (counts < 0) | (counts >= 1 << 32)
+    if bad.any():
+        return int(run_string[np.argmax(bad)]), "a negative or too large run length"
+    pixels = np.bincount(run_string, weights=counts, minlength=n)
+    area = sizes[:, 0].astype(np.float64) * sizes[:, 1]
+    wrong = pixels != area
+    if wrong.any():
+        i = int(np.argmax(wrong))
+        return i, f"its runs cover {int(pixels[i])} pixels, not height x width = {int(area[i])}"
+    return None
+
+
+def check_results(results: Sequence[dict], gt_doc: dict, name: str = "results") -> Detections:
+    """LVIS result dicts checked against the ground truth they are evaluated on, as columns.
+
+    The one reader of results that ``evaluate-results``, ``compare`` and ``analyze-errors`` share.
+    Every detection needs ``image_id`` and ``category_id`` (integers of the GT's images and
+    categories), a finite ``score``, and ``bbox`` (4 finite numbers, w and h >= 0) and/or
+    ``segmentation`` (a compressed RLE of its image's height and width), each field in every
+    detection or in none.
+
+    Well-formed files are checked column by column (millions of detections in seconds); only a file
+    that fails is walked detection by detection, to name the first one that breaks a rule.
+
+    Args:
+        results: the detections (a results file's list).
+        gt_doc: the checked LVIS ground truth.
+        name: what the messages call the list (e.g. ``"results file r.json: results"``).
+
+    Raises:
+        UserError: the first detection that breaks a rule, and how.
+    """
+    images = {img["id"]: img for img in gt_doc["images"]}
+    cat_ids = {c["id"] for c in gt_doc["categories"]}
+    first = results[0] if len(results) and isinstance(results[0], dict) else {}
+    fields = ["image_id", "category_id", "score"] + [key for key in ("bbox", "segmentation") if key in first]
+    if not _columns_ok(results, fields, images, cat_ids):
+        _first_bad_detection(results, fields, images, cat_ids, name)  # raises, unless only the types were unusual
+    if "segmentation" in fields:
+        _check_masks(results, images, name)
+    return Detections.from_dicts(results, masks="segmentation" in fields)
+
+
+def _types(values) -> set:
+    return set(map(type, values))
+
+
+def _columns_ok(results: Sequence[dict], fields: list[str], images: dict, cat_ids: set) -> bool:
+    """Whether every rule but the masks' holds, checked on whole columns of plain JSON values."""
+    if len(fields) == 3 or _types(results) != {dict}:
+        return not len(results)
+    for key in fields:
+        if not all(map(operator.contains, results, itertools.repeat(key))):
+            return False
+    for key, known in (("image_id", set(images)), ("category_id", cat_ids)):
+        column = [d[key] for d in results]
+        if not _types(column) <= {int} or not set(column) <= known:
+            return False
+    scores = [d["score"] for d in results]
+    if not _types(scores) <= {int, float} or not np.isfinite(np.asarray(scores, np.float64)).all():
+        return False
+    if "bbox" in fields:
+        boxes = [d["bbox"] for d in results]
+        if _types(boxes) != {list} or set(map(len, boxes)) != {4}:
+            return False
+        if not _types(itertools.chain.from_iterable(boxes)) <= {int, float}:
+            return False
+        b = np.asarray(boxes, np.float64)
+        if not np.isfinite(b).all() or (b[:, 2:] < 0).any():
+            return False
+    return True
+
+
+def _first_bad_detection(results: Sequence[dict], fields: list[str], images: dict, cat_ids: set, name: str) -> None:
+    """Walk the detections in order and raise for the first that breaks a rule of :func:`check_results`."""
     for i, det in enumerate(results):
-        for key in ("image_id", "category_id", "score", field):
+        if not isinstance(det, dict):
+            raise UserError(f"{name}[{i}]: expected a detection object, got {_shown(det)}; pass a list of detections")
+    if len(results) and len(fields) == 3:
+        raise UserError(f"{name}[0] lacks 'bbox' and 'segmentation'; LVIS results need a box or an RLE mask")
+    for i, det in enumerate(results):
+        for key in fields:
             if key not in det:
+                also = f" but {name}[0] has one; every detection needs one, or none" if key in results[0] else ""
                 raise UserError(
-                    f"results[{i}] lacks {key!r}; LVIS {iou_type} results need image_id, category_id, score and {field}"
+                    f"{name}[{i}] lacks {key!r}{also}; LVIS results need image_id, category_id, score and bbox "
+                    "and/or segmentation"
                 )
-        if det["image_id"] not in image_ids:
+    for key, known, fix in (
+        ("image_id", images, "; evaluate against the matching annotation file"),
+        ("category_id", cat_ids, " categories; the model and dataset classes disagree"),
+    ):
+        for i, det in enumerate(results):
+            v = det[key]
+            if not _is_int(v):
+                if isinstance(v, str):
+                    raise UserError(
+                        f"{name}[{i}] has {key} {v!r}, a string; the GT's ids are integers: write it as a JSON number"
+                    )
+                raise UserError(f"{name}[{i}] {key}: expected an integer id, got {_shown(v)}; fix the results file")
+            if v not in known:
+                raise UserError(f"{name}[{i}] has {key} {v} not in the ground truth{fix}")
+    for i, det in enumerate(results):
+        v = det["score"]
+        if not _is_real(v) or not np.isfinite(v):
+            raise UserError(f"{name}[{i}] score: expected a finite number, got {_shown(v)}; fix the results file")
+    if "bbox" in fields:
+        for i, det in enumerate(results):
+            b = det["bbox"]
+            ok = isinstance(b, (list, tuple, np.ndarray)) and len(b) == 4 and all(_is_real(v) for v in b)
+            if not ok or not all(np.isfinite(b)) or b[2] < 0 or b[3] < 0:
+                raise UserError(
+                    f"{name}[{i}] bbox: expected [x, y, width, height], 4 finite numbers with width, height >= 0, "
+                    f"got {_shown(b)}; fix the results file"
+                )
+
+
+def _check_masks(results: Sequence[dict], images: dict, name: str) -> None:
+    """Each ``segmentation`` a compressed RLE of its image's size that decodes (:func:`rle_problem`)."""
+    segs = [d["segmentation"] for d in results]
+    ids = np.fromiter((d["image_id"] for d in results), np.int64, len(results))
+    known = np.array(sorted(images), np.int64)
+    table = np.array([(images[k]["height"], images[k]["width"]) for k in known.tolist()], np.int64).reshape(-1, 2)
+    hw = table[np.searchsorted(known, ids)]
+    sizes = None
+    if _types(segs) == {dict} and all(map(operator.contains, segs, itertools.repeat("counts"))):
+        size_column = [s.get("size") for s in segs]
+        if _types(size_column) == {list} and set(map(len, size_column)) == {2}:
+            if _types(itertools.chain.from_iterable(size_column)) == {int}:
+                sizes = np.asarray(size_column, np.int64).reshape(-1, 2)
+    counts = [s["counts"] for s in segs] if sizes is not None else []
+    if sizes is None or (sizes != hw).any() or _types(counts) - {str, bytes}:
+        _first_bad_mask(results, images, name)
+        sizes = np.asarray([s["size"] for s in segs], np.int64).reshape(-1, 2)
+        counts = [s["counts"] for s in segs]
+    encoded = [c.encode("ascii", "replace") if isinstance(c, str) else c for c in counts]
+    offsets = np.r_[0, np.cumsum([len(c) for c in encoded])].astype(np.int64)
+    found = rle_problem(np.frombuffer(b"".join(encoded), np.uint8), offsets, sizes)
+    if found is not None:
+        i, why = found
+        raise UserError(
+            f"{name}[{i}] segmentation counts: expected a compressed RLE of {sizes[i].tolist()}, got "
+            f"{_shown(counts[i], 24)} ({why}); {_MASK_FIX}"
+        )
+
+
+_MASK_FIX = "encode each mask with pycocotools.mask.encode at its image's size"
+
+
+def _first_bad_mask(results: Sequence[dict], images: dict, name: str) -> None:
+    """Raise for the first ``segmentation`` that is not an RLE dict of its image's size with string counts."""
+    for i, det in enumerate(results):
+        seg = det["segmentation"]
+        if isinstance(seg, list):
             raise UserError(
-                f"results[{i}] has image_id {det['image_id']} not in the ground truth; evaluate against the matching annotation file"
+                f"{name}[{i}] segmentation is a polygon; LVIS results need RLE masks "
+                f"({{'size': [height, width], 'counts': str}}): {_MASK_FIX}"
             )
-        if det["category_id"] not in cat_ids:
+        if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
+            got = f"keys {sorted(seg)}" if isinstance(seg, dict) else _shown(seg)
             raise UserError(
-                f"results[{i}] has category_id {det['category_id']} not in the ground truth categories; "
-                "the model and dataset classes disagree"
+                f"{name}[{i}] segmentation: expected an RLE {{'size': [height, width], 'counts': str}}, got {got}; "
+                f"{_MASK_FIX}"
+            )
+        img = images[det["image_id"]]
+        hw = [img["height"], img["width"]]
+        size = seg["size"]
+        if (
+            not isinstance(size, (list, tuple))
+            or len(size) != 2
+            or not all(_is_int(v) for v in size)
+            or list(size) != hw
+        ):
+            raise UserError(
+                f"{name}[{i}] segmentation size: expected {hw} (height, width of image {det['image_id']}), "
+                f"got {_shown(size)}; {_MASK_FIX}"
+            )
+        if not isinstance(seg["counts"], (str, bytes)):
+            raise UserError(
+                f"{name}[{i}] segmentation counts: expected a compressed RLE string, got {_shown(seg['counts'])}; "
+                f"{_MASK_FIX}"
             )
 
 
@@ -287,8 +535,8 @@ def lvis_metrics(
         dets = results
         check_columns(dets, iou_type, image_ids, set(cat_ids))
     else:
-        _check_results(results, iou_type, image_ids, set(cat_ids))
-        dets = Detections.from_dicts(results, masks=iou_type == "segm")
+        dets = check_results(results, gt_doc)
+        check_columns(dets, iou_type, image_ids, set(cat_ids))
     if protocol == "standard":
         rows = federated_rows(dets, top_k_rows(dets.image_id, dets.score, max_dets), gt_doc)
         engine_cap = max_dets
@@ -414,40 +662,105 @@ def write_per_class_csv(path: str | os.PathLike, categories: list[dict], per_cla
             w.writerow(row)
 
 
-def load_results_file(path: str | os.PathLike) -> list[dict]:
-    """Detections from a JSON results file (mmdet's ``outfile_prefix`` ``.bbox.json``/``.segm.json``,
-    detectron2's ``lvis_instances_results.json``, lvis-api's format: a list of detection dicts).
+def is_metrics(doc) -> bool:
+    """Whether a parsed JSON is a metrics file (``evaluate``'s or ``evaluate-results``' ``--out``)."""
+    return isinstance(doc, dict) and any(isinstance(doc.get(iou), dict) and "AP" in doc[iou] for iou in IOU_TYPES)
 
-    Raises:
-        UserError: missing, not JSON, a pickle, an annotation file, or not a list of detections.
-    """
+
+def read_json(path: str | os.PathLike, what: str):
+    """A JSON file's content; one-line errors for a missing path, a directory, or text that is not JSON."""
     import json
     from pathlib import Path
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; pass the JSON file itself")
     if not path.is_file():
-        raise UserError(f"results file {path} does not exist; check the path")
-    if path.suffix in (".pkl", ".pickle"):
+        raise UserError(f"{what} {path} does not exist; check the path")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{what} {path} is not JSON ({first}); pass a JSON results file") from None
+
+
+def load_results_file(path: str | os.PathLike, doc=None) -> list[dict]:
+    """Detections from a JSON results file (mmdet's ``outfile_prefix`` ``.bbox.json``/``.segm.json``,
+    detectron2's ``lvis_instances_results.json``, lvis-api's format: a list of detection dicts).
+
+    Only the file's shape is checked here; :func:`read_results` checks the detections too.
+
+    Args:
+        doc: the file's parsed JSON, where the caller has read it already.
+
+    Raises:
+        UserError: missing, a directory, not JSON, a pickle, an annotation or metrics file, or not a list
+            of detections.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix in (".pkl", ".pickle") and path.is_file():
         raise UserError(
             f"{path} is a pickle (mmdet's --out); crat-ft reads JSON results: rerun mmdet's test with "
             "--cfg-options test_evaluator.outfile_prefix=PREFIX and pass PREFIX.bbox.json or PREFIX.segm.json"
         )
-    try:
-        doc = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+    if path.is_dir():
         raise UserError(
-            f"results file {path} is not JSON ({str(exc).splitlines()[0]}); pass a JSON results file"
-        ) from None
+            f"results file {path} is a directory; pass a JSON results file (e.g. PREFIX.segm.json, which "
+            "`crat-ft evaluate --outfile-prefix PREFIX` writes)"
+        )
+    if doc is None:
+        doc = read_json(path, "results file")
     if isinstance(doc, dict) and "annotations" in doc and "images" in doc:
         raise UserError(
             f"{path} is an annotation file (it has images and annotations), not results; pass the detections file"
         )
-    if not isinstance(doc, list) or not all(isinstance(d, dict) for d in doc):
+    if is_metrics(doc):
+        raise UserError(
+            f"{path} is a metrics file (it holds AP values), not detections; pass the results file the metrics "
+            "were computed from (e.g. PREFIX.segm.json of `crat-ft evaluate --outfile-prefix PREFIX`)"
+        )
+    if not isinstance(doc, list):
         raise UserError(
             f"results file {path} should be a JSON list of detections (image_id, category_id, score, bbox "
             f"[and segmentation]), got a {type(doc).__name__}"
         )
+    for i, det in enumerate(doc):
+        if not isinstance(det, dict):
+            raise UserError(
+                f"results file {path}: results[{i}]: expected a detection object, got {_shown(det)}; "
+                "pass a list of detections"
+            )
     return doc
+
+
+def read_results(path: str | os.PathLike, gt_doc: dict, doc=None) -> Detections:
+    """The detections of a results file as checked columns (:func:`load_results_file`, then
+    :func:`check_results` against ``gt_doc``): the reader ``evaluate-results``, ``compare`` and
+    ``analyze-errors`` share.
+
+    Args:
+        doc: the file's parsed JSON, where the caller has read it already.
+
+    Raises:
+        UserError: a bad file or detection (the message names it), or a file without detections.
+    """
+    dets = load_results_file(path, doc)
+    if not dets:
+        raise UserError(f"results file {path} holds no detections; pass the file of a model that detected something")
+    return check_results(dets, gt_doc, f"results file {path}: results")
+
+
+def results_iou_types(dets: Detections, iou_types: Sequence[str] | None, path: str | os.PathLike) -> list[str]:
+    """The IoU types asked for (default: bbox, plus segm when the detections have masks), checked against them."""
+    wanted = list(iou_types) if iou_types else ["bbox"] + (["segm"] if dets.has_masks else [])
+    if "segm" in wanted and not dets.has_masks:
+        raise UserError(
+            f"results file {path}: results[0] lacks 'segmentation'; LVIS segm results need image_id, category_id, "
+            "score and segmentation: pass the segm results (PREFIX.segm.json) or --iou-type bbox"
+        )
+    return wanted
 
 
 def evaluate_results(
@@ -467,9 +780,6 @@ def evaluate_results(
         ``{iou_type: metrics}`` (see :func:`lvis_metrics`).
     """
     gt_doc = load_lvis_json(gt)
-    dets = load_results_file(results)
-    if not dets:
-        raise UserError(f"results file {results} holds no detections; nothing to evaluate")
-    if iou_types is None:
-        iou_types = ["bbox"] + (["segm"] if "segmentation" in dets[0] else [])
-    return {iou: lvis_metrics(gt_doc, dets, iou, max_dets, protocol=protocol) for iou in iou_types}
+    dets = read_results(results, gt_doc)
+    wanted = results_iou_types(dets, iou_types, results)
+    return {iou: lvis_metrics(gt_doc, dets, iou, max_dets, protocol=protocol) for iou in wanted}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from crat_ft.lvis_json import categories_by_id
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
-MATCHES_FORMAT = "crat-ft matches 1"
+MATCHES_FORMAT = "crat-ft matches 2"  # 2: the detections' identity, the geometry in the GT fingerprint
 
 
 @dataclass
@@ -45,20 +45,44 @@ class GroundTruth:
     gt_image: np.ndarray  # (n_gt,) image index
     gt_cat: np.ndarray  # (n_gt,) category index
     gt_bbox: np.ndarray  # (n_gt, 4) x, y, w, h
+    gt_area: np.ndarray  # (n_gt,)
     gt_segm: list  # (n_gt,) the annotations' segmentation (polygons or RLE)
     verified: np.ndarray  # sorted keys img * K + cat where the category is positive or negative
     not_exhaustive: np.ndarray  # sorted keys img * K + cat
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)  # computed once
 
     def key(self, image: np.ndarray, cat: np.ndarray) -> np.ndarray:
         return np.asarray(image, np.int64) * len(self.cat_ids) + np.asarray(cat, np.int64)
 
     def fingerprint(self) -> str:
-        """A hash of everything matching depends on, to refuse tables made on other annotations."""
+        """A hash of everything matching depends on, to refuse tables made on other annotations: the ids,
+        the federated sets, the image sizes and the geometry (boxes, areas, masks) of every instance."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def _hash(self) -> str:
         h = hashlib.sha256()
-        for a in (self.image_ids, self.cat_ids, self.gt_image, self.gt_cat, self.verified, self.not_exhaustive):
+        for a in (self.image_ids, self.image_hw, self.cat_ids, self.gt_image, self.gt_cat, self.verified,
+                  self.not_exhaustive):  # fmt: skip
             h.update(np.ascontiguousarray(a, np.int64).tobytes())
+        for a in (self.gt_bbox, self.gt_area):
+            h.update(np.ascontiguousarray(a, np.float64).tobytes())
         h.update("".join(self.frequency.tolist()).encode())
+        for segm in self.gt_segm:  # canonical JSON: equal masks hash equal, however the file was written
+            text = segm if not isinstance(segm, dict) else {k: _text(v) for k, v in segm.items()}
+            h.update(json.dumps(text, sort_keys=True, separators=(",", ":"), default=_plain).encode())
+            h.update(b"\n")
         return h.hexdigest()[:16]
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _plain(value):
+    """A JSON value of what a library caller may put in a segmentation (numpy arrays and numbers)."""
+    return value.tolist() if hasattr(value, "tolist") else repr(value)
 
 
 def index_ground_truth(gt_doc: dict) -> GroundTruth:
@@ -93,6 +117,7 @@ def index_ground_truth(gt_doc: dict) -> GroundTruth:
         gt_image=gt_image,
         gt_cat=gt_cat,
         gt_bbox=np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4),
+        gt_area=np.array([a["area"] for a in anns], np.float64),
         gt_segm=[a.get("segmentation") for a in anns],
         verified=np.unique(np.r_[np.asarray(neg, np.int64), gt_image * k + gt_cat]),
         not_exhaustive=np.unique(np.asarray(nel, np.int64)),
@@ -180,14 +205,62 @@ def greedy_match(ious: np.ndarray, thresholds=IOU_THRESHOLDS) -> np.ndarray:
     return match
 
 
+def detections_id(dets: Detections, iou_type: str) -> str:
+    """The identity of a set of detections as one IoU type sees them: a sha256 of their columns (the
+    masks' for ``segm``), in order. The matches of a model and the metrics file they belong to both
+    record it, so matches are never read beside another model's metrics."""
+    h = hashlib.sha256(iou_type.encode())
+    columns = [dets.image_id, dets.category_id, dets.score, dets.bbox]
+    columns += [dets.area] if dets.area is not None else []
+    columns += [dets.rle, dets.rle_offset, dets.rle_size] if iou_type == "segm" and dets.has_masks else []
+    for c in columns:
+        c = np.ascontiguousarray(c)
+        h.update(f"{c.dtype.str}{c.shape}".encode())
+        h.update(c.reshape(-1).view(np.uint8))  # no copy: the masks may be a memory-mapped file of gigabytes
+    return h.hexdigest()[:32]
+
+
+def _shape_problem(t: "MatchTable") -> str | None:
+    """What makes a loaded table unusable for accumulation, if anything (a corrupted or hand-made file)."""
+    n, n_img, k = len(t.det_image), len(t.image_ids), len(t.cat_ids)
+    per_det = (t.det_cat, t.score, t.tp, t.ignored)
+    if any(len(a) != n for a in per_det) or t.tp.shape != (n, len(IOU_THRESHOLDS)) or t.ignored.shape != t.tp.shape:
+        return "its per-detection arrays differ in length"
+    if (
+        len(t.frequency) != k
+        or len(t.gt_pair_cat) != len(t.gt_pair_image)
+        or len(t.gt_pair_count) != len(t.gt_pair_cat)
+    ):
+        return "its per-category or per-pair arrays differ in length"
+    ints = (t.image_ids, t.cat_ids, t.det_image, t.det_cat, t.gt_pair_image, t.gt_pair_cat, t.gt_pair_count)
+    if any(a.ndim != 1 or a.dtype.kind not in "iu" for a in ints) or t.tp.dtype != bool or t.ignored.dtype != bool:
+        return "an array has the wrong type"
+    if ((t.det_image < 0) | (t.det_image >= n_img)).any() or ((t.gt_pair_image < 0) | (t.gt_pair_image >= n_img)).any():
+        return "an image index is out of range"
+    if ((t.det_cat < 0) | (t.det_cat >= k)).any() or ((t.gt_pair_cat < 0) | (t.gt_pair_cat >= k)).any():
+        return "a category index is out of range"
+    if (np.diff(t.det_cat) < 0).any():
+        return "its detections are not sorted by category"
+    if not np.isfinite(t.score).all() or (t.gt_pair_count < 1).any():
+        return "a score is not finite or a pair has no ground truth"
+    if not np.isin(t.frequency, ["r", "c", "f"]).all():
+        return "a frequency group is not r, c or f"
+    return None
+
+
 @dataclass
 class MatchTable:
     """Evaluated detections of one model with their match flags, sorted for accumulation
-    (by category, then descending score, then image, then the order the metric sees them)."""
+    (by category, then descending score, then image, then the order the metric sees them).
+
+    ``detections_id`` is :func:`detections_id` of the detections matched: the metrics file an
+    ``evaluate`` writes beside the table records the same value (``"matches": {iou_type: id}``).
+    """
 
     iou_type: str
     max_dets: int
     gt_fingerprint: str
+    detections_id: str
     image_ids: np.ndarray  # (n_img,)
     cat_ids: np.ndarray  # (K,)
     frequency: np.ndarray  # (K,)
@@ -205,26 +278,80 @@ class MatchTable:
         from crat_ft.files import atomic_path
 
         meta = {"format": MATCHES_FORMAT, "iou_type": self.iou_type, "max_dets": self.max_dets,
-                "gt_fingerprint": self.gt_fingerprint}  # fmt: skip
+                "gt_fingerprint": self.gt_fingerprint, "detections_id": self.detections_id}  # fmt: skip
         arrays = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), np.ndarray)}
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MatchTable":
+    def load(cls, path: str | os.PathLike, iou_type: str | None = None) -> "MatchTable":
+        """A table written by :meth:`save`, checked.
+
+        Args:
+            iou_type: the IoU type its name says (``..._matches_<iou_type>.npz``), if any: the table must hold it.
+
+        Raises:
+            UserError: the file is empty, truncated, of another format or inconsistent, or holds another IoU type.
+        """
+        meta = read_matches_meta(path)
+        fix = "re-run `crat-ft evaluate` to write it again, or pass the results file instead"
         try:
             with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                if meta.get("format") != MATCHES_FORMAT:
-                    raise ValueError(f"format {meta.get('format')!r}")
-                arrays = {f.name: z[f.name] for f in fields(cls) if f.name in z.files}
-        except (OSError, ValueError, KeyError) as exc:
+                missing = [f.name for f in fields(cls) if f.name not in meta and f.name not in z.files]
+                if missing:
+                    raise ValueError(f"it lacks {missing[0]!r}")
+                arrays = {f.name: np.asarray(z[f.name]) for f in fields(cls) if f.name in z.files}
+        except Exception as exc:  # a damaged zip fails in zipfile, zlib or numpy, each its own way
+            raise UserError(f"{path} is not a readable crat-ft matches file ({_why(exc)}); {fix}") from None
+        table = cls(iou_type=meta["iou_type"], max_dets=meta["max_dets"], gt_fingerprint=meta["gt_fingerprint"],
+                    detections_id=meta["detections_id"], **arrays)  # fmt: skip
+        problem = _shape_problem(table)
+        if problem:
+            raise UserError(f"{path} is not a consistent crat-ft matches file ({problem}); {fix}")
+        if iou_type is not None and table.iou_type != iou_type:
             raise UserError(
-                f"{path} is not a crat-ft matches file ({exc}); pass an evaluate output or a results file"
-            ) from None
-        return cls(
-            iou_type=meta["iou_type"], max_dets=int(meta["max_dets"]), gt_fingerprint=meta["gt_fingerprint"], **arrays
-        )
+                f"{path} holds {table.iou_type} matches but its name says {iou_type}: it was renamed or copied "
+                f"over; name it ..._matches_{table.iou_type}.npz, or {fix}"
+            )
+        return table
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc).strip() else ""
+    return text or type(exc).__name__
+
+
+def read_matches_meta(path: str | os.PathLike) -> dict:
+    """The ``meta`` record of a matches file (its format, IoU type, max_dets, GT fingerprint and
+    detections id), read without its arrays.
+
+    Raises:
+        UserError: missing, empty, truncated, not a crat-ft matches file, or of an older format.
+    """
+    from pathlib import Path
+
+    fix = "re-run `crat-ft evaluate` to write it again, or pass the results file instead"
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"matches file {path} does not exist; {fix}")
+    if path.stat().st_size == 0:
+        raise UserError(f"matches file {path} is empty (0 bytes: a write that did not finish); {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+    except Exception as exc:  # a damaged zip fails in zipfile, zlib, numpy or json, each its own way
+        raise UserError(f"{path} is not a readable crat-ft matches file ({_why(exc)}); {fix}") from None
+    if not isinstance(meta, dict) or meta.get("format") != MATCHES_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise UserError(f"{path} is a matches file of format {got!r}, expected {MATCHES_FORMAT!r}; {fix}")
+    ok = (
+        meta.get("iou_type") in IOU_TYPES
+        and isinstance(meta.get("max_dets"), int)
+        and all(isinstance(meta.get(k), str) for k in ("gt_fingerprint", "detections_id"))
+    )
+    if not ok:
+        raise UserError(f"{path} has a damaged meta record ({_why(ValueError(str(meta)[:80]))}); {fix}")
+    return meta
 
 
 def match_table(
@@ -259,6 +386,7 @@ def match_table(
     k = len(gt.cat_ids)
     return MatchTable(
         iou_type=iou_type, max_dets=max_dets, gt_fingerprint=gt.fingerprint(),
+        detections_id=detections_id(dets, iou_type),
         image_ids=gt.image_ids, cat_ids=gt.cat_ids, frequency=gt.frequency,
         det_image=img_of[order], det_cat=cat_of[order], score=dets.score[order],
         tp=tp[order], ignored=~tp[order] & nel[order, None],

@@ -115,8 +115,9 @@ def evaluate_detector(
     """Evaluate a detector checkpoint on the config's test split with the LVIS protocol
     (and ``extra_protocols``: ``"fixed"`` AP-fixed, ``"pool"`` AP-pool, each under its own key).
 
-    Writes ``out`` as ``{"bbox": {...}, "segm": {...}, "fixed": {"bbox": ..., "segm": ...}}``
-    (keys of :data:`crat_ft.evaluation.METRIC_KEYS`; ``fixed`` holds AP-fixed) and the per-class CSV beside it
+    Writes ``out`` as ``{"bbox": {...}, "segm": {...}, "fixed": {"bbox": ..., "segm": ...}, "matches": {...}}``
+    (keys of :data:`crat_ft.evaluation.METRIC_KEYS`; ``fixed`` holds AP-fixed; ``matches`` the id of the
+    detections each matches file was made from, which ``crat-ft compare`` checks) and the per-class CSV beside it
     (``<out stem>_per_class.csv`` unless ``per_class_csv`` is given), and the per-(image, category)
     matches that ``crat-ft compare`` resamples (``<out stem>_matches_bbox.npz``, ``..._segm.npz``).
     With ``outfile_prefix``, also the detections as mmdet writes them (``PREFIX.bbox.json``,
@@ -241,7 +242,7 @@ def _run_test_and_write(
     from mmengine.runner import Runner
 
     from crat_ft.checkpoint import trusted_loading
-    from crat_ft.compare import matches_path
+    from crat_ft.compare import matches_ids, matches_path
     from crat_ft.dist import distributed_runner_cfg, rank
     from crat_ft.evaluation import IOU_TYPES
     from crat_ft.files import commit_together, owned_tempdir, storage_errors, temp_name
@@ -278,7 +279,10 @@ def _run_test_and_write(
                 results[protocol] = metric.last_results[protocol]
         if main:
             with storage_errors(out):
-                temp_name(out).write_text(json.dumps(results, indent=2))
+                # the identity of the detections each matches file was made from: compare uses matches
+                # only beside the metrics of those very detections
+                ids = matches_ids({iou: temp_name(p) for iou, p in matches.items()})
+                temp_name(out).write_text(json.dumps({**results, "matches": ids}, indent=2))
             made = [(temp_name(p), p) for p in matches.values() if temp_name(p).exists()]
             for iou in IOU_TYPES:  # an earlier evaluation's matches of an IoU type this one did not evaluate
                 if iou not in matches:

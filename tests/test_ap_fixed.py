@@ -248,7 +248,7 @@ def test_metric_spills_detections_to_disk_and_gathers_only_image_numbers(tiny_da
     metric._spiller().flush()
     run = Path(metric.run_dir)  # this evaluation's own directory in spill_dir, locked while it runs
     assert run.parent == spill and sorted(p.name for p in spill.iterdir()) == [run.name, f"{run.name}.lock"]
-    assert sorted(p.name for p in run.iterdir()) == [f"part-{run.name[len('run-'):]}-rank0-00000"]
+    assert sorted(p.name for p in run.iterdir()) == [f"part-{run.name[len('run-') :]}-rank0-00000"]
     result = metric.evaluate(len(gt["images"]))
     assert not list(spill.iterdir())  # removed after the evaluation
     for iou in ("bbox", "segm"):

@@ -111,6 +111,7 @@ def test_train_and_evaluate_end_to_end(tiny_data, tiny_detector, tmp_path):
                 assert files[iou][key]["a"] == pytest.approx(metrics[iou][key], abs=1e-12), (iou, key)
                 assert same[iou][key]["delta"] == same[iou][key]["low"] == same[iou][key]["high"] == 0.0
     fixed = metrics.pop("fixed")
+    assert set(metrics.pop("matches")) == {"bbox", "segm"}  # the detections' identity in each matches file
     assert set(metrics) == set(fixed) == {"bbox", "segm"}
     for iou in metrics:
         assert set(metrics[iou]) == set(fixed[iou]) == set(METRIC_KEYS)

@@ -116,7 +116,7 @@ def test_seeded_interval_adds_seed_variance():
     assert ci["delta"] == pytest.approx(0.02)
     assert ci["sd_seeds"] == pytest.approx(0.01)
     se_img = np.std(boot.mean(axis=0), ddof=1)  # ~0.01 / sqrt(3)
-    half = 4.303 * np.sqrt(se_img**2 + 0.01**2 / 3)  # t(2) 0.975 quantile
+    half = 4.302652729749464 * np.sqrt(se_img**2 + 0.01**2 / 3)  # t(2) 0.975 quantile
     assert (ci["low"], ci["high"]) == pytest.approx((0.02 - half, 0.02 + half))
     one = seeded_interval(np.array([0.01]), boot[:1])
     assert (one["low"], one["high"]) == pytest.approx(tuple(np.percentile(boot[0], [2.5, 97.5])))
@@ -173,7 +173,8 @@ def test_saved_tables_refuse_other_annotations(tmp_path):
     gt, (dets,) = make_split(6)
     table = match_table(gt, Detections.from_dicts(dets), "bbox")
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "metrics.json").write_text("{}")
+    metrics = {"bbox": lvis_metrics(gt, dets, "bbox"), "matches": {"bbox": table.detections_id}}
+    (tmp_path / "m" / "metrics.json").write_text(json.dumps(metrics))
     table.save(tmp_path / "m" / "metrics_matches_bbox.npz")
     loaded = MatchTable.load(tmp_path / "m" / "metrics_matches_bbox.npz")
     assert np.array_equal(loaded.tp, table.tp) and loaded.gt_fingerprint == table.gt_fingerprint
@@ -225,9 +226,12 @@ def test_demo_summary_carries_intervals_oracle_and_verdict(tmp_path):
         run.mkdir()
         (run / "results.segm.json").write_text(json.dumps(dets))
         metrics = {iou: lvis_metrics(gt, dets, iou) for iou in ("bbox", "segm")}
-        (run / "metrics.json").write_text(json.dumps(metrics))
+        ids = {}
         for iou in ("bbox", "segm"):
-            match_table(gt, Detections.from_dicts(dets, masks=True), iou).save(matches_path(run / "metrics.json", iou))
+            table = match_table(gt, Detections.from_dicts(dets, masks=True), iou)
+            table.save(matches_path(run / "metrics.json", iou))
+            ids[iou] = table.detections_id
+        (run / "metrics.json").write_text(json.dumps({**metrics, "matches": ids}))
         summary[name] = metrics
     shown = what_the_run_shows(tmp_path, tmp_path / "data", seed=0)
     cmp = shown["crat_vs_baseline"]
@@ -245,3 +249,78 @@ def test_demo_summary_carries_intervals_oracle_and_verdict(tmp_path):
     assert text.splitlines()[-4].startswith("CRAT - baseline rare bbox AP ")
     assert text.splitlines()[-1].startswith("CRAT - baseline bbox class-oracle AP ")
     assert all(line.endswith("on this run") for line in text.splitlines()[-4:])
+
+
+def test_t975_is_exact_for_any_number_of_seeds():
+    """Beyond 30 degrees of freedom too: 41 seeds take t(40) = 2.021, not the normal 1.960."""
+    from scipy.stats import t
+
+    from crat_ft.bootstrap import t975
+
+    for df in (1, 2, 5, 29, 30, 31, 40, 59, 500):
+        assert t975(df) == pytest.approx(t.ppf(0.975, df), rel=1e-12), df
+    full = np.linspace(0.0, 0.04, 41)
+    boot = full[:, None] + np.random.default_rng(1).normal(0.0, 0.01, (41, 2000))
+    ci = seeded_interval(full, boot)
+    se_img = np.std(boot.mean(axis=0), ddof=1)
+    half = 2.0210753903062737 * np.sqrt(se_img**2 + np.std(full, ddof=1) ** 2 / 41)
+    assert (ci["low"], ci["high"]) == pytest.approx((0.02 - half, 0.02 + half), rel=1e-12)
+
+
+def test_gt_fingerprint_covers_the_geometry(tmp_path):
+    """Boxes, areas, masks and image sizes are part of the annotations a table was matched against."""
+    import copy
+
+    from crat_ft.matching import index_ground_truth
+
+    gt, (dets,) = make_split(6, masks=True)
+    base = index_ground_truth(gt).fingerprint()
+    same = copy.deepcopy(gt)
+    same["annotations"][0] = dict(reversed(list(same["annotations"][0].items())))  # key order: no change
+    assert index_ground_truth(same).fingerprint() == base
+
+    def moved(g):
+        g["annotations"][0]["bbox"][0] += 1.0
+
+    def area(g):
+        g["annotations"][0]["area"] += 1.0
+
+    def mask(g):
+        g["annotations"][0]["segmentation"][0][0] += 1.0
+
+    def size(g):
+        g["images"][0]["height"] += 1
+
+    for change in (moved, area, mask, size):
+        other = copy.deepcopy(gt)
+        change(other)
+        assert index_ground_truth(other).fingerprint() != base, change.__name__
+    # an evaluate output made before a box moved is refused against the moved GT
+    run = tmp_path / "m"
+    run.mkdir()
+    table = match_table(gt, Detections.from_dicts(dets), "bbox")
+    table.save(run / "metrics_matches_bbox.npz")
+    metrics = {"bbox": lvis_metrics(gt, dets, "bbox"), "matches": {"bbox": table.detections_id}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    moved(gt)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(UserError, match="was matched against other annotations than GT"):
+        compare(tmp_path / "gt.json", str(run), str(run))
+
+
+def test_matches_carry_the_identity_of_their_detections(tmp_path):
+    """The id a metrics file records for its matches: the same detections give the same id, others another,
+    and ``matches_ids`` reads it back from the saved files without their arrays."""
+    from crat_ft.compare import matches_ids
+
+    gt, (a, b) = make_split(6, masks=True, models=2)
+    ta, tb = (match_table(gt, Detections.from_dicts(d, masks=True), "segm") for d in (a, b))
+    again = match_table(gt, Detections.from_dicts(json.loads(json.dumps(a)), masks=True), "segm")
+    assert ta.detections_id == again.detections_id != tb.detections_id
+    moved = [dict(d) for d in a]
+    moved[0]["score"] = np.nextafter(moved[0]["score"], 1.0)
+    assert match_table(gt, Detections.from_dicts(moved, masks=True), "segm").detections_id != ta.detections_id
+    ta.save(tmp_path / "m_matches_segm.npz")
+    ids = matches_ids({"segm": tmp_path / "m_matches_segm.npz", "bbox": tmp_path / "m_matches_bbox.npz"})
+    assert ids == {"segm": ta.detections_id}
+    assert MatchTable.load(tmp_path / "m_matches_segm.npz", "segm").detections_id == ta.detections_id

@@ -67,7 +67,9 @@ def one_process_metrics(tiny_data, tiny_detector, tmp_path_factory) -> Path:
 def test_evaluate_under_torchrun_equals_one_process(tiny_data, tiny_detector, one_process_metrics, tmp_path):
     outs = {1: one_process_metrics, 2: _evaluate(2, tiny_detector, tiny_data, tmp_path / "np2" / "m.json")}
     one, two = (json.loads(outs[n].read_text()) for n in (1, 2))
-    assert one == two and set(one) == {"bbox", "segm", "fixed"}
+    assert set(one) == {"bbox", "segm", "fixed", "matches"} and set(one["matches"]) == {"bbox", "segm"}
+    # the metrics are equal; the matches' detection ids are not (two ranks move scores in their last bits)
+    assert {k: v for k, v in one.items() if k != "matches"} == {k: v for k, v in two.items() if k != "matches"}
     assert outs[1].with_name("m_per_class.csv").read_text() == outs[2].with_name("m_per_class.csv").read_text()
     from crat_ft.matching import MatchTable
 
@@ -109,7 +111,8 @@ def test_a_killed_distributed_evaluation_reruns_to_the_same_metrics(
     for lock in out.parent.glob(".m.detections/run-*.lock"):
         lock.write_text(str(os.getpid()))
     _evaluate(2, tiny_detector, tiny_data, out)  # checks that nothing but m.json, the CSV and the log is left
-    assert json.loads(out.read_text()) == json.loads(one_process_metrics.read_text())
+    rerun, clean = (json.loads(p.read_text()) for p in (out, one_process_metrics))
+    assert rerun.pop("matches").keys() == clean.pop("matches").keys() and rerun == clean
 
 
 def _children(parent: int) -> list[int]:

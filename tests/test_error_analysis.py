@@ -77,10 +77,12 @@ def test_both_and_missed_errors():
     gt = _split([(1, BOX1), (2, (12, 60, 20, 20))])
     r = _run(gt, [(1, (0, 60, 20, 20), 0.9), (1, BOX1, 0.8)])
     assert r["AP50"] == {"all": 0.25, "r": 0.0, "c": -1.0, "f": 0.5}  # a: FP then TP; b: nothing found
-    _only(r, "both", 0.25)
-    assert r["dAP50"]["both"]["f"] == pytest.approx(0.5)
-    # b's instance is missed: no detection aims at it (TIDE drops it from the count: b has AP 0 either way)
-    assert r["counts"]["miss"] == 1 and r["dAP50"]["miss"]["r"] == 0.0
+    assert r["dAP50"]["both"]["all"] == pytest.approx(0.25) and r["dAP50"]["both"]["f"] == pytest.approx(0.5)
+    # b's instance is missed: no detection aims at it. Fixed, b has no ground truth left and leaves the
+    # mean (TIDE drops a class with nothing left): all = a's 0.5; the rare group is left with none
+    assert r["counts"]["miss"] == 1 and r["counts"]["both"] == 1
+    assert r["dAP50"]["miss"] == {"all": pytest.approx(0.25), "r": -1.0, "c": -1.0, "f": 0.0}
+    assert all(r["dAP50"][e]["all"] == 0.0 for e in ("cls", "loc", "dupe", "bkg"))
     # a missed second instance of a: recall stops at 1/2
     r = _run(_split([(1, BOX1), (1, BOX3)]), [(1, BOX1, 0.9)])
     assert r["AP50"]["all"] == pytest.approx(51 / 101)
@@ -178,3 +180,45 @@ def test_cli_two_models_table_json_and_plot(tmp_path):
         assert (out / f"errors_{iou}.png").stat().st_size > 10_000
     r = run_cli("analyze-errors", tmp_path / "gt.json", tmp_path / "base.segm.json", "--names", "a,b")
     assert r.returncode == 2 and "--names: expected 1 name(s) separated by commas, got 'a,b'" in r.stderr
+
+
+def test_fixing_misses_that_empty_a_category_takes_it_out_of_the_mean():
+    """One image, a (frequent) and b (rare) one instance each, one perfect detection of a: AP50 = 50.
+    Fixing the miss leaves b without ground truth: b leaves the mean (TIDE drops a class with nothing
+    left), so the AP50 becomes 100 and the miss costs +50; the rare group is left without any."""
+    r = _run(_split([(1, BOX1), (2, BOX2)]), [(1, BOX1, 0.9)])
+    assert r["AP50"] == pytest.approx({"all": 0.5, "r": 0.0, "c": -1.0, "f": 1.0})
+    assert r["dAP50"]["miss"] == pytest.approx({"all": 0.5, "r": -1.0, "c": -1.0, "f": 0.0})
+    assert r["counts"] == {"cls": 0, "loc": 0, "both": 0, "dupe": 0, "bkg": 0, "miss": 1}
+    # a category that keeps ground truth stays in the mean: a second instance of b, one of them found
+    r = _run(_split([(1, BOX1), (2, BOX2), (2, BOX3)]), [(1, BOX1, 0.9), (2, BOX3, 0.8)])
+    assert r["AP50"]["r"] == pytest.approx(51 / 101)
+    assert r["dAP50"]["miss"]["r"] == pytest.approx(1 - 51 / 101) and r["dAP50"]["miss"]["f"] == 0.0
+    assert r["dAP50"]["miss"]["all"] == pytest.approx((1 - 51 / 101) / 2)
+
+
+def test_ignored_detections_are_no_errors_and_take_no_fix():
+    """LVIS ignores an unmatched detection of a category the image lists as not exhaustive; TIDE skips
+    ignored predictions: it gets no error type, is not counted, and cannot take a ground truth's cls fix."""
+    # b is positive but not exhaustive: its detection on a's instance is ignored, not a cls error
+    gt = _split([(1, BOX1), (2, BOX3)], nel=[2])
+    r = _run(gt, [(2, BOX1, 0.9), (2, BOX3, 0.8)])
+    assert r["AP50"] == pytest.approx({"all": 0.5, "r": 1.0, "c": -1.0, "f": 0.0})
+    assert r["counts"] == {"cls": 0, "loc": 0, "both": 0, "dupe": 0, "bkg": 0, "miss": 1}
+    assert r["dAP50"]["cls"]["all"] == 0.0 and r["dAP50"]["miss"]["all"] == pytest.approx(0.5)
+    # an ignored background detection and an ignored duplicate: nothing counted, nothing recovered
+    gt = _split([(1, BOX1), (1, BOX3)], nel=[1])
+    r = _run(gt, [(1, BOX1, 0.9), (1, BOX2, 0.85), (1, (1, 0, 20, 20), 0.8), (1, BOX3, 0.7)])
+    assert r["AP50"]["all"] == pytest.approx(1.0)
+    assert sum(r["counts"].values()) == 0 and all(r["dAP50"][e]["all"] == 0.0 for e in ERROR_TYPES)
+
+
+def test_cli_table_shows_an_undefined_fix_as_a_dash(tmp_path):
+    gt = _split([(1, BOX1), (2, BOX2)])
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "r.json").write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": list(BOX1), "score": 0.9}]))
+    r = run_cli("analyze-errors", tmp_path / "gt.json", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    rows = {ln.split()[0]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.split()[1:2] == ["r.json"]}
+    assert rows["all"] == ["50.0", "50.0", "50.0", "0.0", "0.0", "0.0", "0.0", "0.0", "50.0"]
+    assert rows["r"] == ["0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "-"]

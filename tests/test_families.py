@@ -221,4 +221,4 @@ def test_cascade_demo_detector_through_every_command(tiny_data, tmp_path):
                 tmp_path / "m.json")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert sorted(metrics) == ["bbox", "fixed", "segm"] and 0.0 <= metrics["segm"]["AP"] <= 100.0
+    assert sorted(metrics) == ["bbox", "fixed", "matches", "segm"] and 0.0 <= metrics["segm"]["AP"] <= 100.0

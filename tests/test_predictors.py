@@ -146,7 +146,8 @@ def test_box_only_detector_extracts_retrains_exports_and_evaluates(tiny_data, tm
 
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert (
-        list(metrics) == ["bbox", "fixed"]
+        list(metrics) == ["bbox", "fixed", "matches"]
+        and list(metrics["matches"]) == ["bbox"]
         and list(metrics["fixed"]) == ["bbox"]
         and 0.0 <= metrics["bbox"]["AP"] <= 100.0
     )
