@@ -420,7 +420,7 @@ def _detections(directory: Path) -> dict:
     """The detections an evaluation spilled under ``directory``, in a fixed order."""
     from crat_ft.detections import load_spilled
 
-    (spill,) = directory.glob(".*.detections/run-*")
+    (spill,) = [p for p in directory.glob(".*.detections/run-*") if p.is_dir()]  # not its lock file
     dets = load_spilled(spill)
     # scores may differ in their last bits with the thread count: sort on rounded keys
     box = np.round(dets.bbox, 2)
