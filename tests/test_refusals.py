@@ -267,3 +267,30 @@ def test_click_usage_errors_are_one_line(tmp_path):
     assert not (tmp_path / "c").exists()
     r = run_cli("--help")
     assert r.returncode == 0 and "retrain-heads" in r.stdout and r.stderr == ""
+
+
+@pytest.mark.slow
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(crat_work, tiny_detector, tmp_path):
+    """export, export-plain and evaluate never write over the checkpoint, heads or config they read."""
+    work = tmp_path / "inputs"
+    work.mkdir()
+    det, heads, config = work / "det.pth", work / "heads.pth", work / "det.py"
+    shutil.copy(tiny_detector, det)
+    shutil.copy(crat_work / "heads.pth", heads)
+    shutil.copy(demo_config_path(), config)
+    before = _files(work)
+    cases = [
+        (["export", config, det, heads, "--out", det], f"--out {det} is also an input of this command ({det})"),
+        (["export", config, det, heads, "--out", heads], f"--out {heads} is also an input of this command ({heads})"),
+        (["export", config, det, heads, "--out", work / "sub" / ".." / "det.pth"], "is also an input of this command"),
+        (["export-plain", config, det, "--out", det], f"--out {det} is also an input of this command ({det})"),
+        (["export-plain", config, det, "--out", work / "det.pt"],  # its config would be written as det.py
+         f"--out's config (<out stem>.py) {work / 'det.py'} is also an input of this command ({config})"),
+        (["evaluate", config, det, "--out", det], f"--out {det} is also an input of this command ({det})"),
+        (["evaluate", config, det, "--out", work / "m.json", "--per-class-csv", config],
+         f"--per-class-csv {config} is also an input of this command ({config})"),
+    ]  # fmt: skip
+    for args, message in cases:
+        line = _error_line(run_cli(*args))
+        assert message in line and line.endswith("an output never replaces an input"), (args, line)
+        assert _files(work) == before, args
