@@ -51,12 +51,15 @@ last, and compared with ``plain`` and with ``crat``; every other setting is the 
   classes with fewer training instances than y, so the frequent classes' layers receive nothing.
 
 Each seed's arms are trained one after another, then evaluated side by side
-(``crat_ft.stage1.evaluate_jobs``). Every run writes, as it ends, ``ROOT/<benchmark>/<mode>/s<seed>/<arm>/``:
-``arm.json`` (the config and ``--cfg-options`` it was trained with, its training time), ``metrics.json``
-(LVIS bbox/segm), the matches ``crat-ft compare`` resamples (``metrics_matches_*.npz``), ``errors.json``
-(``crat-ft analyze-errors``: the error decomposition and class-oracle AP) with the class-oracle matches
+(``crat_ft.stage1.evaluate_jobs``). A finished stage (detector, cache, heads, evaluation) is reused only
+when its run record (``crat_ft.run_record``) matches what this run would write; otherwise it is redone,
+with the stages that depend on it, and the console says why (as ``crat-ft demo`` does). Every run
+writes, as it ends, ``ROOT/<benchmark>/<mode>/s<seed>/<arm>/``: ``arm.json`` (the config and
+``--cfg-options`` it was trained with, its training time), ``metrics.json`` (LVIS bbox/segm), the
+matches ``crat-ft compare`` resamples (``metrics_matches_*.npz``), ``errors.json`` (``crat-ft
+analyze-errors``: the error decomposition and class-oracle AP) with the class-oracle matches
 (``oracle_matches_*.npz``), ``mass.json`` (``crat`` only: the measured ratios) and, outside git,
-checkpoints and detections. ``--finished`` tabulates what exists: per benchmark and mode, each arm's
+checkpoints, run records and detections. ``--finished`` tabulates what exists: per benchmark and mode, each arm's
 difference from ``plain`` in AP, APr, APc, APf (bbox, segm) and in class-oracle AP, with
 ``crat-ft compare``'s interval over the reported seeds, the held-out seed's on its own, the rare
 classes' error decomposition and the mass ratios (``ROOT/ablation.md``); ``--plot F`` draws ΔAPr.
@@ -168,47 +171,71 @@ def _data(root: Path, bench: str, seed: int) -> Path:
     return data
 
 
-def _train(root: Path, bench: str, mode: str, seed: int, arm: str, data: Path, stage1_iters: int) -> dict:
-    """Train one arm (what is not there yet); returns the evaluation job of :func:`crat_ft.stage1.evaluate_jobs`."""
+def _train(root: Path, bench: str, mode: str, seed: int, arm: str, data: Path, stage1_iters: int, log) -> dict:
+    """Train one arm: each stage (detector, cache, heads) is reused only when its run record matches what
+    this run would write, else redone (``crat_ft.demo.run_stage``); returns the evaluation job of
+    :func:`crat_ft.demo.evaluate_stages`."""
     from crat_ft.cache import INDEX_FILE
-    from crat_ft.extract import extract_features
+    from crat_ft.demo import run_stage
+    from crat_ft.extract import extract_features, planned_settings, recorded_settings
     from crat_ft.lvis_json import categories_with_counts, load_lvis_json
     from crat_ft.paths import demo_config
-    from crat_ft.retrain import HEADS_FILE, retrain_heads
+    from crat_ft.retrain import HEADS_FILE, planned_record, record_difference, retrain_heads
     from crat_ft.roi_policy import RoIPolicy
-    from crat_ft.stage1 import DETECTOR_FILE, train_detector
+    from crat_ft.run_record import RECORD_FILE, difference_text, read_record
+    from crat_ft.stage1 import DETECTOR_FILE, detector_record, detector_train_config, train_detector
 
     seed_dir = root / bench / mode / f"s{seed}"
     out = seed_dir / arm
-    if (out / "arm.json").exists() and json.loads((out / "arm.json").read_text())["stage1_iters"] != stage1_iters:
-        sys.exit(f"bench_ablation: {out} was trained with another stage-1 schedule; remove it or choose another --root")
     mass = json.loads((seed_dir / "crat" / "mass.json").read_text()) if arm == "loss-mass" else None
     counts = None
     if mode == "e2e" and "frequency_gate" in IMPROVEMENTS.get(arm, {}):
         train = load_lvis_json(data / "annotations" / "lvis_v1_train.json")
         counts = [int(c["instance_count"]) for c in categories_with_counts(train)]
     config_name, options = arm_settings(mode, arm, mass, stage1_iters, counts)
+    where = f"{bench} {mode} seed {seed}"
+
+    def detector_stage(config: Path, options: list[str], work: Path, what: str) -> Path:
+        with contextlib.redirect_stdout(log):
+            wanted = detector_record(detector_train_config(config, options, data, seed))
+        run_stage(
+            what, work, work / DETECTOR_FILE, wanted, read_record(work / RECORD_FILE),
+            lambda resume: train_detector(config, work, cfg_options=options, data_root=data, seed=seed, resume=resume),
+            log=log,
+        )  # fmt: skip
+        return work / DETECTOR_FILE
+
     t0 = time.time()
     if mode == "e2e":
         config = demo_config(config_name)
-        detector, heads = out / DETECTOR_FILE, None
-        if not detector.exists():
-            train_detector(config, out, cfg_options=options, data_root=data, seed=seed)
+        detector, heads = detector_stage(config, options, out, f"{where}: training {arm}"), None
         eval_options = options
     else:
         plain_config, plain_options = arm_settings("e2e", "plain", None, stage1_iters)
         config = demo_config(plain_config)
-        detector = root / bench / "e2e" / f"s{seed}" / "plain" / DETECTOR_FILE
-        if not detector.exists():
-            train_detector(config, detector.parent, cfg_options=plain_options, data_root=data, seed=seed)
+        plain = root / bench / "e2e" / f"s{seed}" / "plain"
+        detector = detector_stage(config, plain_options, plain, f"{where}: training the e2e plain detector")
         cache = seed_dir / "cache" / INDEX_FILE
-        if not cache.exists():
-            policy = RoIPolicy(seed=seed, mask_pos_per_class=200)
-            extract_features(config, detector, cache.parent, data_root=data, policy=policy, resume=True)
+        policy = RoIPolicy(seed=seed, mask_pos_per_class=200)
+        with contextlib.redirect_stdout(log):
+            wanted = planned_settings(config, detector, data_root=data, policy=policy)
+        run_stage(
+            f"{where}: extracting the cache", cache.parent, cache, wanted,
+            recorded_settings(cache.parent) if cache.parent.is_dir() else None,
+            lambda resume: extract_features(config, detector, cache.parent, data_root=data, policy=policy,
+                                            resume=resume),
+            differ=lambda old, new: difference_text({"settings": old}, {"settings": new}), log=log,
+        )  # fmt: skip
         heads = out / HEADS_FILE
-        if not heads.exists():
-            retrain_heads(demo_config(config_name), cache, out, cfg_options=[f"train.seed={seed}", *options],
-                          resume=True)  # fmt: skip
+        heads_options = [f"train.seed={seed}", *options]
+        with contextlib.redirect_stdout(log):
+            wanted = planned_record(demo_config(config_name), cache, cfg_options=heads_options)
+        run_stage(
+            f"{where}: retraining {arm}", out, heads, wanted, read_record(out / RECORD_FILE),
+            lambda resume: retrain_heads(demo_config(config_name), cache, out, cfg_options=heads_options,
+                                         resume=resume),
+            differ=record_difference, log=log,
+        )  # fmt: skip
         eval_options = []
     if arm == "crat" and not (out / "mass.json").exists():
         (out / "mass.json").write_text(json.dumps(_mass(out)))
@@ -236,34 +263,36 @@ def analyze_arm(out: Path, gt_doc: dict) -> None:
 
 
 def run_seed(root: Path, bench: str, mode: str, seed: int, stage1_iters: int, log, arms=TRAIN_ORDER) -> None:
-    """Train ``arms`` (in order) of one seed and mode, evaluate them side by side, analyse their errors."""
+    """Train ``arms`` (in order) of one seed and mode, evaluate them side by side, analyse their errors.
+
+    Every stage is reused only when its run record matches what this run would write (an arm trained or
+    evaluated with other settings, or by an older crat-ft that recorded none, is redone).
+    """
+    from crat_ft.demo import EVALUATION_RECORD, evaluate_stages
     from crat_ft.lvis_json import load_lvis_json
-    from crat_ft.stage1 import evaluate_jobs
 
     data = _data(root, bench, seed)
     seed_dir = root / bench / mode / f"s{seed}"
     jobs = {}
     for arm in arms:
-        if (seed_dir / arm / "metrics.json").exists():
-            continue
-        _say(f"{bench} {mode} seed {seed}: training {arm}")
-        with contextlib.redirect_stdout(log):
-            jobs[arm] = _train(root, bench, mode, seed, arm, data, stage1_iters)
-    if jobs:
-        _say(f"{bench} {mode} seed {seed}: evaluating {', '.join(jobs)} side by side")
-        t0 = time.time()
-        with contextlib.redirect_stdout(log):
-            evaluate_jobs(jobs, log=log)
-        _say(f"{bench} {mode} seed {seed}: evaluated in {time.time() - t0:.0f} s")
+        jobs[arm] = _train(root, bench, mode, seed, arm, data, stage1_iters, log)
+    t0 = time.time()
+    stamps = {arm: _mtime(seed_dir / arm / EVALUATION_RECORD) for arm in arms}
+    evaluate_stages(jobs, data, log)
+    _say(f"{bench} {mode} seed {seed}: evaluations checked in {time.time() - t0:.0f} s")
     gt_doc = None
     for arm in arms:
         out = seed_dir / arm
-        if not (out / "errors.json").exists():
+        if not (out / "errors.json").exists() or _mtime(out / EVALUATION_RECORD) != stamps[arm]:
             gt_doc = gt_doc or load_lvis_json(data / "annotations" / "lvis_v1_val.json")
             analyze_arm(out, gt_doc)
         m = json.loads((out / "metrics.json").read_text())
         _say(f"{bench} {mode} seed {seed} {arm}: bbox AP {100 * m['bbox']['AP']:.1f} APr {100 * m['bbox']['APr']:.1f}"
              f"  segm AP {100 * m['segm']['AP']:.1f} APr {100 * m['segm']['APr']:.1f}")  # fmt: skip
+
+
+def _mtime(path: Path) -> float | None:
+    return path.stat().st_mtime_ns if path.exists() else None
 
 
 def _check_root(root: Path) -> None:

@@ -174,10 +174,15 @@ def make_demo_data(out, seed, train_images, val_images, classes, variant, sharin
     "--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's)."
 )
 @click.option("--seed", type=int, default=None, help="Training seed (overrides randomness.seed).")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --work-dir.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --work-dir from the checkpoint its last_checkpoint names (same settings only).",
+)
+@TRUST
 @CFG_OPTIONS
 @VERBOSE
-def train_detector(config, work_dir, data_root, seed, resume, cfg_options, verbose):
+def train_detector(config, work_dir, data_root, seed, resume, trust_checkpoint, cfg_options, verbose):
     """Train an mmdet detector (stage 1) with mmengine's Runner."""
     from pathlib import Path
 
@@ -186,7 +191,13 @@ def train_detector(config, work_dir, data_root, seed, resume, cfg_options, verbo
 
     with framework_log(Path(work_dir) / "crat-ft.log", verbose=verbose):
         path = run(
-            config, work_dir, cfg_options=_split_options(cfg_options), data_root=data_root, seed=seed, resume=resume
+            config,
+            work_dir,
+            cfg_options=_split_options(cfg_options),
+            data_root=data_root,
+            seed=seed,
+            resume=resume,
+            trust_checkpoint=trust_checkpoint,
         )
     if _rank() == 0:  # under torchrun rank 0 writes and reports
         click.echo(f"detector weights: {path}{_peak_gpu_memory()}")
@@ -397,7 +408,11 @@ def inspect_cache(cache):
 @click.argument("ft_config", type=click.Path())
 @click.option("--cache", required=True, type=click.Path(), help="Feature cache (directory or index.h5).")
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False))
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --work-dir.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --work-dir from the checkpoint its last_checkpoint names (same settings only).",
+)
 @TRUST
 @CFG_OPTIONS
 @VERBOSE
@@ -621,7 +636,8 @@ def export_plain(config, checkpoint, out, trust_checkpoint, cfg_options):
 @click.option("--top", default=5, show_default=True, type=POSITIVE)
 @click.option("--branch", type=click.Choice(["box", "mask"]), default="box", show_default=True)
 def fisher_neighbors(heads, class_name, top, branch):
-    """Top-K Fisher neighbours of classes, from a heads file's statistics."""
+    """Top-K Fisher neighbours of classes, from a heads file's statistics (within each class's donor group
+    when the heads were trained with crat.donor_groups: the groups the heads file records)."""
     from crat_ft.diagnostics import fisher_neighbors as run
 
     click.echo(run(heads, class_name=class_name, top=top, branch=branch))
@@ -657,28 +673,33 @@ def fisher_neighbors(heads, class_name, top, branch):
     help="The synthetic benchmark's variant (see make-demo-data).  [default: families; colour-shapes with --e2e]",
 )
 @SHARING
-def demo(work_dir, seed, e2e, detector_iters, heads_iters, variant, sharing):
-    """Run the whole pipeline on the embedded synthetic long-tailed benchmark (CPU)."""
+@click.option("--train-images", default=800, show_default=True, type=POSITIVE, help="Training images of the data.")
+@click.option("--val-images", default=200, show_default=True, type=POSITIVE, help="Validation images of the data.")
+def demo(work_dir, seed, e2e, detector_iters, heads_iters, variant, sharing, train_images, val_images):
+    """Run the whole pipeline on the embedded synthetic long-tailed benchmark (CPU).
+
+    A stage done before is reused only when it was made with this invocation's settings; otherwise it
+    is redone, with every stage after it that depends on it, and the console says why.
+    """
     from crat_ft.demo import E2E_ITERS, E2E_VARIANT, run_demo, run_demo_e2e
 
+    data = dict(seed=seed, sharing=sharing, train_images=train_images, val_images=val_images)
     if e2e:
         if heads_iters is not None:
             raise click.UsageError("--heads-iters: the end-to-end demo retrains no heads; drop it or --e2e")
         run_demo_e2e(
             work_dir or "work_dirs/demo-e2e",
-            seed=seed,
             detector_iters=detector_iters or E2E_ITERS,
             variant=variant or E2E_VARIANT,
-            sharing=sharing,
+            **data,
         )
         return
     run_demo(
         work_dir or "work_dirs/demo",
-        seed=seed,
         detector_iters=detector_iters,
         heads_iters=heads_iters,
         variant=variant or "families",
-        sharing=sharing,
+        **data,
     )
 
 

@@ -1,7 +1,10 @@
 """``crat-ft demo``: the whole chain on the embedded synthetic benchmark, on a CPU.
 
-Stages, each reused on a rerun when its output exists (outputs are written
-atomically, so an interrupted stage is simply redone):
+Stages, each reused on a rerun only when its output exists and its run record
+(:mod:`crat_ft.run_record`) matches what this invocation would write; otherwise
+the stage is redone (after removing what it wrote), and so is every stage whose
+inputs change with it, the console saying why in one line. A stage killed with
+the same settings is continued (``--resume``). The stages:
 
 1. ``data/``: ``make-demo-data`` (docs/architecture.md#synthetic-benchmark);
 2. ``stage1/detector.pth``: a tiny Mask R-CNN trained with plain random sampling;
@@ -9,7 +12,7 @@ atomically, so an interrupted stage is simply redone):
 4. ``baseline/heads.pth`` and ``crat/heads.pth``: the class-wise layers retrained
    from the cache, class-balanced, without and with CRAT;
 5. ``{stage1,baseline,crat}/metrics.json``: LVIS bbox/segm metrics on val;
-6. ``summary.json``, the three-way table with CRAT - baseline's paired bootstrap intervals
+6. ``summary.json`` (with the demo's settings), the three-way table with CRAT - baseline's paired bootstrap intervals
    (``crat-ft compare``), the class-oracle AP and error decomposition (``crat-ft analyze-errors``,
    ``errors_bbox.png``, ``errors_segm.png``), ``ap_change_crat_vs_baseline.png``,
    ``rare_classes_baseline_vs_crat.png`` (the rarest classes' val detections,
@@ -29,7 +32,7 @@ from crat_ft.evaluation import format_table
 from crat_ft.files import atomic_write_text
 from crat_ft.paths import demo_config
 from crat_ft.retrain import HEADS_FILE, retrain_heads
-from crat_ft.stage1 import DETECTOR_FILE, evaluate_side_by_side, train_detector
+from crat_ft.stage1 import DETECTOR_FILE, train_detector
 from crat_ft.synthetic import DEFAULT_SHARING, DemoDataSpec, make_demo_data
 
 DELTA_KEYS = ("AP", "APr", "APc", "APf")
@@ -39,21 +42,131 @@ def _say(msg: str) -> None:
     print(f"[crat-ft demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _stage(done: Path, what: str, fn, log=None):
-    """Run ``fn`` unless ``done`` exists; say which.
+def plan_stage(
+    what: str, out: Path, done, wanted: dict, recorded: dict | None, *, differ=None, clear=None, say_new: bool = True
+):
+    """Decide one stage of a chain: reuse it, continue it, or (re)make it. Exact or redone.
+
+    - the record matches ``wanted`` and every ``done`` file exists: reused (said);
+    - the record matches and the output is missing: a run killed with these settings, continued;
+    - ``out`` holds anything else (another record, or none): ``clear`` (default ``out``) is removed
+      and the stage redone, the console saying why in one line;
+    - nothing there: made.
+
+    Args:
+        out: what the stage writes (a directory, or its main file).
+        done: the file, or files, that exist once the stage finished.
+        wanted: the record this invocation would write.
+        recorded: the record found (None: none).
+        differ: ``f(recorded, wanted)``: the first difference in words, or None
+            (default :func:`crat_ft.run_record.difference_text`).
+        clear: what to remove before a redo (default ``[out]``).
+        say_new: say ``what`` when the stage is made where nothing was (the caller may say it for several).
+
+    Returns:
+        None (reuse), ``"resume"`` or ``"run"``.
+    """
+    import shutil
+
+    from crat_ft.run_record import difference_text
+
+    done = [done] if isinstance(done, Path) else list(done)
+    why = None if recorded is None else (differ or difference_text)(recorded, wanted)
+    if recorded is not None and why is None:
+        if all(p.exists() for p in done):
+            _say(f"{what}: done before, reusing {done[0]}")
+            return None
+        _say(f"{what}: continuing the unfinished run in {out}")
+        return "resume"
+    holds = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if not holds and recorded is None:
+        if say_new:
+            _say(what)
+        return "run"
+    _say(f"{what}: redoing, {out} " + (f"was made with {why}" if why else "holds no record of what made it"))
+    for path in clear if clear is not None else [out]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return "run"
+
+
+def run_stage(what: str, out: Path, done, wanted: dict, recorded: dict | None, fn, *, differ=None, log=None) -> bool:
+    """One stage of a chain: :func:`plan_stage`, then ``fn(resume)`` unless reused. Returns whether it ran.
 
     With ``log`` (an open text file), what the stage prints on stdout goes
     there: mmengine's loggers write their console output to ``sys.stdout`` as
     it is when they are created, so a Runner built inside the stage logs to the
     file. Progress bars (stderr) and this function's lines stay on the console.
     """
-    if done.exists():
-        _say(f"{what}: done before, reusing {done}")
-        return
-    _say(what)
+    action = plan_stage(what, out, done, wanted, recorded, differ=differ)
+    if action is None:
+        return False
     t0 = time.time()
     with contextlib.redirect_stdout(log) if log is not None else contextlib.nullcontext():
-        fn()
+        fn(action == "resume")
+    _say(f"{what}: done in {time.time() - t0:.0f} s")
+    return True
+
+
+def data_record(spec: DemoDataSpec) -> dict:
+    """The run record of the demo's data: the generator's spec (the data is a function of it)."""
+    from dataclasses import asdict
+
+    return {"command": "make-demo-data", "settings": asdict(spec)}
+
+
+EVALUATION_RECORD = "evaluation.json"
+
+
+def evaluation_record(config, options, checkpoint, heads, data: Path) -> dict:
+    """The run record of one evaluation: the config and its options, and by sha256 the config file, the
+    detector, the heads (if any) and the val annotations."""
+    from crat_ft.files import sha256_file
+    from crat_ft.run_record import data_identity
+
+    return {
+        "command": "evaluate",
+        "settings": {"config": Path(config).name, "cfg_options": list(options)},
+        "inputs": {
+            "config": "sha256:" + sha256_file(config),
+            "checkpoint": "sha256:" + sha256_file(checkpoint),
+            "heads": None if heads is None else "sha256:" + sha256_file(heads),
+            "data": data_identity([data / "annotations" / "lvis_v1_val.json"]),
+        },
+        "paths": {"checkpoint": str(checkpoint), "heads": None if heads is None else str(heads)},
+    }
+
+
+def evaluate_stages(jobs: dict[str, dict], data: Path, log) -> None:
+    """Evaluate each job (``evaluate_jobs``' keyword arguments) whose output and record are not this
+    invocation's, side by side; write each one's record (:data:`EVALUATION_RECORD`) beside its metrics."""
+    from crat_ft.run_record import read_record, write_record
+    from crat_ft.stage1 import evaluate_jobs
+
+    todo, records = {}, {}
+    for name, job in jobs.items():
+        out = Path(job["out"])
+        record_file = out.with_name(EVALUATION_RECORD)
+        wanted = evaluation_record(
+            job["config"], job.get("cfg_options") or [], job["checkpoint"], job.get("heads"), data
+        )
+        action = plan_stage(
+            f"evaluating {name}", out, (out, out.with_name("results.segm.json")), wanted, read_record(record_file),
+            clear=[record_file], say_new=False,
+        )  # fmt: skip
+        if action is not None:
+            todo[name], records[name] = job, wanted
+    if not todo:
+        return
+    what = f"evaluating {', '.join(todo)} (LVIS protocol, val split)"
+    _say(what)
+    t0 = time.time()
+    with contextlib.redirect_stdout(log):
+        evaluate_jobs(todo, log=log)
+    for name, job in todo.items():
+        write_record(Path(job["out"]).with_name(EVALUATION_RECORD), records[name])
     _say(f"{what}: done in {time.time() - t0:.0f} s")
 
 
@@ -161,12 +274,23 @@ def what_the_run_shows(
 
 
 def _demo_data(data: Path, spec: DemoDataSpec) -> None:
+    from crat_ft.run_record import RECORD_FILE, read_record, write_record
+
     spec.validate()
     _check_reused_data(data, spec)
-    _stage(
-        data / "annotations" / "lvis_v1_val.json",
+    wanted = data_record(spec)
+
+    def make(resume: bool) -> None:
+        make_demo_data(data, spec)
+        write_record(data / RECORD_FILE, wanted)
+
+    run_stage(
         "making the synthetic long-tailed dataset",
-        lambda: make_demo_data(data, spec),
+        data,
+        (data / "annotations" / "lvis_v1_val.json", data / RECORD_FILE),
+        wanted,
+        read_record(data / RECORD_FILE),
+        make,
     )
 
 
@@ -178,6 +302,8 @@ def run_demo(
     heads_iters: int | None = None,
     variant: str = "families",
     sharing: float = DEFAULT_SHARING,
+    train_images: int = DemoDataSpec.train_images,
+    val_images: int = DemoDataSpec.val_images,
 ) -> dict:
     """Run the demo pipeline.
 
@@ -188,17 +314,24 @@ def run_demo(
         heads_iters: retrain-heads iterations (default: the fine-tune configs').
         variant: the synthetic benchmark's variant (``families`` or ``colour-shapes``).
         sharing: the families variant's sharing knob ``s``.
+        train_images, val_images: the synthetic data's size.
 
     Returns:
-        ``{"stage1"|"baseline"|"crat": {"bbox": {...}, "segm": {...}}}``.
+        ``{"stage1"|"baseline"|"crat": {"bbox": {...}, "segm": {...}}, ..., "settings": {...}}``.
     """
     from crat_ft.cache import INDEX_FILE
     from crat_ft.diagnostics import fisher_neighbors, plot_ap_change, plot_fisher_embedding, read_per_class_csv
-    from crat_ft.extract import extract_features
+    from crat_ft.extract import extract_features, planned_settings, recorded_settings
     from crat_ft.gallery import rare_class_gallery
     from crat_ft.lvis_json import categories_by_id
+    from crat_ft.retrain import planned_record, record_difference
     from crat_ft.roi_policy import RoIPolicy
+    from crat_ft.run_record import RECORD_FILE, difference_text, read_record
+    from crat_ft.stage1 import detector_record, detector_train_config
 
+    settings = dict(variant=variant, sharing=sharing, seed=seed, detector_iters=detector_iters,
+                    heads_iters=heads_iters, train_images=train_images, val_images=val_images)  # fmt: skip
+    spec = DemoDataSpec(seed=seed, variant=variant, sharing=sharing, train_images=train_images, val_images=val_images)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     data = work_dir / "data"
@@ -210,24 +343,37 @@ def run_demo(
     log = open(work_dir / "demo.log", "a")
     _say(f"framework logs: {work_dir / 'demo.log'}")
 
-    _demo_data(data, DemoDataSpec(seed=seed, variant=variant, sharing=sharing))
+    _demo_data(data, spec)
 
     detector = work_dir / "stage1" / DETECTOR_FILE
     options = {"train_cfg.max_iters": detector_iters} if detector_iters else {}
-    _stage(
-        detector,
+    with contextlib.redirect_stdout(log):
+        wanted = detector_record(detector_train_config(config, options, data, seed))
+    run_stage(
         f"training the stage-1 detector ({config.name})",
-        lambda: train_detector(config, detector.parent, cfg_options=options, data_root=data, seed=seed),
-        log,
+        detector.parent,
+        detector,
+        wanted,
+        read_record(detector.parent / RECORD_FILE),
+        lambda resume: train_detector(
+            config, detector.parent, cfg_options=options, data_root=data, seed=seed, resume=resume
+        ),
+        log=log,
     )
 
     cache = work_dir / "cache" / INDEX_FILE
     policy = RoIPolicy(seed=seed, mask_pos_per_class=200)
-    _stage(
-        cache,
+    with contextlib.redirect_stdout(log):
+        wanted = planned_settings(config, detector, data_root=data, policy=policy)
+    run_stage(
         "extracting RoI features of the training split",
-        lambda: extract_features(config, detector, cache.parent, data_root=data, policy=policy, resume=True),
-        log,
+        cache.parent,
+        cache,
+        wanted,
+        recorded_settings(cache.parent) if cache.parent.is_dir() else None,
+        lambda resume: extract_features(config, detector, cache.parent, data_root=data, policy=policy, resume=resume),
+        differ=lambda old, new: difference_text({"settings": old}, {"settings": new}),
+        log=log,
     )
 
     heads_options = {"train.seed": seed}
@@ -243,28 +389,34 @@ def run_demo(
     for name in ("baseline", "crat"):
         ft = demo_config(f"{name}_synthetic.py")
         out = work_dir / name / HEADS_FILE
-        _stage(
-            out,
+        with contextlib.redirect_stdout(log):
+            wanted = planned_record(ft, cache, cfg_options=heads_options)
+        run_stage(
             f"retraining the class-wise heads ({name})",
-            lambda ft=ft, out=out: retrain_heads(ft, cache, out.parent, cfg_options=heads_options, resume=True),
-            log,
+            out.parent,
+            out,
+            wanted,
+            read_record(out.parent / RECORD_FILE),
+            lambda resume, ft=ft, out=out: retrain_heads(
+                ft, cache, out.parent, cfg_options=heads_options, resume=resume
+            ),
+            differ=record_difference,
+            log=log,
         )
 
     models = ("stage1", "baseline", "crat")
-    jobs = {}
-    for name in models:
-        metrics_file = work_dir / name / "metrics.json"
-        if metrics_file.exists() and (work_dir / name / "results.segm.json").exists():
-            _say(f"evaluating {name}: done before, reusing {metrics_file}")
-        else:
-            jobs[name] = (None if name == "stage1" else work_dir / name / HEADS_FILE, metrics_file)
-    if jobs:
-        what = f"evaluating {', '.join(jobs)} (LVIS protocol, val split)"
-        _say(what)
-        t0 = time.time()
-        with contextlib.redirect_stdout(log):
-            evaluate_side_by_side(config, detector, jobs, data_root=data, log=log, with_results=True)
-        _say(f"{what}: done in {time.time() - t0:.0f} s")
+    jobs = {
+        name: dict(
+            config=config,
+            checkpoint=detector,
+            out=work_dir / name / "metrics.json",
+            data_root=data,
+            heads=None if name == "stage1" else work_dir / name / HEADS_FILE,
+            outfile_prefix=work_dir / name / "results",
+        )
+        for name in models
+    }
+    evaluate_stages(jobs, data, log)
     summary = {name: _load_json(work_dir / name / "metrics.json") for name in models}
     summary.update(what_the_run_shows(work_dir, data, seed))
 
@@ -289,6 +441,7 @@ def run_demo(
     plot_fisher_embedding(crat_heads, work_dir / "fisher_embedding.png")
     (work_dir / "rare_fisher_neighbors.txt").write_text(fisher_neighbors(crat_heads, top=5) + "\n")
 
+    summary["settings"] = settings
     atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=2))
     print(delta_table(summary))
     _say(
@@ -310,6 +463,8 @@ def run_demo_e2e(
     detector_iters: int = E2E_ITERS,
     variant: str = E2E_VARIANT,
     sharing: float = DEFAULT_SHARING,
+    train_images: int = DemoDataSpec.train_images,
+    val_images: int = DemoDataSpec.val_images,
 ) -> dict:
     """CRAT end to end: the demo detector trained by mmdet twice on the same data and seed, plain and with
     crat-ft's plugin heads (the paper's settings; the transfusion gradient also reaches the shared trunk),
@@ -317,49 +472,50 @@ def run_demo_e2e(
 
     Writes ``data/``, ``plain/`` and ``crat/`` (each ``detector.pth``, ``metrics.json`` and its matches,
     ``results.{bbox,segm}.json``), ``errors_{bbox,segm}.png`` and ``summary.json`` under ``work_dir``;
-    stages done before are reused. Returns the summary: ``{"plain"|"crat": metrics, "crat_vs_plain", ...}``.
+    a stage is reused only when its record matches this invocation's (:func:`plan_stage`). Returns the
+    summary: ``{"plain"|"crat": metrics, "crat_vs_plain", ..., "settings"}``.
     """
-    from crat_ft.stage1 import demo_schedule, evaluate_jobs
+    from crat_ft.run_record import RECORD_FILE, read_record
+    from crat_ft.stage1 import demo_schedule, detector_record, detector_train_config
 
     work_dir = Path(work_dir)
     options = demo_schedule(detector_iters)
+    spec = DemoDataSpec(seed=seed, variant=variant, sharing=sharing, train_images=train_images, val_images=val_images)
+    spec.validate()
     work_dir.mkdir(parents=True, exist_ok=True)
     data = work_dir / "data"
     t_start = time.time()
     log = open(work_dir / "demo.log", "a")  # left open: mmengine's loggers keep writing to it
     _say(f"framework logs: {work_dir / 'demo.log'}")
-    _demo_data(data, DemoDataSpec(seed=seed, variant=variant, sharing=sharing))
+    _demo_data(data, spec)
     runs = {"plain": demo_config(), "crat": demo_config(E2E_CONFIG)}
     for name, config in runs.items():
         out = work_dir / name / DETECTOR_FILE
-        _stage(
-            out,
+        with contextlib.redirect_stdout(log):
+            wanted = detector_record(detector_train_config(config, options, data, seed))
+        run_stage(
             f"training the detector end to end, {'plain' if name == 'plain' else 'with CRAT'} "
             f"({config.name}, {detector_iters} iterations)",
-            lambda config=config, out=out: train_detector(
-                config, out.parent, cfg_options=options, data_root=data, seed=seed
+            out.parent,
+            out,
+            wanted,
+            read_record(out.parent / RECORD_FILE),
+            lambda resume, config=config, out=out: train_detector(
+                config, out.parent, cfg_options=options, data_root=data, seed=seed, resume=resume
             ),
-            log,
+            log=log,
         )
-    jobs = {}
-    for name, config in runs.items():
-        run = work_dir / name
-        if (run / "metrics.json").exists() and (run / "results.segm.json").exists():
-            _say(f"evaluating {name}: done before, reusing {run / 'metrics.json'}")
-            continue
-        jobs[name] = dict(config=config, checkpoint=run / DETECTOR_FILE, out=run / "metrics.json", data_root=data,
-                          cfg_options=options, outfile_prefix=run / "results")  # fmt: skip
-    if jobs:
-        what = f"evaluating {', '.join(jobs)} (LVIS protocol, val split)"
-        _say(what)
-        t0 = time.time()
-        with contextlib.redirect_stdout(log):
-            evaluate_jobs(jobs, log=log)
-        _say(f"{what}: done in {time.time() - t0:.0f} s")
+    jobs = {
+        name: dict(config=config, checkpoint=work_dir / name / DETECTOR_FILE, out=work_dir / name / "metrics.json",
+                   data_root=data, cfg_options=options, outfile_prefix=work_dir / name / "results")
+        for name, config in runs.items()
+    }  # fmt: skip
+    evaluate_stages(jobs, data, log)
     arms, names = ("plain", "crat"), ("plain", "CRAT e2e")
     summary = {name: _load_json(work_dir / name / "metrics.json") for name in arms}
     summary.update(what_the_run_shows(work_dir, data, seed, arms=arms, names=names))
-    summary["settings"] = dict(variant=variant, sharing=sharing, seed=seed, detector_iters=detector_iters)
+    summary["settings"] = dict(variant=variant, sharing=sharing, seed=seed, detector_iters=detector_iters,
+                               train_images=train_images, val_images=val_images)  # fmt: skip
     atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=2))
     print(delta_table(summary, models=arms, arms=arms, names=names))
     _say(f"total {time.time() - t_start:.0f} s; summary {work_dir / 'summary.json'}")

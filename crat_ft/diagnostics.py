@@ -48,10 +48,16 @@ def fisher_similarity(fisher: np.ndarray, seen: np.ndarray) -> np.ndarray:
     return sim
 
 
-def neighbours(sim: np.ndarray, c: int, top: int) -> list[tuple[int, float]]:
-    """The ``top`` classes most similar to class ``c`` (itself excluded, unseen skipped)."""
+def neighbours(sim: np.ndarray, c: int, top: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
+    """The ``top`` classes most similar to class ``c`` (itself excluded, unseen skipped).
+
+    Args:
+        allowed: (C,) bool, the classes that may be neighbours (e.g. ``c``'s donor group); None: all.
+    """
     row = sim[c].copy()
     row[c] = np.nan
+    if allowed is not None:
+        row[~allowed] = np.nan
     order = [int(j) for j in np.argsort(-np.nan_to_num(row, nan=-np.inf)) if not np.isnan(row[j])]
     return [(j, float(row[j])) for j in order[:top]]
 
@@ -59,7 +65,11 @@ def neighbours(sim: np.ndarray, c: int, top: int) -> list[tuple[int, float]]:
 def fisher_neighbors(
     heads: str | os.PathLike, *, class_name: str | None = None, top: int = 5, branch: str = "box"
 ) -> str:
-    """Text table of Fisher neighbours: one class, or every rare class."""
+    """Text table of Fisher neighbours: one class, or every rare class.
+
+    Heads trained with ``crat.donor_groups`` transfused only within a class's group, so its neighbours
+    are looked for in its own group: the groups the heads file records (its meta), never the groups file.
+    """
     ckpt = _load_heads(heads)
     meta, sd = ckpt["meta"], ckpt["state_dict"]
     prefix = _stats_prefix(ckpt["meta"], branch)
@@ -73,12 +83,34 @@ def fisher_neighbors(
         targets = [names.index(class_name)]
     else:
         targets = [i for i, g in enumerate(freq) if g == "r"]
+    groups = recorded_groups(meta, str(heads))
     lines = []
     for c in targets:
-        nb = neighbours(sim, c, top)
-        text = ", ".join(f"{names[j]} ({freq[j]}, {s:.3f})" for j, s in nb) or "(no statistics: class never seen)"
+        allowed = None if groups is None else np.array([g == groups[c] for g in groups])
+        nb = neighbours(sim, c, top, allowed)
+        text = ", ".join(f"{names[j]} ({freq[j]}, {s:.3f})" for j, s in nb)
+        if not text:
+            seen = not np.isnan(sim[c, c])
+            text = "(no class of its donor group seen)" if seen else "(no statistics: class never seen)"
         lines.append(f"{names[c]} ({freq[c]}): {text}")
     return "\n".join(lines)
+
+
+def recorded_groups(meta: dict, source: str) -> list[str] | None:
+    """(C,) each class's donor group as a heads file's meta records it; None for heads trained without groups.
+
+    Raises:
+        UserError: the heads were trained with ``crat.donor_groups`` by a crat-ft that did not record them.
+    """
+    groups = meta.get("donor_groups")
+    if groups is None:
+        if (meta.get("crat") or {}).get("donor_groups") is not None:
+            raise UserError(
+                f"{source} was trained with crat.donor_groups but does not record the groups (an older crat-ft wrote "
+                "it); retrain the heads with this crat-ft"
+            )
+        return None
+    return [str(groups[n]) for n in meta["class_names"]]
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:

@@ -213,6 +213,7 @@ def _export_locked(
         "logit_adjust": la,
         "combine_original": combine,
         "crat": meta.get("crat"),
+        "donor_groups": meta.get("donor_groups"),  # as the heads were trained with them (crat.donor_groups)
         "sampler": meta.get("sampler"),
     }
     if "class_names" in meta:

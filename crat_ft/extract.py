@@ -61,13 +61,18 @@ def run_settings(
     image_ids: list[int],
     max_images: int | None,
 ) -> dict:
-    """Everything that decides the bytes of one shard: a resume must match all of it."""
+    """Everything that decides the bytes of one shard (a run record's settings, :mod:`crat_ft.run_record`):
+    a resume must match all of it. ``data`` is the identity of the training annotations (their sha256)."""
+    from crat_ft.config import ann_file_of
+    from crat_ft.run_record import data_identity
+
     ds = base_dataset_cfg(cfg)
     ds_plain = ds.to_dict() if hasattr(ds, "to_dict") else dict(ds)
     return {
         "checkpoint_sha256": sha,
         "config_hash": config_hash(model_cfg_text(cfg)),
         "dataset_hash": config_hash(json.dumps(ds_plain, sort_keys=True, default=str)),
+        "data": data_identity([ann_file_of(ds)]),
         "policy": asdict(policy),
         "box_level": box_level,
         "mask_level": mask_level,
@@ -82,16 +87,51 @@ def run_settings(
 
 
 def check_same_settings(recorded: dict | None, current: dict, where: Path, out: Path) -> None:
-    """Refuse to resume when any setting of the recorded run differs from this one."""
+    """Refuse to resume when any setting of the recorded run differs from this one (named by
+    :func:`crat_ft.run_record.difference_text`)."""
+    from crat_ft.run_record import difference_text
+
     start_over = f"rerun with the recorded settings, or delete {out} (or choose a new --out) to start over"
     if recorded is None:
         raise UserError(f"--resume: {where} records no run settings (an older crat-ft wrote it); {start_over}")
-    for key, value in current.items():
-        if recorded.get(key) != value:
-            raise UserError(
-                f"--resume: {where} was made with {key}={json.dumps(recorded.get(key), default=str)}, "
-                f"this run has {key}={json.dumps(value, default=str)}; {start_over}"
-            )
+    differs = difference_text({"settings": recorded}, {"settings": current})
+    if differs is not None:
+        raise UserError(f"--resume: {where} was made with {differs}; {start_over}")
+
+
+def recorded_settings(out: str | os.PathLike, shard: str | None = None) -> dict | None:
+    """The run settings a cache directory records for a shard (default: this process's): a finished
+    shard's, else an unfinished extraction's; None when ``out`` holds neither."""
+    from crat_ft.cache import cache_meta, open_cache
+
+    out = Path(out)
+    rank, world = parse_shard(shard)
+    name = shard_name(rank, world)
+    for path in [out / name, *sorted(out.glob(f"stage-*/{name}"))]:
+        if path.exists():
+            with open_cache(path) as f:
+                recorded = cache_meta(f).get("run_settings")
+            return json.loads(recorded) if recorded else None
+    settings_file = out / ".segments" / Path(name).stem / SETTINGS_FILE
+    return json.loads(settings_file.read_text()) if settings_file.is_file() else None
+
+
+def planned_settings(
+    config, checkpoint, *, cfg_options=(), data_root=None, policy: RoIPolicy = RoIPolicy(), box_level: str = "fc",
+    mask_level: str = "logits", shard: str | None = None, batch_size: int = 4, segment_images: int = 32,
+    compression: str | None = None, max_images: int | None = None, trust_checkpoint: bool = False,
+) -> dict:  # fmt: skip
+    """The run settings :func:`extract_features` with these arguments would record for its shard
+    (the demo compares them with :func:`recorded_settings` to decide whether a cache is reused)."""
+    rank, world = parse_shard(shard)
+    cfg, sha, dataset, mine = _plan_shard(
+        config, checkpoint, cfg_options, data_root, max_images, rank, world, trust_checkpoint
+    )
+    return run_settings(
+        cfg=cfg, sha=sha, policy=policy, box_level=box_level, mask_level=mask_level, segment_images=segment_images,
+        batch_size=batch_size, compression=compression, rank=rank, world=world, max_images=max_images,
+        image_ids=[int(dataset.get_data_info(k)["img_id"]) for k in mine],
+    )  # fmt: skip
 
 
 def extract_features(

@@ -8,8 +8,9 @@ error naming the file and the key. ``crat`` is :class:`CratConfig`.
 Values are checked here too (:func:`check_values`: ``train.max_iters >= 1``,
 ``train.lr > 0``, milestones inside the schedule, ...), so a bad value ends
 the command in one line before it creates anything. :func:`run_settings` is
-the part of a resolved config that decides the retrained tensors; a work dir
-records it and a resume must match it.
+the part of a resolved config that decides the retrained tensors (a settings
+file, ``crat.donor_groups``, by its content: :func:`read_donor_groups`); a work
+dir records it and a resume must match it.
 """
 
 from __future__ import annotations
@@ -226,34 +227,52 @@ def check_values(ft: dict, source: str) -> None:
     need("heads", "reinit_cls", lambda v: isinstance(v, bool), "True or False")
 
 
-# settings that cannot change the retrained tensors: a resume may change them
-OPERATIONAL_KEYS = (
-    "detector.config",  # where the detector is; its identity is its checkpoint's sha256 and its model config
-    "detector.checkpoint",
-    "train.checkpoint_interval",
-    "train.log_interval",
-    "train.num_workers",
-    "train.in_memory",
-)
+def read_donor_groups(path: str | os.PathLike | None) -> dict[str, str] | None:
+    """The content of ``crat.donor_groups``, ``{class name: group}`` (groups as strings); None without a file.
+
+    Read once per run: the run records it by value (:func:`run_settings`, ``run.json``, the heads' meta)
+    and trains with what it recorded.
+    """
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            groups = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"crat.donor_groups: cannot read {path} ({exc}); give a JSON file {{class name: group}}"
+        ) from None
+    if not isinstance(groups, dict):
+        raise UserError(f"crat.donor_groups: {path} should hold a JSON object {{class name: group}}")
+    return {str(name): str(group) for name, group in groups.items()}
 
 
-def run_settings(ft: dict) -> dict:
+def run_settings(ft: dict, donor_groups: dict[str, str] | None = None) -> dict:
     """The settings of a resolved fine-tune config that decide the retrained tensors, as flat
     ``{"section.key": JSON value}`` (``crat`` with every default filled in).
 
-    Left out: :data:`OPERATIONAL_KEYS` and the ``export`` section (applied by ``crat-ft export``,
-    not by training).
+    Left out: ``OPERATIONAL_KEYS["retrain-heads"]`` of :mod:`crat_ft.run_record` (the ``export``
+    section among them: it is applied by ``crat-ft export``, not by training).
+
+    Args:
+        donor_groups: the content of ``crat.donor_groups`` (:func:`read_donor_groups`): recorded by
+            value, as ``"sha256:<hex>"`` of its canonical JSON, so an edited or another file differs.
     """
+    from crat_ft.run_record import OPERATIONAL_KEYS, content_sha256, is_operational
+
+    operational = OPERATIONAL_KEYS["retrain-heads"]
     flat = {}
     for section, values in ft.items():
-        if section == "export":
-            continue
         if section == "crat":
             values = asdict(CratConfig.from_dict(values))
         for key, value in values.items():
             name = f"{section}.{key}"
-            if name not in OPERATIONAL_KEYS:
+            if not is_operational(name, operational):
                 flat[name] = json.loads(json.dumps(value, sort_keys=True, default=str))
+    path = flat.get("crat.donor_groups")
+    assert (path is None) == (donor_groups is None), "run_settings: pass the content of crat.donor_groups"
+    if path is not None:
+        flat["crat.donor_groups"] = content_sha256(donor_groups)
     return flat
 
 

@@ -21,8 +21,6 @@ of :mod:`crat_ft.transfusion`.
 
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn.functional as F
 from mmengine.model import BaseModel
@@ -42,25 +40,21 @@ from crat_ft.transfusion import (
 )
 
 
-def donor_group_ids(path: str | None, class_names: list[str] | None, num_classes: int) -> list[int]:
-    """Group index of each class from ``crat.donor_groups`` (a JSON file ``{class name: group}``); all 0 without one."""
-    if path is None:
+def donor_group_ids(groups: dict[str, str] | None, class_names: list[str] | None, num_classes: int) -> list[int]:
+    """Group index of each class from ``crat.donor_groups``' content ``{class name: group}``; all 0 without one.
+
+    Args:
+        groups: the groups as the run recorded them (:func:`crat_ft.ft_config.read_donor_groups`).
+        class_names: (C,) the cache's class names.
+    """
+    if groups is None:
         return [0] * num_classes
-    try:
-        with open(path) as f:
-            groups = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"crat.donor_groups: cannot read {path} ({exc}); give a JSON file {{class name: group}}"
-        ) from None
-    if not isinstance(groups, dict):
-        raise UserError(f"crat.donor_groups: {path} should hold a JSON object {{class name: group}}")
     if class_names is None or len(class_names) != num_classes:
         raise UserError("crat.donor_groups needs the cache's class names; re-extract the cache with this crat-ft")
     missing = [n for n in class_names if n not in groups]
     if missing:
         raise UserError(
-            f"crat.donor_groups: {path} has no group for class {missing[0]!r} ({len(missing)} missing); "
+            f"crat.donor_groups: the file has no group for class {missing[0]!r} ({len(missing)} missing); "
             "give every class of the cache a group"
         )
     ids = {g: i for i, g in enumerate(sorted({str(groups[n]) for n in class_names}))}
@@ -80,7 +74,9 @@ class ClasswiseHeads(BaseModel):
         loss_mask_weight: weight of the own-class mask BCE.
         crat: CRAT settings.
         class_instance_count: (C,) training instances per class (frequency gate).
-        class_names: (C,) class names (``crat.donor_groups`` maps them to groups).
+        class_names: (C,) class names (``donor_groups`` maps them to groups).
+        donor_groups: ``{class name: group}``, the content of ``crat.donor_groups`` as the run
+            recorded it: transfusion only between classes of one group; None: between all classes.
         reinit_cls: re-initialise fc_cls instead of loading it (cRT).
         box_trunk: module mapping cached ``roi`` box features to ``(x_cls, x_reg)``
             (see :func:`build_trunk`); None for ``fc`` caches.
@@ -110,6 +106,7 @@ class ClasswiseHeads(BaseModel):
         reg_predictor_cfg: dict | None = None,
         mask_predictor_cfg: dict | None = None,
         reg_class_agnostic: bool = False,
+        donor_groups: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         from mmdet.registry import MODELS, TASK_UTILS
@@ -168,7 +165,9 @@ class ClasswiseHeads(BaseModel):
             class_instance_count if class_instance_count is not None else [1] * num_classes, dtype=torch.float
         )
         self.register_buffer("class_instance_count", counts, persistent=False)
-        groups = torch.as_tensor(donor_group_ids(crat.donor_groups, class_names, num_classes), dtype=torch.long)
+        # the groups travel in the heads file's meta (retrain's run record), not in its state dict
+        self.restrict_to_groups = donor_groups is not None
+        groups = torch.as_tensor(donor_group_ids(donor_groups, class_names, num_classes), dtype=torch.long)
         self.register_buffer("donor_group", groups, persistent=False)
 
     # -- weights in and out ------------------------------------------------------------
@@ -309,7 +308,7 @@ class ClasswiseHeads(BaseModel):
         if self.crat.frequency_gate:
             counts = self.class_instance_count.to(labels.device)
             allowed = counts[None, :] < counts[labels][:, None]
-        if self.crat.donor_groups is not None:
+        if self.restrict_to_groups:
             group = self.donor_group.to(labels.device)
             same = group[None, :] == group[labels][:, None]
             allowed = same if allowed is None else allowed & same

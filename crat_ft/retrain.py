@@ -67,7 +67,7 @@ def build_cache_loader(reader, sampler_cfg: dict, seed: int, num_workers: int, r
     )
 
 
-def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
+def build_heads(ft: dict, reader, detector_cfg, detector_state: dict, donor_groups: dict[str, str] | None = None):
     """The heads for a cache, initialised from the detector.
 
     Args:
@@ -75,6 +75,8 @@ def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
             detector's cache (gives a :class:`crat_ft.heads.ClasswiseHeads`), or
             a Cascade R-CNN's list of them, one per stage (gives a
             :class:`crat_ft.heads.CascadeHeads`).
+        donor_groups: the content of ``crat.donor_groups`` as the run recorded it
+            (:func:`run_record`'s ``files``); None without groups.
 
     From a cache at box level ``roi`` (mask level ``roi``) the detector's bbox
     (mask) head trunk is built and retrained too (see :func:`crat_ft.heads.build_trunk`).
@@ -82,12 +84,14 @@ def build_heads(ft: dict, reader, detector_cfg, detector_state: dict):
     from crat_ft.heads import CascadeHeads
 
     if not isinstance(reader, (list, tuple)):
-        return _stage_heads(ft, reader, detector_cfg, detector_state, 0, 1)
-    stages = [_stage_heads(ft, r, detector_cfg, detector_state, s, len(reader)) for s, r in enumerate(reader)]
+        return _stage_heads(ft, reader, detector_cfg, detector_state, 0, 1, donor_groups)
+    stages = [
+        _stage_heads(ft, r, detector_cfg, detector_state, s, len(reader), donor_groups) for s, r in enumerate(reader)
+    ]
     return CascadeHeads(stages, detector_cfg.model.roi_head.get("stage_loss_weights", [1.0] * len(stages)))
 
 
-def _stage_heads(ft: dict, reader, detector_cfg, detector_state: dict, stage: int, stages: int):
+def _stage_heads(ft: dict, reader, detector_cfg, detector_state: dict, stage: int, stages: int, donor_groups=None):
     """The :class:`crat_ft.heads.ClasswiseHeads` of one stage."""
     from crat_ft.detector import classwise_layers, predictor_cfgs, stage_cfgs
     from crat_ft.ft_config import CratConfig, heads_loss_cls
@@ -145,6 +149,7 @@ def _stage_heads(ft: dict, reader, detector_cfg, detector_state: dict, stage: in
         reinit_cls=ft["heads"]["reinit_cls"],
         box_trunk=box_trunk,
         mask_trunk=mask_trunk,
+        donor_groups=donor_groups,
     )
     heads.load_from_detector(detector_state, layers)
     return heads
@@ -164,8 +169,10 @@ def retrain_heads(
     Steps: read and check the fine-tune config (nothing is created before that)
     → check the work dir (a run in it needs ``--resume``) → open the cache and
     the detector it was made from → check a resume against the work dir's
-    :data:`RUN_FILE` → record this run's settings there → train → write
-    ``heads.pth``. A refused run leaves the work dir as it found it.
+    :data:`RUN_FILE` and pick the checkpoint named by ``last_checkpoint`` → record
+    this run's settings there → train → write ``heads.pth``. A refused run leaves
+    the work dir as it found it. ``trust_checkpoint`` unpickles the detector
+    checkpoint and the work dir's Runner checkpoints beyond the allow-list.
 
     Returns:
         ``work_dir/heads.pth``: retrained layers, Fisher statistics and provenance.
@@ -174,6 +181,7 @@ def retrain_heads(
     from crat_ft.files import RunLock, clean_stale_temps, output_dir, temp_pattern
     from crat_ft.ft_config import load_ft_config
     from crat_ft.registry import register_all
+    from crat_ft.runner import on_rank0
 
     register_all()
     ft = load_ft_config(ft_config, cfg_options)
@@ -182,49 +190,58 @@ def retrain_heads(
         # one run per work dir; under torchrun rank 0 holds the lock, checks the work dir and records the run
         lock = RunLock(work_dir / ".crat-ft.lock", f"--work-dir {work_dir}") if rank == 0 else contextlib.nullcontext()
         with lock:
-            if rank == 0:
+
+            def clean_and_refuse() -> None:
                 for name in (HEADS_FILE, RUN_FILE):
                     clean_stale_temps(work_dir, temp_pattern(work_dir / name))
                 if not resume:
                     refuse_existing_run(work_dir)
+
+            on_rank0(clean_and_refuse)
             return _retrain_locked(
                 ft, ft_config, cache, work_dir, rank=rank, resume=resume, trust_checkpoint=trust_checkpoint
             )
 
 
-RUN_FILE = "run.json"
+RUN_FILE = "run.json"  # crat_ft.run_record.RECORD_FILE
 
 
 def run_artifacts(work_dir: Path) -> list[str]:
     """The files in ``work_dir`` that belong to a retrain-heads run (finished or not)."""
-    names = [RUN_FILE, HEADS_FILE, "last_checkpoint"]
-    found = [n for n in names if (work_dir / n).exists()]
-    return found + sorted(p.name for p in work_dir.glob("iter_*.pth"))
+    from crat_ft.run_record import run_artifacts as artifacts
+
+    return artifacts(work_dir, (HEADS_FILE,))
 
 
 def refuse_existing_run(work_dir: Path) -> None:
     """Without ``--resume`` a work dir must hold no run: its heads and checkpoints would be replaced or mixed."""
-    found = run_artifacts(work_dir)
-    if found:
-        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-        raise UserError(
-            f"--work-dir {work_dir} holds a retrain-heads run ({shown}); pass --resume, or choose a new --work-dir"
-        )
+    from crat_ft.run_record import refuse_existing_run as refuse
+
+    refuse(work_dir, "retrain-heads", (HEADS_FILE,))
 
 
 def run_record(ft: dict, reader, cache, detector_cfg, detector_sha: str, world_size: int) -> dict:
-    """What decides a run's heads: the fine-tune settings, the cache, the detector and the world size.
+    """What decides a run's heads (a :mod:`crat_ft.run_record` record): the fine-tune settings, the
+    donor groups by content, the cache, the detector and the world size.
 
-    A resume must match every entry (:func:`check_resume`); ``cache_path`` is
-    kept for the message only.
+    ``crat.donor_groups`` is read here, once: the settings hold its content's sha256 and ``files`` its
+    path and content, which the run trains with (:func:`build_heads`). A resume must match every entry
+    (:func:`check_resume`); ``cache_path`` is kept for the message only.
     """
     from crat_ft.cache import cache_identity, config_hash
     from crat_ft.config import model_cfg_text
-    from crat_ft.ft_config import run_settings
+    from crat_ft.ft_config import read_donor_groups, run_settings
 
-    settings = run_settings(ft)
+    path = ft["crat"].get("donor_groups")
+    groups = read_donor_groups(path)
+    settings = run_settings(ft, groups)
+    files = {}
+    if groups is not None:
+        files["crat.donor_groups"] = {"path": str(Path(path).resolve()), "content": groups}
     return {
+        "command": "retrain-heads",
         "settings": settings,
+        "files": files,
         "ft_config_hash": config_hash(json.dumps(settings, sort_keys=True)),
         "cache_identity": cache_identity(reader),
         "cache_path": str(Path(cache).resolve()),
@@ -234,62 +251,75 @@ def run_record(ft: dict, reader, cache, detector_cfg, detector_sha: str, world_s
     }
 
 
+def recorded_donor_groups(record: dict) -> dict[str, str] | None:
+    """The donor groups a run record holds (the content of ``crat.donor_groups``); None without groups."""
+    entry = (record.get("files") or {}).get("crat.donor_groups")
+    return entry["content"] if entry else None
+
+
+# the words of a resume check for the entries beside the settings (crat_ft.run_record.check_resume)
+_DESCRIBE = {
+    "cache_identity": lambda old, new: (
+        f"another feature cache ({old.get('cache_path')}) than --cache {new['cache_path']}"
+    ),
+    "detector_sha256": lambda old, new: "another detector checkpoint than the one this cache was made from",
+    "detector_config_hash": lambda old, new: "another detector config (its model section differs)",
+    "world_size": lambda old, new: f"{old.get('world_size')} process(es), this run has {new['world_size']}",
+}
+# not compared: the path is named in messages only, the settings' hash follows the settings
+NOT_COMPARED = ("cache_path", "ft_config_hash")
+
+
+def record_difference(recorded: dict, record: dict) -> str | None:
+    """The first difference between two records of retrain-heads, in the words of :func:`check_resume`;
+    None when the heads of both would be the same."""
+    from crat_ft.run_record import difference_text, first_difference
+
+    found = first_difference(recorded, record, NOT_COMPARED)
+    if found is None:
+        return None
+    what = _DESCRIBE.get(found[0])
+    return what(recorded, record) if what else difference_text(recorded, record, NOT_COMPARED)
+
+
 def check_resume(work_dir: Path, record: dict) -> None:
-    """Refuse a ``--resume`` whose settings, cache or detector differ from the run recorded in ``work_dir``.
+    """Refuse a ``--resume`` whose settings, donor groups, cache or detector differ from the run recorded
+    in ``work_dir`` (:func:`crat_ft.run_record.check_resume`).
 
     A work dir without any run starts afresh; one with a run but no record (an
     older crat-ft, or a copied checkpoint) is refused, since nothing says what
     its checkpoints were trained with.
     """
-    found = run_artifacts(work_dir)
-    if not found:
-        return
-    fix = "rerun with the recorded settings, or choose a new --work-dir"
-    path = work_dir / RUN_FILE
-    if not path.is_file():
-        raise UserError(
-            f"--resume: {work_dir} holds {', '.join(found[:3])} but no {RUN_FILE} saying what they were trained with; "
-            "choose a new --work-dir"
-        )
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--resume: {path} cannot be read ({exc}); choose a new --work-dir") from None
-    old, new = recorded.get("settings", {}), record["settings"]
-    for key in sorted(set(old) | set(new)):
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            raise UserError(
-                f"--resume: {work_dir} was trained with {key}={json.dumps(old.get(key, '<unset>'))}, this run has "
-                f"{key}={json.dumps(new.get(key, '<unset>'))}; {fix}"
-            )
-    checks = (
-        ("cache_identity", f"another feature cache ({recorded.get('cache_path')}) than --cache {record['cache_path']}"),
-        ("detector_sha256", "another detector checkpoint than the one this cache was made from"),
-        ("detector_config_hash", "another detector config (its model section differs)"),
-        ("world_size", f"{recorded.get('world_size')} process(es), this run has {record['world_size']}"),
-    )
-    for key, what in checks:
-        if recorded.get(key) != record[key]:
-            raise UserError(f"--resume: {work_dir} was trained with {what}; {fix}")
+    from crat_ft.run_record import check_resume as check
+
+    check(work_dir, record, (HEADS_FILE,), ignore=NOT_COMPARED, describe=_DESCRIBE)
 
 
 def _retrain_locked(ft: dict, ft_config, cache, work_dir: Path, *, rank: int, resume: bool, trust_checkpoint: bool):
+    from crat_ft.checkpoint import load_checkpoint_file, trusted_loading
     from crat_ft.dist import world_size
-    from crat_ft.files import atomic_write_text
     from crat_ft.progress import output_begins
-    from crat_ft.runner import resume_point, unwrap
+    from crat_ft.run_record import write_record
+    from crat_ft.runner import on_rank0, resume_point, unwrap
 
     reader, det_config, det_ckpt, detector_cfg, detector_state, sha = open_cache_and_detector(
         ft, cache, trust_checkpoint
     )
-    heads = build_heads(ft, reader, detector_cfg, detector_state)
-    loader = build_cache_loader(reader, ft["sampler"], ft["train"]["seed"], ft["train"]["num_workers"], rank)
     record = run_record(ft, reader, cache, detector_cfg, sha, world_size())
+    groups = recorded_donor_groups(record)  # trained with what is recorded, never read again
+    heads = build_heads(ft, reader, detector_cfg, detector_state, groups)
+    loader = build_cache_loader(reader, ft["sampler"], ft["train"]["seed"], ft["train"]["num_workers"], rank)
+
+    def checks() -> Path | None:  # rank 0 checks the work dir; every rank gets its answer
+        if not resume:
+            return None
+        check_resume(work_dir, record)
+        return resume_point(work_dir, trust=trust_checkpoint, command="retrain-heads")
+
+    start = on_rank0(checks)
     if rank == 0:
-        if resume:
-            check_resume(work_dir, record)
         output_begins()
-        atomic_write_text(work_dir / RUN_FILE, json.dumps(record, indent=1, sort_keys=True))
+        write_record(work_dir / RUN_FILE, record)
     if isinstance(reader, list) and any(h.fc_reg is None for h in heads.stages):
         print(
             "retrain-heads: the box regressors are class-agnostic, so they stay as they are and CRAT's box branch "
@@ -297,20 +327,19 @@ def _retrain_locked(ft: dict, ft_config, cache, work_dir: Path, *, rank: int, re
             file=sys.stderr,
             flush=True,
         )
-    start = resume_point(work_dir) if resume else None
     if start is not None:  # mmengine's loop skips the done steps by drawing them: they are not read
-        from crat_ft.checkpoint import load_checkpoint_file
-
-        loader.sampler.skip_steps(int(load_checkpoint_file(start)["meta"]["iter"]))
+        done = load_checkpoint_file(start, trust=trust_checkpoint)["meta"]["iter"]
+        loader.sampler.skip_steps(int(done))
     runner = build_runner(
         heads, loader, ft["train"], work_dir, resume_from=start, name=f"retrain-heads-{Path(ft_config).stem}"
     )
-    runner.train()
+    with trusted_loading(trust_checkpoint):  # the Runner loads the checkpoint it resumes
+        runner.train()
     out = work_dir / HEADS_FILE
     if rank == 0:
         state = {k: v.detach().cpu() for k, v in unwrap(runner.model).state_dict().items()}
         first = reader[0] if isinstance(reader, list) else reader
-        meta = heads_meta(ft, first.meta, det_config, det_ckpt, runner.iter)
+        meta = heads_meta(ft, first.meta, det_config, det_ckpt, runner.iter, groups)
         meta["num_stages"] = len(reader) if isinstance(reader, list) else 1
         meta["run"] = record
         atomic_torch_save({"state_dict": state, "meta": meta}, out)
@@ -442,8 +471,14 @@ def build_runner(
     return runner
 
 
-def heads_meta(ft: dict, cache_meta: dict, det_config, det_ckpt, iteration: int) -> dict:
-    """The provenance a heads file records (export and evaluate read it)."""
+def heads_meta(
+    ft: dict, cache_meta: dict, det_config, det_ckpt, iteration: int, donor_groups: dict[str, str] | None = None
+) -> dict:
+    """The provenance a heads file records (export, evaluate and fisher-neighbors read it).
+
+    ``donor_groups``: ``{class name: group}`` of the cache's classes as the run recorded and trained with
+    them (None without groups): ``fisher-neighbors`` and ``export`` read them here, never from the file.
+    """
     from crat_ft.ft_config import heads_loss_cls
 
     return {
@@ -460,4 +495,24 @@ def heads_meta(ft: dict, cache_meta: dict, det_config, det_ckpt, iteration: int)
         "sampler": dict(ft["sampler"]),
         "export": dict(ft["export"]),
         "iter": iteration,
+        "donor_groups": None if donor_groups is None else {n: donor_groups[n] for n in cache_meta["class_names"]},
     }
+
+
+def planned_record(
+    ft_config: str | os.PathLike,
+    cache: str | os.PathLike,
+    *,
+    cfg_options: Iterable[str] | dict = (),
+    trust_checkpoint: bool = False,
+) -> dict:
+    """The run record :func:`retrain_heads` with these arguments would write (:func:`run_record`); the demo
+    reuses a work dir's heads only when its ``run.json`` has no difference from it (:func:`record_difference`)."""
+    from crat_ft.dist import world_size
+    from crat_ft.ft_config import load_ft_config
+    from crat_ft.registry import register_all
+
+    register_all()
+    ft = load_ft_config(ft_config, cfg_options)
+    reader, _, _, detector_cfg, _, sha = open_cache_and_detector(ft, cache, trust_checkpoint)
+    return run_record(ft, reader, cache, detector_cfg, sha, world_size())

@@ -34,8 +34,14 @@ def train_detector(
     data_root: str | os.PathLike | None = None,
     seed: int | None = None,
     resume: bool = False,
+    trust_checkpoint: bool = False,
 ) -> Path:
     """Train an mmdet detector end to end with mmengine's Runner.
+
+    Steps: resolve the config (``cfg_options``, ``data_root``, ``seed``) and its run record
+    (:func:`detector_record`) → without ``resume``, refuse a work dir holding a run; with it, refuse
+    another record and take the checkpoint ``last_checkpoint`` names → write the record
+    (``run.json``) → train → write ``detector.pth``. A refused run leaves the work dir as it found it.
 
     Args:
         config: mmdet config file.
@@ -43,46 +49,112 @@ def train_detector(
         cfg_options: validated ``key=value`` overrides.
         data_root: LVIS-format data directory (overrides the config's).
         seed: training seed (overrides ``randomness.seed``).
-        resume: continue from the last checkpoint in ``work_dir``.
+        resume: continue the run in ``work_dir`` (its settings must be this run's).
+        trust_checkpoint: unpickle the work dir's checkpoints (and ``load_from``) beyond the allow-list.
 
     Returns:
-        ``work_dir/detector.pth``: the final weights with class names in its
+        ``work_dir/detector.pth``: the final weights with class names and the run record in its
         meta, written only when training finished.
     """
-    from crat_ft.config import prepare_config
     from crat_ft.files import output_dir
     from crat_ft.registry import register_all
 
     register_all()
-    cfg = prepare_config(config, cfg_options, data_root, ("train_dataloader", "val_dataloader", "test_dataloader"))
+    cfg = detector_train_config(config, cfg_options, data_root, seed)
     with output_dir(work_dir, "--work-dir") as work_dir:
-        return _train_in(cfg, work_dir, seed, resume)
+        return _train_in(cfg, work_dir, resume, trust_checkpoint)
 
 
-def _train_in(cfg, work_dir: Path, seed: int | None, resume: bool) -> Path:
+def detector_train_config(config, cfg_options=(), data_root=None, seed: int | None = None):
+    """The config ``train-detector`` trains with: ``cfg_options`` and ``data_root`` applied, class names
+    filled in, ``randomness.seed`` set to ``seed`` (when given)."""
+    from crat_ft.config import prepare_config
+
+    cfg = prepare_config(config, cfg_options, data_root, ("train_dataloader", "val_dataloader", "test_dataloader"))
+    if seed is not None:  # randomness.deterministic (mmengine: torch's deterministic algorithms) as configured
+        cfg.randomness = dict(seed=seed, deterministic=bool((cfg.get("randomness") or {}).get("deterministic", False)))
+    return cfg
+
+
+def detector_record(cfg) -> dict:
+    """What decides a stage-1 detector's weights (a :mod:`crat_ft.run_record` record).
+
+    ``settings``: the resolved config (:func:`detector_train_config`) less
+    ``OPERATIONAL_KEYS["train-detector"]``; ``inputs``: the training data's annotation files and the
+    ``load_from`` checkpoint by sha256 (their paths under ``paths``); ``world_size``: the processes
+    (each takes its own batch).
+    """
+    from crat_ft.config import ann_file_of
+    from crat_ft.dist import world_size
+    from crat_ft.files import sha256_file
+    from crat_ft.run_record import OPERATIONAL_KEYS, data_identity, flat_settings
+
+    tree = cfg.to_dict()
+    settings = flat_settings(tree, OPERATIONAL_KEYS["train-detector"])
+    annotations = [str(ann_file_of(ds)) for ds in _datasets_of(cfg.train_dataloader.dataset)]
+    load_from = cfg.get("load_from")
+    local = load_from if load_from and "://" not in str(load_from) else None
+    inputs = {"data": data_identity(annotations), "load_from": load_from}
+    if local is not None:
+        if not Path(local).is_file():
+            raise UserError(f"load_from: {local} does not exist; check the config's load_from")
+        inputs["load_from"] = "sha256:" + sha256_file(local)
+    return {
+        "command": "train-detector",
+        "settings": settings,
+        "inputs": inputs,
+        "paths": {"data": annotations, "load_from": load_from},
+        "world_size": world_size(),
+    }
+
+
+def _datasets_of(ds) -> list:
+    """The dataset dicts that hold an ``ann_file`` under a dataset config (wrappers and concatenations walked)."""
+    if "ann_file" in ds:
+        return [ds]
+    inner = ds.get("datasets") or ([ds["dataset"]] if "dataset" in ds else [])
+    return [d for sub in inner for d in _datasets_of(sub)]
+
+
+def _train_in(cfg, work_dir: Path, resume: bool, trust_checkpoint: bool) -> Path:
     from mmengine.runner import Runner
 
-    from crat_ft.dist import distributed_runner_cfg
+    from crat_ft.checkpoint import trusted_loading
+    from crat_ft.dist import distributed_runner_cfg, rank
+    from crat_ft.files import clean_stale_temps, temp_pattern
     from crat_ft.hooks import ConsoleProgressHook, NonFiniteGuardHook
     from crat_ft.progress import output_begins
-    from crat_ft.runner import resume_point, unique_names, unwrap
+    from crat_ft.run_record import RECORD_FILE, check_resume, refuse_existing_run, write_record
+    from crat_ft.runner import on_rank0, resume_point, unique_names, unwrap
 
+    record = detector_record(cfg)
+
+    def checks() -> Path | None:  # rank 0 checks the work dir; every rank gets its answer
+        for name in (DETECTOR_FILE, RECORD_FILE):
+            clean_stale_temps(work_dir, temp_pattern(work_dir / name))
+        if not resume:
+            refuse_existing_run(work_dir, "train-detector", (DETECTOR_FILE,))
+            return None
+        check_resume(work_dir, record, (DETECTOR_FILE,))
+        return resume_point(work_dir, trust=trust_checkpoint, command="train-detector")
+
+    start = on_rank0(checks)
     cfg.work_dir = str(work_dir)
-    # resume from the newest loadable checkpoint of the work dir; without one, start
-    # afresh (from the config's own load_from, if any)
-    start = resume_point(work_dir) if resume else None
+    # resume from the checkpoint last_checkpoint names; without one, start afresh (from the config's own
+    # load_from, if any)
     cfg.resume = start is not None
     if start is not None:
         cfg.load_from = str(start)
-    if seed is not None:  # randomness.deterministic (mmengine: torch's deterministic algorithms) as configured
-        cfg.randomness = dict(seed=seed, deterministic=bool((cfg.get("randomness") or {}).get("deterministic", False)))
     unique_names(cfg, "train-detector")
     distributed_runner_cfg(cfg)  # under torchrun: DDP over every rank, mmengine's samplers split the data
     output_begins()
-    runner = Runner.from_cfg(cfg)
-    runner.register_hook(NonFiniteGuardHook(), "VERY_HIGH")
-    runner.register_hook(ConsoleProgressHook("train-detector"))
-    runner.train()
+    if rank() == 0:
+        write_record(work_dir / RECORD_FILE, record)
+    with trusted_loading(trust_checkpoint):  # the Runner loads load_from, or the checkpoint it resumes
+        runner = Runner.from_cfg(cfg)
+        runner.register_hook(NonFiniteGuardHook(), "VERY_HIGH")
+        runner.register_hook(ConsoleProgressHook("train-detector"))
+        runner.train()
     model = unwrap(runner.model)
     out = work_dir / DETECTOR_FILE
     if runner.rank != 0:  # DDP keeps every rank's weights equal; rank 0 writes them
@@ -92,6 +164,7 @@ def _train_in(cfg, work_dir: Path, seed: int | None, resume: bool) -> Path:
         "dataset_meta": {"classes": list(runner.train_dataloader.dataset.metainfo["classes"])},
         "iter": runner.iter,
         "cfg": cfg.pretty_text,
+        "run": record,
     }
     atomic_torch_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}, out)
     runner.logger.info(f"final detector weights: {out}")

@@ -114,17 +114,20 @@ def test_plugin_refuses_what_it_cannot_transfuse():
 @pytest.mark.slow
 def test_plugin_trains_with_mmdet_checkpoints_its_statistics_and_exports_to_stock_mmdet(tiny_data, tmp_path):
     work = tmp_path / "e2e"
-    r = run_cli("train-detector", demo_config(E2E), "--work-dir", work, "--data-root", tiny_data, "--seed", 0,
-                "--cfg-options", *TINY_TRAIN_OPTIONS)  # fmt: skip
+    args = ["train-detector", demo_config(E2E), "--work-dir", work, "--data-root", tiny_data, "--seed", 0,
+            "--cfg-options", *TINY_TRAIN_OPTIONS, "train_cfg.max_iters=6", "default_hooks.checkpoint.interval=2"]  # fmt: skip
+    r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     logs = "".join(p.read_text() for p in work.rglob("*.log"))
     assert "loss_bbox_transfusion" in logs and "loss_mask_transfusion" in logs
     state = torch.load(work / "iter_4.pth", weights_only=False)["state_dict"]
     for key in ("roi_head.bbox_head.box_stats", "roi_head.mask_head.mask_stats"):
         assert state[f"{key}.seen"].sum() > 0 and state[f"{key}.fisher"].abs().sum() > 0
-    # --resume restores the statistics and goes on
-    r = run_cli("train-detector", demo_config(E2E), "--work-dir", work, "--data-root", tiny_data, "--seed", 0,
-                "--resume", "--cfg-options", "train_cfg.max_iters=6", "default_hooks.checkpoint.interval=2")  # fmt: skip
+    # killed after iter_4: --resume (with the same settings) restores the statistics and goes on
+    (work / "detector.pth").unlink()
+    (work / "iter_6.pth").unlink()
+    (work / "last_checkpoint").write_text(str(work / "iter_4.pth"))
+    r = run_cli(*args, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed" in (r.stderr + "".join(p.read_text() for p in work.rglob("*.log"))).lower()
     later = torch.load(work / "iter_6.pth", weights_only=False)["state_dict"]

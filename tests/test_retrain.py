@@ -515,7 +515,7 @@ def test_group_softmax_heads_export_with_their_config(tiny_cache, tiny_detector,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert set(metrics) == {"bbox", "segm", "fixed"} and 0 <= metrics["bbox"]["AP"] <= 1
+    assert set(metrics) == {"bbox", "segm", "fixed", "matches"} and 0 <= metrics["bbox"]["AP"] <= 1
     # without that config, mmdet's softmax head cannot take the merged classifier
     with pytest.raises(RuntimeError, match="size mismatch"):
         from mmengine.runner import load_checkpoint
@@ -699,7 +699,7 @@ def test_gallery_box_ious_and_gt_mask_by_hand():
 
 
 def test_donor_groups_restrict_transfusion_to_a_group(tmp_path):
-    from crat_ft.ft_config import CratConfig
+    from crat_ft.ft_config import CratConfig, read_donor_groups
     from crat_ft.heads import ClasswiseHeads
     from crat_ft.transfusion import FisherStats, transfusion_weights
 
@@ -710,7 +710,8 @@ def test_donor_groups_restrict_transfusion_to_a_group(tmp_path):
         bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]),
         loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
     )  # fmt: skip
-    heads = ClasswiseHeads(crat=CratConfig(donor_groups=str(groups), frequency_gate=True), **kwargs,
+    crat = CratConfig(donor_groups=str(groups), frequency_gate=True)
+    heads = ClasswiseHeads(crat=crat, donor_groups=read_donor_groups(groups), **kwargs,
                            class_instance_count=[50, 40, 5, 4])  # fmt: skip
     allowed = heads._allowed(torch.tensor([0, 1, 2]))
     # same group and (frequency gate) rarer than the donor
@@ -720,9 +721,12 @@ def test_donor_groups_restrict_transfusion_to_a_group(tmp_path):
     w = transfusion_weights(torch.ones(2, 2), stats, torch.tensor([0, 1]), 0.05, allowed=allowed[:2])
     assert w.tolist() == [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
     assert ClasswiseHeads(crat=CratConfig(), **kwargs)._allowed(torch.tensor([0])) is None
+    # the heads transfuse within the groups they are given (the run's record), never reading the file
+    groups.write_text(json.dumps({"a_cup": "x", "b_cup": "y", "a_dog": "x", "b_dog": "y"}))
+    assert heads._allowed(torch.tensor([0])).tolist() == [[False, False, True, False]]
 
     groups.write_text(json.dumps({"a_cup": "cup"}))
     with pytest.raises(UserError, match=r"has no group for class 'a_dog' \(3 missing\); give every class"):
-        ClasswiseHeads(crat=CratConfig(donor_groups=str(groups)), **kwargs)
+        ClasswiseHeads(crat=CratConfig(donor_groups=str(groups)), donor_groups=read_donor_groups(groups), **kwargs)
     with pytest.raises(UserError, match=r"crat.donor_groups: cannot read .*nope.json"):
-        ClasswiseHeads(crat=CratConfig(donor_groups=str(tmp_path / "nope.json")), **kwargs)
+        read_donor_groups(tmp_path / "nope.json")
