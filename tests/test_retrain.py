@@ -1,6 +1,7 @@
 """retrain-heads, resume, DDP statistics, export round trip, configs and guards."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -54,6 +55,10 @@ def test_resume_ends_identical(crat_run, tiny_cache, tmp_path):
     (work / "last_checkpoint").write_text(str(work / "iter_3.pth"))
     r = run_cli(*retrain_args(tiny_cache, work), "--resume", "--cfg-options", *_heads_options())
     assert r.returncode == 0, r.stderr[-3000:]
+    # it resumed: the first iteration it logged is the 4th (a run from scratch ends identical on a CPU too)
+    logs = "".join(p.read_text() for p in work.rglob("*.log"))
+    logged = [int(i) for i in re.findall(r"Iter\(train\) \[\s*(\d+)/6\]", logs)]
+    assert logged and min(logged) == 4, logged
     a = torch.load(crat_run / "heads.pth", weights_only=True)["state_dict"]
     b = torch.load(work / "heads.pth", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
