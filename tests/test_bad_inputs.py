@@ -8,6 +8,7 @@ message, and leave every file as it was: no input changed, no output written.
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def _refused(args, pattern: str, root: Path) -> None:
     lines = r.stderr.splitlines()
     assert r.returncode == 2, (args, r.returncode, r.stderr[-3000:])
     assert len(lines) == 1 and lines[0].startswith("crat-ft: error: "), r.stderr[-3000:]
-    assert __import__("re").search(pattern, lines[0]), (pattern, lines[0])
+    assert re.search(pattern, lines[0]), (pattern, lines[0])
     assert _tree(root) == before and not (root / "out").exists(), "an input changed or an output was written"
 
 
