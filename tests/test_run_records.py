@@ -6,7 +6,6 @@ Each refusal asserts the one error line, the exit code and the md5 of every file
 """
 
 import datetime
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_refusals import _error_line, _files
 
 from conftest import TINY_TRAIN_OPTIONS, demo_config_path, retrain_args, run_cli
 from crat_ft.errors import UserError
@@ -31,21 +31,6 @@ HEADS_OPTIONS = [
 ]
 
 
-def _files(root: Path) -> dict[str, str]:
-    """md5 of every file under ``root``, by relative path."""
-    return {
-        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _error_line(r) -> str:
-    """The single stderr line of a refused command (exit code 2)."""
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("crat-ft: error: "), r.stderr[-3000:]
-    return lines[0]
 
 
 def _save(path: Path, iteration: int, **meta) -> None:
