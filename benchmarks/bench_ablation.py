@@ -15,7 +15,8 @@ Arms (CRAT's settings are the paper's everywhere: lambda_box 0.001, lambda_mask 
 Modes: ``e2e``, the demo detector trained by mmdet with the arm's heads (the plugin heads,
 ``configs/demo/mask-rcnn_r18_fpn_tiny_crat-e2e_synthetic.py``; the transfusion gradient also reaches the
 shared trunk); ``decoupled``, the ``plain`` e2e detector of the seed, its RoI features cached, and the
-class-wise layers retrained from the cache with the arm (the demo's fine-tune configs).
+class-wise layers retrained from the cache with the arm (the demo's fine-tune configs): the runs of
+``crat-ft ablate configs/ablate/crat_controls.py`` with the seed (:func:`crat_ft.ablate.run_ablation`).
 
 Benchmarks and seeds:
 
@@ -55,7 +56,7 @@ Each seed's arms are trained one after another, then evaluated side by side
 when its run record (``crat_ft.run_record``) matches what this run would write; otherwise it is redone,
 with the stages that depend on it, and the console says why (as ``crat-ft demo`` does). Every run
 writes, as it ends, ``ROOT/<benchmark>/<mode>/s<seed>/<arm>/``: ``arm.json`` (the config and
-``--cfg-options`` it was trained with, its training time), ``metrics.json`` (LVIS bbox/segm), the
+``--cfg-options`` it was trained with and its time; decoupled, as ``crat-ft ablate`` records them), ``metrics.json`` (LVIS bbox/segm), the
 matches ``crat-ft compare`` resamples (``metrics_matches_*.npz``), ``errors.json`` (``crat-ft
 analyze-errors``: the error decomposition and class-oracle AP) with the class-oracle matches
 (``oracle_matches_*.npz``), ``mass.json`` (``crat`` only: the measured ratios) and, outside git,
@@ -73,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -105,18 +107,13 @@ def stage1_options(iters: int) -> list[str]:
     return demo_schedule(iters)
 
 
-def _mass(work: Path) -> dict:
-    """Mean of the logged ``mass_box`` / ``mass_mask`` windows of a run's mmengine scalars."""
-    sums: dict[str, list] = {}
-    for path in work.glob("*/vis_data/scalars.json"):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            for key, value in rec.items():
-                if key.endswith("mass_box") or key.endswith("mass_mask"):
-                    sums.setdefault(key.split(".")[-1], []).append(value)
-    if not sums:
-        raise RuntimeError(f"{work}: no mass_box / mass_mask in its logs; was crat.log_mass on?")
-    return {k: sum(v) / len(v) for k, v in sums.items()}
+@functools.cache
+def decoupled_arms():
+    """The decoupled arms: the ARMS file of ``crat-ft ablate`` (:func:`crat_ft.ablate_arms.load_arms`)."""
+    from crat_ft.ablate_arms import load_arms
+    from crat_ft.paths import config_root
+
+    return load_arms(config_root() / "ablate" / "crat_controls.py")
 
 
 def arm_settings(
@@ -148,12 +145,10 @@ def arm_settings(
         return E2E_CONFIG, s1 + [f"{h}.donors={DONORS[arm]}" for h in HEADS] + [
             f"{h}.log_mass={arm == 'crat'}" for h in HEADS
         ]
-    if arm == "plain":
-        return "baseline_synthetic.py", []
-    if arm == "loss-mass":
-        return "baseline_synthetic.py", [f"heads.loss_bbox_weight={1 + mass['mass_box']}",
-                                         f"heads.loss_mask_weight={1 + mass['mass_mask']}"]  # fmt: skip
-    return "crat_synthetic.py", [f"crat.donors={DONORS[arm]}", f"crat.log_mass={arm == 'crat'}"]
+    chosen = decoupled_arms().arm(arm)  # what `crat-ft ablate configs/ablate/crat_controls.py` runs
+    options = chosen.options({"crat": mass} if mass else {}, 0)
+    options.pop("train.seed")
+    return chosen.ft_config.name, [f"{k}={v}" for k, v in options.items()]
 
 
 def _say(msg: str) -> None:
@@ -171,122 +166,111 @@ def _data(root: Path, bench: str, seed: int) -> Path:
     return data
 
 
-def _train(root: Path, bench: str, mode: str, seed: int, arm: str, data: Path, stage1_iters: int, log) -> dict:
-    """Train one arm: each stage (detector, cache, heads) is reused only when its run record matches what
-    this run would write, else redone (``crat_ft.demo.run_stage``); returns the evaluation job of
-    :func:`crat_ft.demo.evaluate_stages`."""
-    from crat_ft.cache import INDEX_FILE
+def _detector_stage(config: Path, options: list[str], work: Path, what: str, data: Path, seed: int, log) -> Path:
+    """Train a detector, or reuse it when its run record matches (``crat_ft.demo.run_stage``)."""
     from crat_ft.demo import run_stage
-    from crat_ft.extract import extract_features, planned_settings, recorded_settings
-    from crat_ft.lvis_json import categories_with_counts, load_lvis_json
-    from crat_ft.paths import demo_config
-    from crat_ft.retrain import HEADS_FILE, planned_record, record_difference, retrain_heads
-    from crat_ft.roi_policy import RoIPolicy
-    from crat_ft.run_record import RECORD_FILE, difference_text, read_record
+    from crat_ft.run_record import RECORD_FILE, read_record
     from crat_ft.stage1 import DETECTOR_FILE, detector_record, detector_train_config, train_detector
 
-    seed_dir = root / bench / mode / f"s{seed}"
+    with contextlib.redirect_stdout(log):
+        wanted = detector_record(detector_train_config(config, options, data, seed))
+    run_stage(
+        what, work, work / DETECTOR_FILE, wanted, read_record(work / RECORD_FILE),
+        lambda resume: train_detector(config, work, cfg_options=options, data_root=data, seed=seed, resume=resume),
+        log=log,
+    )  # fmt: skip
+    return work / DETECTOR_FILE
+
+
+def _train(root: Path, bench: str, seed: int, arm: str, data: Path, stage1_iters: int, log) -> dict:
+    """Train one arm end to end, or reuse it when its run record matches what this run would write
+    (``crat_ft.demo.run_stage``); returns the evaluation job of :func:`crat_ft.demo.evaluate_stages`."""
+    from crat_ft.ablate import MASS_FILE, measured_mass
+    from crat_ft.lvis_json import categories_with_counts, load_lvis_json
+    from crat_ft.paths import demo_config
+
+    seed_dir = root / bench / "e2e" / f"s{seed}"
     out = seed_dir / arm
-    mass = json.loads((seed_dir / "crat" / "mass.json").read_text()) if arm == "loss-mass" else None
+    mass = json.loads((seed_dir / "crat" / MASS_FILE).read_text()) if arm == "loss-mass" else None
     counts = None
-    if mode == "e2e" and "frequency_gate" in IMPROVEMENTS.get(arm, {}):
+    if "frequency_gate" in IMPROVEMENTS.get(arm, {}):
         train = load_lvis_json(data / "annotations" / "lvis_v1_train.json")
         counts = [int(c["instance_count"]) for c in categories_with_counts(train)]
-    config_name, options = arm_settings(mode, arm, mass, stage1_iters, counts)
-    where = f"{bench} {mode} seed {seed}"
-
-    def detector_stage(config: Path, options: list[str], work: Path, what: str) -> Path:
-        with contextlib.redirect_stdout(log):
-            wanted = detector_record(detector_train_config(config, options, data, seed))
-        run_stage(
-            what, work, work / DETECTOR_FILE, wanted, read_record(work / RECORD_FILE),
-            lambda resume: train_detector(config, work, cfg_options=options, data_root=data, seed=seed, resume=resume),
-            log=log,
-        )  # fmt: skip
-        return work / DETECTOR_FILE
-
+    config_name, options = arm_settings("e2e", arm, mass, stage1_iters, counts)
     t0 = time.time()
-    if mode == "e2e":
-        config = demo_config(config_name)
-        detector, heads = detector_stage(config, options, out, f"{where}: training {arm}"), None
-        eval_options = options
-    else:
-        plain_config, plain_options = arm_settings("e2e", "plain", None, stage1_iters)
-        config = demo_config(plain_config)
-        plain = root / bench / "e2e" / f"s{seed}" / "plain"
-        detector = detector_stage(config, plain_options, plain, f"{where}: training the e2e plain detector")
-        cache = seed_dir / "cache" / INDEX_FILE
-        policy = RoIPolicy(seed=seed, mask_pos_per_class=200)
-        with contextlib.redirect_stdout(log):
-            wanted = planned_settings(config, detector, data_root=data, policy=policy)
-        run_stage(
-            f"{where}: extracting the cache", cache.parent, cache, wanted,
-            recorded_settings(cache.parent) if cache.parent.is_dir() else None,
-            lambda resume: extract_features(config, detector, cache.parent, data_root=data, policy=policy,
-                                            resume=resume),
-            differ=lambda old, new: difference_text({"settings": old}, {"settings": new}), log=log,
-        )  # fmt: skip
-        heads = out / HEADS_FILE
-        heads_options = [f"train.seed={seed}", *options]
-        with contextlib.redirect_stdout(log):
-            wanted = planned_record(demo_config(config_name), cache, cfg_options=heads_options)
-        run_stage(
-            f"{where}: retraining {arm}", out, heads, wanted, read_record(out / RECORD_FILE),
-            lambda resume: retrain_heads(demo_config(config_name), cache, out, cfg_options=heads_options,
-                                         resume=resume),
-            differ=record_difference, log=log,
-        )  # fmt: skip
-        eval_options = []
-    if arm == "crat" and not (out / "mass.json").exists():
-        (out / "mass.json").write_text(json.dumps(_mass(out)))
+    config = demo_config(config_name)
+    detector = _detector_stage(config, options, out, f"{bench} e2e seed {seed}: training {arm}", data, seed, log)
+    if arm == "crat" and not (out / MASS_FILE).exists():
+        (out / MASS_FILE).write_text(json.dumps(measured_mass(out)))
     if not (out / "arm.json").exists():
-        record = dict(benchmark=bench, mode=mode, seed=seed, arm=arm, config=config_name, cfg_options=options,
+        record = dict(benchmark=bench, mode="e2e", seed=seed, arm=arm, config=config_name, cfg_options=options,
                       stage1_iters=stage1_iters, train_s=round(time.time() - t0, 1))  # fmt: skip
         (out / "arm.json").write_text(json.dumps(record, indent=1))
-    return dict(config=config, checkpoint=detector, out=out / "metrics.json", data_root=data, heads=heads,
-                cfg_options=eval_options, outfile_prefix=out / "results")  # fmt: skip
+    return dict(config=config, checkpoint=detector, out=out / "metrics.json", data_root=data, heads=None,
+                cfg_options=options, outfile_prefix=out / "results")  # fmt: skip
 
 
-def analyze_arm(out: Path, gt_doc: dict) -> None:
-    """``errors.json`` and the class-oracle matches (``oracle_matches_<iou>.npz``) of one evaluated arm."""
-    from crat_ft.detections import Detections
-    from crat_ft.error_analysis import analyze_errors
-    from crat_ft.evaluation import load_results_file
+def _decoupled(root: Path, bench: str, seed: int, data: Path, stage1_iters: int, log) -> None:
+    """The decoupled arms of one seed: the seed's ``plain`` e2e detector and its cache (each reused only when
+    its run record matches), then ``crat-ft ablate``'s runs of ``configs/ablate/crat_controls.py`` with this
+    seed (:func:`crat_ft.ablate.run_ablation`: retraining, evaluation side by side, error analysis)."""
+    from crat_ft.ablate import run_ablation
+    from crat_ft.demo import run_stage
+    from crat_ft.extract import extract_features, planned_settings, recorded_settings
+    from crat_ft.paths import demo_config
+    from crat_ft.roi_policy import RoIPolicy
+    from crat_ft.run_record import difference_text
 
-    dets = Detections.from_dicts(load_results_file(out / "results.segm.json"), masks=True)
-    errors = {}
-    for iou in IOUS:
-        tables: dict = {}
-        errors[iou] = analyze_errors(gt_doc, dets, iou, tables=tables)
-        tables["oracle"].save(out / f"oracle_matches_{iou}.npz")
-    (out / "errors.json").write_text(json.dumps(errors, indent=1))
+    where = f"{bench} decoupled seed {seed}"
+    plain_config, plain_options = arm_settings("e2e", "plain", None, stage1_iters)
+    config = demo_config(plain_config)
+    plain = root / bench / "e2e" / f"s{seed}" / "plain"
+    detector = _detector_stage(config, plain_options, plain, f"{where}: training the e2e plain detector", data, seed,
+                               log)  # fmt: skip
+    cache = root / bench / "decoupled" / f"s{seed}" / "cache"
+    policy = RoIPolicy(seed=seed, mask_pos_per_class=200)
+    with contextlib.redirect_stdout(log):
+        wanted = planned_settings(config, detector, data_root=data, policy=policy)
+    run_stage(
+        f"{where}: extracting the cache", cache, cache / "index.h5", wanted,
+        recorded_settings(cache) if cache.is_dir() else None,
+        lambda resume: extract_features(config, detector, cache, data_root=data, policy=policy, resume=resume),
+        differ=lambda old, new: difference_text({"settings": old}, {"settings": new}), log=log,
+    )  # fmt: skip
+    run_ablation(decoupled_arms().path, cache, root / bench / "decoupled", seeds=[seed], data_root=data, tables=False,
+                 log=log)  # fmt: skip
 
 
 def run_seed(root: Path, bench: str, mode: str, seed: int, stage1_iters: int, log, arms=TRAIN_ORDER) -> None:
-    """Train ``arms`` (in order) of one seed and mode, evaluate them side by side, analyse their errors.
+    """Train ``arms`` (in order) of one seed and mode, evaluate them side by side, analyse their errors
+    (decoupled: the arms of ``configs/ablate/crat_controls.py``, by :func:`_decoupled`).
 
     Every stage is reused only when its run record matches what this run would write (an arm trained or
     evaluated with other settings, or by an older crat-ft that recorded none, is redone).
     """
+    from crat_ft.ablate import analyze_arm
     from crat_ft.demo import EVALUATION_RECORD, evaluate_stages
     from crat_ft.lvis_json import load_lvis_json
 
     data = _data(root, bench, seed)
     seed_dir = root / bench / mode / f"s{seed}"
-    jobs = {}
+    if mode == "decoupled":
+        _decoupled(root, bench, seed, data, stage1_iters, log)
+        arms = [a.name for a in decoupled_arms().arms]
+    else:
+        jobs = {arm: _train(root, bench, seed, arm, data, stage1_iters, log) for arm in arms}
+        t0 = time.time()
+        stamps = {arm: _mtime(seed_dir / arm / EVALUATION_RECORD) for arm in arms}
+        evaluate_stages(jobs, data, log)
+        _say(f"{bench} {mode} seed {seed}: evaluations checked in {time.time() - t0:.0f} s")
+        gt_doc = None
+        for arm in arms:
+            out = seed_dir / arm
+            if not (out / "errors.json").exists() or _mtime(out / EVALUATION_RECORD) != stamps[arm]:
+                gt_doc = gt_doc or load_lvis_json(data / "annotations" / "lvis_v1_val.json")
+                analyze_arm(out, gt_doc)
     for arm in arms:
-        jobs[arm] = _train(root, bench, mode, seed, arm, data, stage1_iters, log)
-    t0 = time.time()
-    stamps = {arm: _mtime(seed_dir / arm / EVALUATION_RECORD) for arm in arms}
-    evaluate_stages(jobs, data, log)
-    _say(f"{bench} {mode} seed {seed}: evaluations checked in {time.time() - t0:.0f} s")
-    gt_doc = None
-    for arm in arms:
-        out = seed_dir / arm
-        if not (out / "errors.json").exists() or _mtime(out / EVALUATION_RECORD) != stamps[arm]:
-            gt_doc = gt_doc or load_lvis_json(data / "annotations" / "lvis_v1_val.json")
-            analyze_arm(out, gt_doc)
-        m = json.loads((out / "metrics.json").read_text())
+        m = json.loads((seed_dir / arm / "metrics.json").read_text())
         _say(f"{bench} {mode} seed {seed} {arm}: bbox AP {100 * m['bbox']['AP']:.1f} APr {100 * m['bbox']['APr']:.1f}"
              f"  segm AP {100 * m['segm']['AP']:.1f} APr {100 * m['segm']['APr']:.1f}")  # fmt: skip
 

@@ -703,6 +703,28 @@ def demo(work_dir, seed, e2e, detector_iters, heads_iters, variant, sharing, tra
     )
 
 
+@cli.command()
+@click.argument("arms", type=click.Path())
+@click.option("--cache", required=True, type=click.Path(), help="Feature cache (directory or index.h5).")
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False),
+              help="s<seed>/<arm>/ per run, ablation.md / .json / .png, ablate.log.")  # fmt: skip
+@click.option("--seeds", default="0,1,2", show_default=True, metavar="S1,S2,...",
+              help="Retraining seeds (train.seed): every arm runs once per seed, and the intervals pool them.")  # fmt: skip
+@click.option(
+    "--data-root", type=click.Path(), default=None, help="LVIS-format data holding the val split (default: the config's)."
+)
+@click.option("--reference", default=None, metavar="NAME", help="The arm the others are compared with (default: the ARMS file's).")
+def ablate(arms, cache, work_dir, seeds, data_root, reference):
+    """Does a recipe help on this detector? Retrain and evaluate every arm of ARMS (a Python file: see
+    configs/ablate/) once per seed from the cache, and compare each with the reference, with intervals.
+
+    A rerun with the same command continues a killed ablation; an arm whose definition changed is refused.
+    """
+    from crat_ft.ablate import run_ablation
+
+    run_ablation(arms, cache, work_dir, seeds=_int_list(seeds, "--seeds"), data_root=data_root, reference=reference)
+
+
 def main():
     """The console script: every failure, click's own usage errors included, is one ``crat-ft: error:`` line."""
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker runs in a session of its own: end with torchrun

@@ -447,6 +447,8 @@ def run_demo(
     _say(
         f"total {time.time() - t_start:.0f} s; summary {work_dir / 'summary.json'}, plots and rare_fisher_neighbors.txt in {work_dir}"
     )
+    _say(f"CRAT against its controls over seeds: crat-ft ablate {demo_config().parents[1] / 'ablate' / 'crat_controls.py'} "
+         f"--cache {cache.parent} --data-root {data} --work-dir {work_dir / 'ablate'}")  # fmt: skip
     return summary
 
 
