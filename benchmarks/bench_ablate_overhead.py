@@ -94,9 +94,36 @@ def main() -> None:
             diff = max(diff, *(abs(a[iou][k] - b[iou][k]) for iou in ("bbox", "segm") for k in a[iou]))
     print(f"{len(spec.arms)} arms x {len(seeds)} seed(s) on {cache}:")
     print(f"  by hand (retrain-heads + evaluate per run): {hand:.0f} s")
-    print(f"  crat-ft ablate: {ablate:.0f} s = {ablate / hand:.2f}x by hand (target <= 1.05x); {ablate / runs:.0f} s per arm")
+    print(
+        f"  crat-ft ablate: {ablate:.0f} s = {ablate / hand:.2f}x by hand (target <= 1.05x); {ablate / runs:.0f} s per arm"
+    )
     print(f"  crat-ft ablate again on the finished work dir (checks and tables): {again:.0f} s")
     print(f"  largest metric difference, by hand vs ablate: {diff:.2e}")
+    table = json.loads((work / "ablation.json").read_text())
+    for arm in spec.arms:
+        times = [table["runs"][arm.name][str(s)]["seconds"] for s in seeds]
+        shown = ", ".join(
+            f"{k} {sum(t.get(k, 0.0) for t in times) / len(times):.0f} s" for k in ("retrain", "evaluate")
+        )
+        print(f"  ablate, {arm.name}: {shown} (mean per seed; evaluate: its share of the side-by-side evaluations)")
+    print(f"  the table equals `crat-ft compare` by hand: {table_equals_compare(table, work, det.gt, seeds, args.out)}")
+
+
+def table_equals_compare(table: dict, work: Path, gt: Path, seeds: list[int], out: Path) -> str:
+    """Every row's ΔAP entries against ``crat-ft compare`` (``--seeds`` with several) run on the same runs."""
+    checked = []
+    for i, row in enumerate(table["rows"]):
+        where = "s{seed}" if len(seeds) > 1 else f"s{seeds[0]}"
+        extra = ["--seeds", ",".join(map(str, seeds))] if len(seeds) > 1 else []
+        crat_ft(
+            "compare", gt, work / where / row["a"], work / where / row["b"], *extra, "--out", out / f"compare{i}.json"
+        )
+        by_hand = json.loads((out / f"compare{i}.json").read_text())
+        for iou, delta in row["delta"].items():
+            if delta != {k: by_hand[iou][k] for k in delta}:
+                return f"NO, row {row['b']} - {row['a']} {iou}: {delta} vs {by_hand[iou]}"
+        checked.append(f"{row['b']} - {row['a']} APr {100 * row['delta']['bbox']['APr']['delta']:+.2f}")
+    return f"yes, all {len(checked)} rows ({'; '.join(checked)})"
 
 
 if __name__ == "__main__":

@@ -711,9 +711,14 @@ def demo(work_dir, seed, e2e, detector_iters, heads_iters, variant, sharing, tra
 @click.option("--seeds", default="0,1,2", show_default=True, metavar="S1,S2,...",
               help="Retraining seeds (train.seed): every arm runs once per seed, and the intervals pool them.")  # fmt: skip
 @click.option(
-    "--data-root", type=click.Path(), default=None, help="LVIS-format data holding the val split (default: the config's)."
+    "--data-root",
+    type=click.Path(),
+    default=None,
+    help="LVIS-format data holding the val split (default: the config's).",
 )
-@click.option("--reference", default=None, metavar="NAME", help="The arm the others are compared with (default: the ARMS file's).")
+@click.option(
+    "--reference", default=None, metavar="NAME", help="The arm the others are compared with (default: the ARMS file's)."
+)
 def ablate(arms, cache, work_dir, seeds, data_root, reference):
     """Does a recipe help on this detector? Retrain and evaluate every arm of ARMS (a Python file: see
     configs/ablate/) once per seed from the cache, and compare each with the reference, with intervals.

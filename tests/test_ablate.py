@@ -58,7 +58,10 @@ def _run(args, nproc: int = 1) -> subprocess.CompletedProcess:
 
 def _rows(work: Path) -> list[dict]:
     """The comparisons of ``W/ablation.json`` without their times."""
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((work / "ablation.json").read_text())["rows"]]
+    return [
+        {k: v for k, v in row.items() if k != "seconds"}
+        for row in json.loads((work / "ablation.json").read_text())["rows"]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +94,10 @@ def test_the_table_equals_compare_by_hand(ablated, tiny_data, tmp_path):
         assert row["oracle"][iou]["AP"]["a"] > 0  # the class-oracle AP is measured
     for arm in ("plain", "crat"):
         for s in (0, 1):
-            assert table["runs"][arm][str(s)]["metrics"]["bbox"] == json.loads(
-                (work / f"s{s}" / arm / "metrics.json").read_text()
-            )["bbox"]
+            assert (
+                table["runs"][arm][str(s)]["metrics"]["bbox"]
+                == json.loads((work / f"s{s}" / arm / "metrics.json").read_text())["bbox"]
+            )
 
 
 @pytest.mark.slow
@@ -203,4 +207,3 @@ def test_a_resumed_runs_mass_windows_count_once(tmp_path):
             "".join(json.dumps({"lr": 0.01, "mass_box": b, "mass_mask": m, "iter": i}) + "\n" for i, b, m in lines)
         )
     assert measured_mass(tmp_path) == pytest.approx({"mass_box": 0.3, "mass_mask": 0.7}, abs=1e-15)
-
