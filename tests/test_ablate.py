@@ -139,6 +139,25 @@ def test_a_changed_arm_is_refused(ablated, tiny_data, tiny_cache, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_second_ablation_of_the_work_dir_is_refused(ablated, tiny_data, tiny_cache):
+    """While one ablation holds W's lock, another is one line naming its pid, and W is unchanged."""
+    from crat_ft.ablate import LOCK_FILE
+    from crat_ft.files import RunLock
+
+    arms, work, _ = ablated
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*")}
+    with RunLock(work / LOCK_FILE, "the test"):
+        r = run_cli(*_ablate_args(arms, tiny_cache, work, tiny_data))
+        after = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.name != LOCK_FILE}
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr == (
+        f"crat-ft: error: another crat-ft run (pid {os.getpid()}) is using --work-dir {work}; wait for it to finish "
+        "or choose another output\n"
+    )
+    assert after == before
+
+
+@pytest.mark.slow
 def test_under_torchrun_the_table_equals_one_process(ablated, tiny_data, tiny_detector, tiny_cache, tmp_path):
     """2 gloo processes retrain with DDP (other heads than one process's) and evaluate distributed: their
     evaluation equals a one-process `evaluate --heads` of the same heads, their table `compare` by hand."""

@@ -200,12 +200,12 @@ def test_the_ablation_reuses_a_run_only_with_its_own_settings(tiny_data, tmp_pat
 
     monkeypatch.setattr(crat_ft.stage1, "train_detector", train)
     with open(tmp_path / "log", "w") as log:
-        bench._train(tmp_path, "colour-shapes", "e2e", 3, "plain", tiny_data, 24, log)
+        bench._train(tmp_path, "colour-shapes", 3, "plain", tiny_data, 24, log)
         arm = tmp_path / "colour-shapes" / "e2e" / "s3" / "plain"
         (arm / "metrics.json").write_text("{}")
-        bench._train(tmp_path, "colour-shapes", "e2e", 3, "plain", tiny_data, 24, log)
+        bench._train(tmp_path, "colour-shapes", 3, "plain", tiny_data, 24, log)
         assert trained == [(bench.PLAIN_CONFIG, False)]
-        bench._train(tmp_path, "colour-shapes", "e2e", 3, "plain", tiny_data, 12, log)  # another schedule
+        bench._train(tmp_path, "colour-shapes", 3, "plain", tiny_data, 12, log)  # another schedule
     assert trained == [(bench.PLAIN_CONFIG, False)] * 2
     assert not (arm / "metrics.json").exists()  # the arm's old results went with it
     assert json.loads((arm / "arm.json").read_text())["stage1_iters"] == 12
