@@ -28,12 +28,12 @@ STAGES = ("end to end", "+ decoupled baseline", "+ decoupled CRAT")
 def run_seed(root: Path, seed: int, log) -> dict:
     """``{(detector, stage): metrics}`` of one seed."""
     from crat_ft.cache import INDEX_FILE
-    from crat_ft.extract import extract_features
-    from crat_ft.paths import demo_config
-    from crat_ft.retrain import HEADS_FILE, retrain_heads
-    from crat_ft.roi_policy import RoIPolicy
-    from crat_ft.stage1 import DETECTOR_FILE, evaluate_detector, train_detector
-    from crat_ft.synthetic import DemoDataSpec, make_demo_data
+    from crat_ft.common.paths import demo_config
+    from crat_ft.detector.roi_policy import RoIPolicy
+    from crat_ft.pipeline.extract import extract_features
+    from crat_ft.pipeline.retrain import HEADS_FILE, retrain_heads
+    from crat_ft.pipeline.stage1 import DETECTOR_FILE, evaluate_detector, train_detector
+    from crat_ft.synthetic.dataset import DemoDataSpec, make_demo_data
 
     data = root / "data"
     if not (data / "annotations" / "lvis_v1_val.json").exists():

@@ -1,7 +1,7 @@
 """``crat-ft``: a thin click front end; each command calls one library function.
 
 torch, mmdet and mmengine are imported inside command bodies so that
-``crat-ft --help`` is instant. Bad input raises :class:`crat_ft.errors.UserError`,
+``crat-ft --help`` is instant. Bad input raises :class:`crat_ft.common.errors.UserError`,
 printed here as one line (``crat-ft: error: ...``) with exit code 2.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from crat_ft.errors import UserError
+from crat_ft.common.errors import UserError
 
 COUNT = click.IntRange(min=0)
 POSITIVE = click.IntRange(min=1)
@@ -83,14 +83,14 @@ class _Group(click.Group):
             protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args  # click < 8.2
             args = [*protected, *ctx.args]
             if args and args[0] != "env" and not {"-h", "--help"} & set(args):
-                from crat_ft.envinfo import check_supported_stack
+                from crat_ft.common.envinfo import check_supported_stack
 
                 check_supported_stack()  # an mmcv or mmdet outside the tested range: one line, before any work
             return super().invoke(ctx)
         except UserError as exc:
             _fail(str(exc), getattr(exc, "exit_code", 2))
         except OSError as exc:
-            from crat_ft.files import storage_error
+            from crat_ft.common.files import storage_error
 
             # a full or read-only disk anywhere; permission errors may concern inputs: those keep their traceback
             err = storage_error(exc, getattr(exc, "filename", None) or "an output file", permission=False)
@@ -123,7 +123,7 @@ def cli():
 def env():
     """Print the software stack and whether it is inside the tested range; exit 1 with the fix if mmcv's
     compiled ops are missing, or mmcv or mmdet is outside the range."""
-    from crat_ft.envinfo import collect, format_rows
+    from crat_ft.common.envinfo import collect, format_rows
 
     rows, problems = collect()
     click.echo(format_rows(rows))
@@ -158,8 +158,8 @@ SHARING = click.option(
 @SHARING
 def make_demo_data(out, seed, train_images, val_images, classes, variant, sharing):
     """Write the synthetic long-tailed LVIS-v1-format dataset to OUT."""
-    from crat_ft.synthetic import DemoDataSpec
-    from crat_ft.synthetic import make_demo_data as run
+    from crat_ft.synthetic.dataset import DemoDataSpec
+    from crat_ft.synthetic.dataset import make_demo_data as run
 
     spec = DemoDataSpec(
         seed=seed, train_images=train_images, val_images=val_images, classes=classes, variant=variant, sharing=sharing
@@ -186,8 +186,8 @@ def train_detector(config, work_dir, data_root, seed, resume, trust_checkpoint, 
     """Train an mmdet detector (stage 1) with mmengine's Runner."""
     from pathlib import Path
 
-    from crat_ft.progress import framework_log
-    from crat_ft.stage1 import train_detector as run
+    from crat_ft.common.progress import framework_log
+    from crat_ft.pipeline.stage1 import train_detector as run
 
     with framework_log(Path(work_dir) / "crat-ft.log", verbose=verbose):
         path = run(
@@ -246,9 +246,9 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols
     """
     from pathlib import Path
 
-    from crat_ft.evaluation import format_table
-    from crat_ft.progress import framework_log
-    from crat_ft.stage1 import evaluate_detector
+    from crat_ft.common.progress import framework_log
+    from crat_ft.evaluation.lvis import format_table
+    from crat_ft.pipeline.stage1 import evaluate_detector
 
     with framework_log(Path(out).with_suffix(".log"), verbose=verbose):
         metrics = evaluate_detector(
@@ -345,9 +345,9 @@ def extract_features(
     verbose,
 ):
     """Cache a frozen detector's RoI features for the training split to HDF5."""
-    from crat_ft.extract import dry_run as run_dry
-    from crat_ft.extract import extract_features as run
-    from crat_ft.roi_policy import RoIPolicy
+    from crat_ft.detector.roi_policy import RoIPolicy
+    from crat_ft.pipeline.extract import dry_run as run_dry
+    from crat_ft.pipeline.extract import extract_features as run
 
     policy = RoIPolicy(
         max_pos_per_image=max_pos_per_image,
@@ -372,8 +372,8 @@ def extract_features(
         return
     from pathlib import Path
 
-    from crat_ft.extract import parse_shard
-    from crat_ft.progress import framework_log
+    from crat_ft.common.progress import framework_log
+    from crat_ft.pipeline.extract import parse_shard
 
     i, n = parse_shard(shard)
     log = Path(out) / ("extract-features.log" if n == 1 else f"extract-features-shard-{i}-of-{n}.log")
@@ -420,8 +420,8 @@ def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_opti
     """Retrain the class-wise layers from the cache (CRAT + rebalanced classifier) with mmengine's Runner."""
     from pathlib import Path
 
-    from crat_ft.progress import framework_log
-    from crat_ft.retrain import retrain_heads as run
+    from crat_ft.common.progress import framework_log
+    from crat_ft.pipeline.retrain import retrain_heads as run
 
     with framework_log(Path(work_dir) / "crat-ft.log", verbose=verbose):
         path = run(
@@ -463,7 +463,7 @@ def retrain_heads(ft_config, cache, work_dir, resume, trust_checkpoint, cfg_opti
 @CFG_OPTIONS
 def export(config, checkpoint, heads, out, tau_norm, logit_adjust, combine_original, trust_checkpoint, cfg_options):
     """Merge retrained HEADS into CHECKPOINT: an ordinary mmdet checkpoint."""
-    from crat_ft.export import export_checkpoint
+    from crat_ft.heads.export import export_checkpoint
 
     path, cfg_path = export_checkpoint(
         config,
@@ -505,9 +505,9 @@ def evaluate_results(gt, results, iou_types, protocol, out):
     import json
     from pathlib import Path
 
-    from crat_ft.evaluation import evaluate_results as run
-    from crat_ft.evaluation import format_table
-    from crat_ft.files import atomic_write_text, output_dir, refuse_output_among_inputs
+    from crat_ft.common.files import atomic_write_text, output_dir, refuse_output_among_inputs
+    from crat_ft.evaluation.lvis import evaluate_results as run
+    from crat_ft.evaluation.lvis import format_table
 
     if out:
         refuse_output_among_inputs(out, [gt, results], "--out")
@@ -548,9 +548,9 @@ def compare(gt, a, b, seeds, iou_types, resamples, bootstrap_seed, names, out):
     import contextlib
     from pathlib import Path
 
-    from crat_ft.compare import compare as run
-    from crat_ft.compare import compare_inputs, format_comparison, verdict, write_json
-    from crat_ft.files import output_dir, refuse_output_among_inputs
+    from crat_ft.analysis.compare import compare as run
+    from crat_ft.analysis.compare import compare_inputs, format_comparison, verdict, write_json
+    from crat_ft.common.files import output_dir, refuse_output_among_inputs
 
     seed_list = _int_list(seeds, "--seeds") if seeds else None
     pair = tuple(n.strip() for n in names.split(","))
@@ -598,7 +598,7 @@ def analyze_errors(gt, results, results2, iou_types, names, out_dir):
 
     RESULTS (and RESULTS2, shown beside it) are JSON results files (mmdet's PREFIX.bbox.json / PREFIX.segm.json).
     """
-    from crat_ft.error_analysis import analyze_results
+    from crat_ft.analysis.error_analysis import analyze_results
 
     files = [results] + ([results2] if results2 else [])
     labels = [n.strip() for n in names.split(",")] if names else None
@@ -622,7 +622,7 @@ def export_plain(config, checkpoint, out, trust_checkpoint, cfg_options):
     Writes OUT without the Fisher statistics and OUT's stem + .py: CONFIG with mmdet's own head types
     and metric, and no crat_ft imports.
     """
-    from crat_ft.plugin import export_plain as run
+    from crat_ft.heads.plugin import export_plain as run
 
     path, cfg_path = run(
         config, checkpoint, out, cfg_options=_split_options(cfg_options), trust_checkpoint=trust_checkpoint
@@ -638,7 +638,7 @@ def export_plain(config, checkpoint, out, trust_checkpoint, cfg_options):
 def fisher_neighbors(heads, class_name, top, branch):
     """Top-K Fisher neighbours of classes, from a heads file's statistics (within each class's donor group
     when the heads were trained with crat.donor_groups: the groups the heads file records)."""
-    from crat_ft.diagnostics import fisher_neighbors as run
+    from crat_ft.analysis.diagnostics import fisher_neighbors as run
 
     click.echo(run(heads, class_name=class_name, top=top, branch=branch))
 
@@ -681,7 +681,7 @@ def demo(work_dir, seed, e2e, detector_iters, heads_iters, variant, sharing, tra
     A stage done before is reused only when it was made with this invocation's settings; otherwise it
     is redone, with every stage after it that depends on it, and the console says why.
     """
-    from crat_ft.demo import E2E_ITERS, E2E_VARIANT, run_demo, run_demo_e2e
+    from crat_ft.pipeline.demo import E2E_ITERS, E2E_VARIANT, run_demo, run_demo_e2e
 
     data = dict(seed=seed, sharing=sharing, train_images=train_images, val_images=val_images)
     if e2e:
@@ -725,7 +725,7 @@ def ablate(arms, cache, work_dir, seeds, data_root, reference):
 
     A rerun with the same command continues a killed ablation; an arm whose definition changed is refused.
     """
-    from crat_ft.ablate import run_ablation
+    from crat_ft.pipeline.ablate import run_ablation
 
     run_ablation(arms, cache, work_dir, seeds=_int_list(seeds, "--seeds"), data_root=data_root, reference=reference)
 
@@ -733,7 +733,7 @@ def ablate(arms, cache, work_dir, seeds, data_root, reference):
 def main():
     """The console script: every failure, click's own usage errors included, is one ``crat-ft: error:`` line."""
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker runs in a session of its own: end with torchrun
-        from crat_ft.stage1 import die_with_parent
+        from crat_ft.pipeline.stage1 import die_with_parent
 
         die_with_parent(os.getppid())
     try:
