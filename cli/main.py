@@ -506,8 +506,8 @@ def evaluate_results(gt, results, iou_types, protocol, out):
     from pathlib import Path
 
     from crat_ft.common.files import atomic_write_text, output_dir, refuse_output_among_inputs
-    from crat_ft.evaluation.lvis import evaluate_results as run
     from crat_ft.evaluation.lvis import format_table
+    from crat_ft.evaluation.results import evaluate_results as run
 
     if out:
         refuse_output_among_inputs(out, [gt, results], "--out")

@@ -278,7 +278,7 @@ def test_the_rle_check_accepts_what_pycocotools_encodes_and_nothing_that_misdeco
     do not cover height x width, or that ends inside a run, is refused with the row it is in."""
     import pycocotools.mask as mask_util
 
-    from crat_ft.evaluation.lvis import rle_problem
+    from crat_ft.evaluation.checks import rle_problem
 
     rng = np.random.default_rng(0)
     masks = [np.zeros((5, 7)), np.ones((5, 7)), np.eye(1, 9), np.ones((1, 1)), np.zeros((300, 1))]

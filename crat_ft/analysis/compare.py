@@ -12,7 +12,7 @@ same ids under ``"matches"``, and the table's full-sample AP must equal the JSON
 crat-ft neither) beside matches is refused, as is a table matched against other annotations
 (:meth:`crat_ft.evaluation.matching.GroundTruth.fingerprint`, geometry included) or named for another IoU type.
 Results files, ground truth and matches are read and checked by the readers ``evaluate-results`` and
-``analyze-errors`` use too (:func:`crat_ft.evaluation.lvis.read_results`, :func:`crat_ft.common.lvis_json.load_lvis_json`,
+``analyze-errors`` use too (:func:`crat_ft.evaluation.results.read_results`, :func:`crat_ft.common.lvis_json.load_lvis_json`,
 :meth:`crat_ft.evaluation.matching.MatchTable.load`).
 
 With ``seeds``, each arm is a pattern holding ``{seed}`` (e.g. ``runs/s{seed}/crat``), one run per
@@ -40,8 +40,9 @@ from crat_ft.analysis.bootstrap import (
 )
 from crat_ft.common.errors import UserError
 from crat_ft.common.lvis_json import load_lvis_json
-from crat_ft.evaluation.lvis import IOU_TYPES, is_metrics, read_json, read_results, results_iou_types
+from crat_ft.evaluation.lvis import IOU_TYPES
 from crat_ft.evaluation.matching import GroundTruth, MatchTable, index_ground_truth, match_table, read_matches_meta
+from crat_ft.evaluation.results import is_metrics, read_json, read_results, results_iou_types
 
 MIN_RESAMPLES = 1000
 MAX_RESAMPLES = 100_000

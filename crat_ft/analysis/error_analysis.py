@@ -149,7 +149,7 @@ def analyze_errors(
     ``tables``, if given, receives the match tables of the detections (``"model"``) and of their
     class-oracle relabelling (``"oracle"``), for :mod:`crat_ft.analysis.bootstrap` intervals of either.
     """
-    from crat_ft.evaluation.lvis import check_columns
+    from crat_ft.evaluation.checks import check_columns
 
     gt = index_ground_truth(gt_doc)
     check_columns(dets, iou_type, set(gt.image_ids.tolist()), set(gt.cat_ids.tolist()))
@@ -269,7 +269,7 @@ def analyze_results(gt, files, names=None, *, iou_types=None, out_dir=None, max_
 
     from crat_ft.common.files import atomic_write_text, output_dir, refuse_output_among_inputs
     from crat_ft.common.lvis_json import load_lvis_json
-    from crat_ft.evaluation.lvis import read_results, results_iou_types
+    from crat_ft.evaluation.results import read_results, results_iou_types
 
     names = names or [Path(f).name for f in files]
     if len(set(names)) != len(names):

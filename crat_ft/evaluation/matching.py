@@ -358,7 +358,7 @@ def match_table(
     gt_doc: dict, dets: Detections, iou_type: str, max_dets: int = 300, gt: GroundTruth | None = None
 ) -> MatchTable:
     """Match ``dets`` (checked as :func:`crat_ft.evaluation.lvis.lvis_metrics` checks them) once."""
-    from crat_ft.evaluation.lvis import check_columns
+    from crat_ft.evaluation.checks import check_columns
 
     gt = gt or index_ground_truth(gt_doc)
     check_columns(dets, iou_type, set(gt.image_ids.tolist()), set(gt.cat_ids.tolist()))

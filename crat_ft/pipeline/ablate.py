@@ -395,7 +395,7 @@ def analyze_arm(out: Path, gt_doc: dict, ious: Sequence[str] = IOU_TYPES) -> Non
     from crat_ft.analysis.error_analysis import analyze_errors
     from crat_ft.common.files import atomic_write_text
     from crat_ft.evaluation.detections import Detections
-    from crat_ft.evaluation.lvis import load_results_file
+    from crat_ft.evaluation.results import load_results_file
 
     masks = "segm" in ious
     dets = Detections.from_dicts(load_results_file(out / f"results.{'segm' if masks else 'bbox'}.json"), masks=masks)

@@ -245,7 +245,7 @@ def what_the_run_shows(
     from crat_ft.analysis.error_analysis import analyze_errors, plot_errors
     from crat_ft.common.lvis_json import load_lvis_json
     from crat_ft.evaluation.detections import Detections
-    from crat_ft.evaluation.lvis import load_results_file
+    from crat_ft.evaluation.results import load_results_file
 
     gt = data / "annotations" / "lvis_v1_val.json"
     a, b = arms
