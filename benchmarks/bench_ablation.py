@@ -156,7 +156,8 @@ def _say(msg: str) -> None:
 
 
 def _data(root: Path, bench: str, seed: int) -> Path:
-    from crat_ft.synthetic.dataset import DemoDataSpec, make_demo_data
+    from crat_ft.synthetic.dataset import make_demo_data
+    from crat_ft.synthetic.variants import DemoDataSpec
 
     spec = BENCHMARKS[bench]
     data = root / bench / "data" / f"s{seed}"

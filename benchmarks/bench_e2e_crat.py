@@ -33,7 +33,8 @@ def run_seed(root: Path, seed: int, log) -> dict:
     from crat_ft.pipeline.extract import extract_features
     from crat_ft.pipeline.retrain import HEADS_FILE, retrain_heads
     from crat_ft.pipeline.stage1 import DETECTOR_FILE, evaluate_detector, train_detector
-    from crat_ft.synthetic.dataset import DemoDataSpec, make_demo_data
+    from crat_ft.synthetic.dataset import make_demo_data
+    from crat_ft.synthetic.variants import DemoDataSpec
 
     data = root / "data"
     if not (data / "annotations" / "lvis_v1_val.json").exists():

@@ -113,7 +113,8 @@ def main() -> None:
     from crat_ft.engine.config import base_dataset_cfg, prepare_config
     from crat_ft.heads.registry import register_all
     from crat_ft.pipeline.extract import extract_features
-    from crat_ft.synthetic.dataset import DemoDataSpec, make_demo_data
+    from crat_ft.synthetic.dataset import make_demo_data
+    from crat_ft.synthetic.variants import DemoDataSpec
 
     torch.set_num_threads(args.threads)
     register_all()

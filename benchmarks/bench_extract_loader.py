@@ -71,7 +71,8 @@ def main() -> None:
     from crat_ft.engine.config import load_config
     from crat_ft.heads.registry import register_all
     from crat_ft.pipeline.extract import extract_features
-    from crat_ft.synthetic.dataset import DemoDataSpec, make_demo_data
+    from crat_ft.synthetic.dataset import make_demo_data
+    from crat_ft.synthetic.variants import DemoDataSpec
 
     register_all()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -143,7 +143,8 @@ def main() -> None:
     import torch
 
     from crat_ft.common.paths import config_root, demo_config
-    from crat_ft.synthetic.dataset import DemoDataSpec, make_demo_data
+    from crat_ft.synthetic.dataset import make_demo_data
+    from crat_ft.synthetic.variants import DemoDataSpec
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if args.device_less:

@@ -158,8 +158,8 @@ SHARING = click.option(
 @SHARING
 def make_demo_data(out, seed, train_images, val_images, classes, variant, sharing):
     """Write the synthetic long-tailed LVIS-v1-format dataset to OUT."""
-    from crat_ft.synthetic.dataset import DemoDataSpec
     from crat_ft.synthetic.dataset import make_demo_data as run
+    from crat_ft.synthetic.variants import DemoDataSpec
 
     spec = DemoDataSpec(
         seed=seed, train_images=train_images, val_images=val_images, classes=classes, variant=variant, sharing=sharing

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from crat_ft.synthetic.dataset import DemoDataSpec, make_demo_data
+from crat_ft.synthetic.dataset import make_demo_data
+from crat_ft.synthetic.variants import DemoDataSpec
 
 TINY_SPEC = DemoDataSpec(seed=3, train_images=40, val_images=10, classes=40)
 

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from crat_ft.common.errors import UserError
-from crat_ft.synthetic.dataset import (
+from crat_ft.synthetic.dataset import make_demo_data
+from crat_ft.synthetic.render import class_geometries
+from crat_ft.synthetic.variants import (
     FAMILIES,
     DemoDataSpec,
-    class_geometries,
     class_layout,
     class_names,
     frequency_group,
-    make_demo_data,
     train_image_counts,
 )
 

@@ -33,7 +33,8 @@ from crat_ft.common.paths import demo_config
 from crat_ft.evaluation.lvis import format_table
 from crat_ft.pipeline.retrain import HEADS_FILE, retrain_heads
 from crat_ft.pipeline.stage1 import DETECTOR_FILE, train_detector
-from crat_ft.synthetic.dataset import DEFAULT_SHARING, DemoDataSpec, make_demo_data
+from crat_ft.synthetic.dataset import make_demo_data
+from crat_ft.synthetic.variants import DEFAULT_SHARING, DemoDataSpec
 
 DELTA_KEYS = ("AP", "APr", "APc", "APf")
 
