@@ -52,7 +52,7 @@ last, and compared with ``plain`` and with ``crat``; every other setting is the 
   classes with fewer training instances than y, so the frequent classes' layers receive nothing.
 
 Each seed's arms are trained one after another, then evaluated side by side
-(``crat_ft.pipeline.stage1.evaluate_jobs``). A finished stage (detector, cache, heads, evaluation) is reused only
+(``crat_ft.pipeline.evaluate_jobs.evaluate_jobs``). A finished stage (detector, cache, heads, evaluation) is reused only
 when its run record (``crat_ft.common.run_record``) matches what this run would write; otherwise it is redone,
 with the stages that depend on it, and the console says why (as ``crat-ft demo`` does). Every run
 writes, as it ends, ``ROOT/<benchmark>/<mode>/s<seed>/<arm>/``: ``arm.json`` (the config and
@@ -102,7 +102,7 @@ DONORS = {"crat": "fisher", "uniform": "uniform", "permuted": "permuted"}
 
 def stage1_options(iters: int) -> list[str]:
     """The demo config's schedule (600 iterations: warm-up 100, steps at 450 and 550) scaled to ``iters``."""
-    from crat_ft.pipeline.stage1 import demo_schedule
+    from crat_ft.pipeline.train_detector import demo_schedule
 
     return demo_schedule(iters)
 
@@ -171,7 +171,7 @@ def _detector_stage(config: Path, options: list[str], work: Path, what: str, dat
     """Train a detector, or reuse it when its run record matches (``crat_ft.pipeline.demo.run_stage``)."""
     from crat_ft.common.run_record import RECORD_FILE, read_record
     from crat_ft.pipeline.demo import run_stage
-    from crat_ft.pipeline.stage1 import DETECTOR_FILE, detector_record, detector_train_config, train_detector
+    from crat_ft.pipeline.train_detector import DETECTOR_FILE, detector_record, detector_train_config, train_detector
 
     with contextlib.redirect_stdout(log):
         wanted = detector_record(detector_train_config(config, options, data, seed))

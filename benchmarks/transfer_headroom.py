@@ -84,7 +84,7 @@ def headroom(work: Path, control: bool = False) -> dict:
         return done
     from crat_ft.common.files import atomic_write_text
     from crat_ft.common.paths import demo_config
-    from crat_ft.pipeline.stage1 import evaluate_detector
+    from crat_ft.pipeline.evaluate import evaluate_detector
 
     heads = torch.load(work / "baseline" / "heads.pth", weights_only=True)
     base = json.loads((work / "baseline" / "metrics.json").read_text())

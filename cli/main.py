@@ -187,7 +187,7 @@ def train_detector(config, work_dir, data_root, seed, resume, trust_checkpoint, 
     from pathlib import Path
 
     from crat_ft.common.progress import framework_log
-    from crat_ft.pipeline.stage1 import train_detector as run
+    from crat_ft.pipeline.train_detector import train_detector as run
 
     with framework_log(Path(work_dir) / "crat-ft.log", verbose=verbose):
         path = run(
@@ -248,7 +248,7 @@ def evaluate(config, checkpoint, out, data_root, per_class_csv, heads, protocols
 
     from crat_ft.common.progress import framework_log
     from crat_ft.evaluation.lvis import format_table
-    from crat_ft.pipeline.stage1 import evaluate_detector
+    from crat_ft.pipeline.evaluate import evaluate_detector
 
     with framework_log(Path(out).with_suffix(".log"), verbose=verbose):
         metrics = evaluate_detector(
@@ -733,7 +733,7 @@ def ablate(arms, cache, work_dir, seeds, data_root, reference):
 def main():
     """The console script: every failure, click's own usage errors included, is one ``crat-ft: error:`` line."""
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker runs in a session of its own: end with torchrun
-        from crat_ft.pipeline.stage1 import die_with_parent
+        from crat_ft.pipeline.evaluate_jobs import die_with_parent
 
         die_with_parent(os.getppid())
     try:

@@ -431,7 +431,8 @@ def _detections(directory: Path) -> dict:
 
 
 def test_evaluate_jobs_runs_detectors_with_their_own_options_side_by_side(tiny_data, tiny_detector, tmp_path):
-    from crat_ft.pipeline.stage1 import evaluate_detector, evaluate_jobs
+    from crat_ft.pipeline.evaluate import evaluate_detector
+    from crat_ft.pipeline.evaluate_jobs import evaluate_jobs
 
     config = demo_config_path()
     options = {"300 per image": [], "20 per image": ["model.test_cfg.rcnn.max_per_img=20"]}
@@ -462,7 +463,8 @@ def test_side_by_side_evaluations_equal_one_by_one_and_a_failed_job_raises_its_e
 ):
     from crat_ft.common.errors import UserError
     from crat_ft.evaluation.metric import CratLVISMetric
-    from crat_ft.pipeline.stage1 import evaluate_detector, evaluate_side_by_side
+    from crat_ft.pipeline.evaluate import evaluate_detector
+    from crat_ft.pipeline.evaluate_jobs import evaluate_side_by_side
 
     # keep each evaluation's detections beside its metrics, to compare them (the forked jobs inherit this)
     monkeypatch.setattr(CratLVISMetric, "_remove_spill", lambda self: None)
@@ -513,7 +515,7 @@ def test_side_by_side_evaluations_equal_one_by_one_and_a_failed_job_raises_its_e
 
 
 def _grandchild(parent: int, ready: Path) -> None:
-    from crat_ft.pipeline.stage1 import die_with_parent
+    from crat_ft.pipeline.evaluate_jobs import die_with_parent
 
     die_with_parent(parent)
     ready.write_text(str(os.getpid()))

@@ -183,7 +183,7 @@ def test_a_stage_is_reused_continued_or_redone_by_its_record(tmp_path, capsys):
 
 
 def test_the_ablation_reuses_a_run_only_with_its_own_settings(tiny_data, tmp_path, monkeypatch, capsys):
-    import crat_ft.pipeline.stage1
+    import crat_ft.pipeline.train_detector
     from crat_ft.common.run_record import RECORD_FILE, write_record
 
     spec = importlib.util.spec_from_file_location("bench_ablation", ROOT / "benchmarks" / "bench_ablation.py")
@@ -193,12 +193,12 @@ def test_the_ablation_reuses_a_run_only_with_its_own_settings(tiny_data, tmp_pat
 
     def train(config, work_dir, *, cfg_options, data_root, seed, resume):  # records what it would train
         trained.append((Path(config).name, resume))
-        cfg = crat_ft.pipeline.stage1.detector_train_config(config, cfg_options, data_root, seed)
+        cfg = crat_ft.pipeline.train_detector.detector_train_config(config, cfg_options, data_root, seed)
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-        write_record(Path(work_dir) / RECORD_FILE, crat_ft.pipeline.stage1.detector_record(cfg))
+        write_record(Path(work_dir) / RECORD_FILE, crat_ft.pipeline.train_detector.detector_record(cfg))
         (Path(work_dir) / "detector.pth").write_bytes(b"weights")
 
-    monkeypatch.setattr(crat_ft.pipeline.stage1, "train_detector", train)
+    monkeypatch.setattr(crat_ft.pipeline.train_detector, "train_detector", train)
     with open(tmp_path / "log", "w") as log:
         bench._train(tmp_path, "colour-shapes", 3, "plain", tiny_data, 24, log)
         arm = tmp_path / "colour-shapes" / "e2e" / "s3" / "plain"

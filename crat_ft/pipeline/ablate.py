@@ -3,7 +3,7 @@
 For each seed, in the ARMS file's order (:mod:`crat_ft.pipeline.ablate_arms`): each arm's class-wise layers are
 retrained from the cache (:func:`crat_ft.pipeline.retrain.retrain_heads`, ``train.seed`` = the seed) in
 ``W/s<seed>/<arm>/``; then the seed's arms are evaluated on the val split with their heads merged in
-(:func:`crat_ft.pipeline.stage1.evaluate_detector`, as ``evaluate --heads``; side by side on a CPU), and each
+(:func:`crat_ft.pipeline.evaluate.evaluate_detector`, as ``evaluate --heads``; side by side on a CPU), and each
 one's errors analysed (class-oracle AP and TIDE's decomposition, :func:`analyze_arm`). Last, rank 0
 compares every arm with the reference and each contrast, pooled over the seeds
 (:mod:`crat_ft.pipeline.ablate_table`), and writes ``W/ablation.md``, ``.json`` and ``.png``.
@@ -346,7 +346,7 @@ def _evaluate_seed(det: Detector, runs: dict[str, tuple[Path, Planned]], log, ba
 
 
 def _job(p: Planned, heads: Path, det: Detector, tmp: Path) -> dict:
-    """The keyword arguments of :func:`crat_ft.pipeline.stage1.evaluate_detector` for one arm: its heads merged in by
+    """The keyword arguments of :func:`crat_ft.pipeline.evaluate.evaluate_detector` for one arm: its heads merged in by
     the evaluation itself, or, with export options, merged with them into ``tmp`` first."""
     job = dict(config=det.config, checkpoint=det.checkpoint, out=p.work / "metrics.json", data_root=det.data_root,
                outfile_prefix=p.work / "results", trust_checkpoint=det.trust_checkpoint)  # fmt: skip
@@ -362,7 +362,8 @@ def _job(p: Planned, heads: Path, det: Detector, tmp: Path) -> dict:
 def _evaluate(jobs: dict[str, dict], log) -> None:
     """The evaluations: under torchrun one after another, each on every process; else side by side on a CPU."""
     from crat_ft.common.dist import world_size
-    from crat_ft.pipeline.stage1 import evaluate_detector, evaluate_jobs
+    from crat_ft.pipeline.evaluate import evaluate_detector
+    from crat_ft.pipeline.evaluate_jobs import evaluate_jobs
 
     if world_size() > 1:
         for kwargs in jobs.values():

@@ -32,7 +32,7 @@ from crat_ft.common.files import atomic_write_text
 from crat_ft.common.paths import demo_config
 from crat_ft.evaluation.lvis import format_table
 from crat_ft.pipeline.retrain import HEADS_FILE, retrain_heads
-from crat_ft.pipeline.stage1 import DETECTOR_FILE, train_detector
+from crat_ft.pipeline.train_detector import DETECTOR_FILE, train_detector
 from crat_ft.synthetic.dataset import make_demo_data
 from crat_ft.synthetic.variants import DEFAULT_SHARING, DemoDataSpec
 
@@ -144,7 +144,7 @@ def evaluate_stages(jobs: dict[str, dict], data: Path, log) -> None:
     """Evaluate each job (``evaluate_jobs``' keyword arguments) whose output and record are not this
     invocation's, side by side; write each one's record (:data:`EVALUATION_RECORD`) beside its metrics."""
     from crat_ft.common.run_record import read_record, write_record
-    from crat_ft.pipeline.stage1 import evaluate_jobs
+    from crat_ft.pipeline.evaluate_jobs import evaluate_jobs
 
     todo, records = {}, {}
     for name, job in jobs.items():
@@ -328,7 +328,7 @@ def run_demo(
     from crat_ft.detector.roi_policy import RoIPolicy
     from crat_ft.pipeline.extract import extract_features, planned_settings, recorded_settings
     from crat_ft.pipeline.retrain import planned_record, record_difference
-    from crat_ft.pipeline.stage1 import detector_record, detector_train_config
+    from crat_ft.pipeline.train_detector import detector_record, detector_train_config
 
     settings = dict(variant=variant, sharing=sharing, seed=seed, detector_iters=detector_iters,
                     heads_iters=heads_iters, train_images=train_images, val_images=val_images)  # fmt: skip
@@ -479,7 +479,7 @@ def run_demo_e2e(
     summary: ``{"plain"|"crat": metrics, "crat_vs_plain", ..., "settings"}``.
     """
     from crat_ft.common.run_record import RECORD_FILE, read_record
-    from crat_ft.pipeline.stage1 import demo_schedule, detector_record, detector_train_config
+    from crat_ft.pipeline.train_detector import demo_schedule, detector_record, detector_train_config
 
     work_dir = Path(work_dir)
     options = demo_schedule(detector_iters)
