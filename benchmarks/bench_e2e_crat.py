@@ -32,7 +32,8 @@ def run_seed(root: Path, seed: int, log) -> dict:
     from crat_ft.detector.roi_policy import RoIPolicy
     from crat_ft.pipeline.evaluate import evaluate_detector
     from crat_ft.pipeline.extract import extract_features
-    from crat_ft.pipeline.retrain import HEADS_FILE, retrain_heads
+    from crat_ft.pipeline.retrain import retrain_heads
+    from crat_ft.pipeline.retrain_record import HEADS_FILE
     from crat_ft.pipeline.train_detector import DETECTOR_FILE, train_detector
     from crat_ft.synthetic.dataset import make_demo_data
     from crat_ft.synthetic.variants import DemoDataSpec

@@ -110,7 +110,7 @@ def main() -> None:
     from crat_ft.engine.config import base_dataset_cfg, prepare_config
     from crat_ft.heads.ft_config import load_ft_config
     from crat_ft.heads.registry import register_all
-    from crat_ft.pipeline.retrain import build_cache_loader, build_heads
+    from crat_ft.pipeline.retrain_builders import build_cache_loader, build_heads
 
     torch.set_num_threads(args.threads)
     register_all()

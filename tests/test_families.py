@@ -83,7 +83,7 @@ def test_retrained_heads_equal_the_exported_mmdet_heads(family, tiny_data, tmp_p
     from crat_ft.engine.checkpoint import allow_mmengine_pickles
     from crat_ft.engine.config import load_config
     from crat_ft.heads.ft_config import load_ft_config
-    from crat_ft.pipeline.retrain import build_heads
+    from crat_ft.pipeline.retrain_builders import build_heads
 
     config = _mmdet_config(family, tmp_path)
     ckpt = tmp_path / "random.pth"

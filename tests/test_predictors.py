@@ -38,7 +38,7 @@ def test_seesaw_normed_predictors_retrain_the_function_the_exported_detector_com
     from crat_ft.cache import RoIReader
     from crat_ft.engine.checkpoint import allow_mmengine_pickles
     from crat_ft.heads.ft_config import load_ft_config
-    from crat_ft.pipeline.retrain import build_heads
+    from crat_ft.pipeline.retrain_builders import build_heads
 
     config = tmp_path / "seesaw_normed.py"
     config.write_text(SEESAW.format(base=demo_config_path()))

@@ -105,7 +105,7 @@ def test_a_work_dir_is_resumed_only_with_its_own_settings(crat_work, tiny_cache,
 
 
 def test_a_resume_checks_cache_detector_and_world_size(tmp_path):
-    from crat_ft.pipeline.retrain import RUN_FILE, check_resume
+    from crat_ft.pipeline.retrain_record import RUN_FILE, check_resume
 
     record = {
         "settings": {"crat.enable": True, "train.lr": 0.01},

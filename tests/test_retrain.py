@@ -559,7 +559,7 @@ def test_roi_level_cache_retrains_the_trunks_and_exports_them(roi_cache, tiny_de
     from crat_ft.engine.checkpoint import allow_mmengine_pickles
     from crat_ft.heads.ft_config import load_ft_config
     from crat_ft.heads.registry import register_all
-    from crat_ft.pipeline.retrain import build_heads
+    from crat_ft.pipeline.retrain_builders import build_heads
 
     work = tmp_path / "roi"
     r = run_cli(*retrain_args(roi_cache, work), "--cfg-options", *_heads_options(iters=4, interval=4))

@@ -75,7 +75,7 @@ class Planned:
     work: Path
     options: dict
     ft: dict
-    record: dict  # retrain-heads' run record (crat_ft.pipeline.retrain.run_record)
+    record: dict  # retrain-heads' run record (crat_ft.pipeline.retrain_record.run_record)
     arm_record: dict  # arm.json
 
     @property
@@ -90,7 +90,7 @@ def open_detector(spec: Ablation, cache, data_root=None, trust_checkpoint: bool 
     from crat_ft.engine.config import ann_file_of, base_dataset_cfg, prepare_config
     from crat_ft.heads.ft_config import load_ft_config
     from crat_ft.heads.registry import register_all
-    from crat_ft.pipeline.retrain import open_cache_and_detector
+    from crat_ft.pipeline.retrain_builders import open_cache_and_detector
 
     register_all()
     fts = [load_ft_config(a.ft_config, a.options({b.name: dict.fromkeys(MEASURED, 1.0) for b in spec.arms}, 0))
@@ -112,7 +112,7 @@ def plan(spec: Ablation, arm: Arm, seed: int, det: Detector, work_dir: Path, mea
     """One arm x seed: its options (measured values filled in), fine-tune config, run record and arm record."""
     from crat_ft.common.dist import world_size
     from crat_ft.heads.ft_config import load_ft_config
-    from crat_ft.pipeline.retrain import run_record
+    from crat_ft.pipeline.retrain_record import run_record
 
     options = arm.options(measured, seed)
     ft = load_ft_config(arm.ft_config, options)
@@ -131,7 +131,7 @@ def refuse_changed(p: Planned, arms_file: Path) -> None:
     """Refuse an arm x seed whose directory holds a run of another definition (``arm.json``) or another
     retraining (``run.json``: settings, cache, detector, processes), naming the arm and the first difference."""
     from crat_ft.common.run_record import difference_text, read_record
-    from crat_ft.pipeline.retrain import RUN_FILE, record_difference
+    from crat_ft.pipeline.retrain_record import RUN_FILE, record_difference
 
     recorded = read_record(p.work / ARM_FILE)
     if recorded is not None and recorded.get("command") == "ablate":
@@ -227,7 +227,8 @@ def _retrain(spec: Ablation, p: Planned, det: Detector, measured: dict, owners: 
     from crat_ft.common.files import atomic_write_text
     from crat_ft.common.run_record import read_record, write_record
     from crat_ft.engine.runner import on_rank0
-    from crat_ft.pipeline.retrain import HEADS_FILE, RUN_FILE, retrain_heads
+    from crat_ft.pipeline.retrain import retrain_heads
+    from crat_ft.pipeline.retrain_record import HEADS_FILE, RUN_FILE
 
     name, seed = p.arm.name, p.seed
     on_rank0(lambda: refuse_changed(p, spec.path))

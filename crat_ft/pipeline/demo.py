@@ -31,7 +31,8 @@ from crat_ft.common.errors import UserError
 from crat_ft.common.files import atomic_write_text
 from crat_ft.common.paths import demo_config
 from crat_ft.evaluation.lvis import format_table
-from crat_ft.pipeline.retrain import HEADS_FILE, retrain_heads
+from crat_ft.pipeline.retrain import retrain_heads
+from crat_ft.pipeline.retrain_record import HEADS_FILE
 from crat_ft.pipeline.train_detector import DETECTOR_FILE, train_detector
 from crat_ft.synthetic.dataset import make_demo_data
 from crat_ft.synthetic.variants import DEFAULT_SHARING, DemoDataSpec
@@ -327,7 +328,7 @@ def run_demo(
     from crat_ft.common.run_record import RECORD_FILE, difference_text, read_record
     from crat_ft.detector.roi_policy import RoIPolicy
     from crat_ft.pipeline.extract import extract_features, planned_settings, recorded_settings
-    from crat_ft.pipeline.retrain import planned_record, record_difference
+    from crat_ft.pipeline.retrain_record import planned_record, record_difference
     from crat_ft.pipeline.train_detector import detector_record, detector_train_config
 
     settings = dict(variant=variant, sharing=sharing, seed=seed, detector_iters=detector_iters,
