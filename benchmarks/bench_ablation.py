@@ -220,7 +220,8 @@ def _decoupled(root: Path, bench: str, seed: int, data: Path, stage1_iters: int,
     from crat_ft.detector.roi_policy import RoIPolicy
     from crat_ft.pipeline.ablate import run_ablation
     from crat_ft.pipeline.demo import run_stage
-    from crat_ft.pipeline.extract import extract_features, planned_settings, recorded_settings
+    from crat_ft.pipeline.extract import extract_features, planned_settings
+    from crat_ft.pipeline.extract_settings import recorded_settings
 
     where = f"{bench} decoupled seed {seed}"
     plain_config, plain_options = arm_settings("e2e", "plain", None, stage1_iters)

@@ -373,7 +373,7 @@ def extract_features(
     from pathlib import Path
 
     from crat_ft.common.progress import framework_log
-    from crat_ft.pipeline.extract import parse_shard
+    from crat_ft.pipeline.extract_settings import parse_shard
 
     i, n = parse_shard(shard)
     log = Path(out) / ("extract-features.log" if n == 1 else f"extract-features-shard-{i}-of-{n}.log")

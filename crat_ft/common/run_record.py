@@ -42,7 +42,7 @@ UNSET = "<unset>"
 
 # Settings that cannot change an output's tensors, per command: a --resume may change them and a demo stage
 # is reused across them; every other setting must match. A key covers everything under it; "*.name" is any
-# key whose last part is name. extract-features records its settings one by one (crat_ft.pipeline.extract.run_settings)
+# key whose last part is name. extract-features records its settings one by one (crat_ft.pipeline.extract_settings.run_settings)
 # and leaves out only --workers, --skip-space-check and where its inputs lie.
 OPERATIONAL_KEYS = {
     "retrain-heads": (

@@ -327,7 +327,8 @@ def run_demo(
     from crat_ft.common.lvis_json import categories_by_id
     from crat_ft.common.run_record import RECORD_FILE, difference_text, read_record
     from crat_ft.detector.roi_policy import RoIPolicy
-    from crat_ft.pipeline.extract import extract_features, planned_settings, recorded_settings
+    from crat_ft.pipeline.extract import extract_features, planned_settings
+    from crat_ft.pipeline.extract_settings import recorded_settings
     from crat_ft.pipeline.retrain_record import planned_record, record_difference
     from crat_ft.pipeline.train_detector import detector_record, detector_train_config
 

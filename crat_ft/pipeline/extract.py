@@ -4,7 +4,8 @@ Work is split in shards (one per rank) and, within a shard, in segments of
 consecutive images, each written to its own file under a temporary name and
 renamed when complete: a run killed at any moment and restarted with
 ``--resume`` redoes at most one segment per rank and ends with the same cache.
-A resume is accepted only when every setting of :func:`run_settings` matches
+A resume is accepted only when every setting of
+:func:`crat_ft.pipeline.extract_settings.run_settings` matches
 the recorded one. Each shard is locked against a second run, and the disk's
 free space is checked against a projection after the first segment.
 """
@@ -13,107 +14,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from crat_ft.cache import INDEX_FILE, config_hash, shard_name, stage_dir
+from crat_ft.cache import INDEX_FILE, shard_name, stage_dir
 from crat_ft.common.errors import UserError
 from crat_ft.common.progress import Progress
 from crat_ft.detector.extractor import Extractor, extraction_pipeline
 from crat_ft.detector.roi_policy import RoIPolicy, project_size
 from crat_ft.engine.config import base_dataset_cfg, model_cfg_text, prepare_config
-
-
-def parse_shard(shard: str | None) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N); defaults to the torchrun rank/world size, else (0, 1)."""
-    if shard:
-        try:
-            i, n = (int(v) for v in shard.split("/"))
-        except ValueError:
-            raise UserError(f"--shard: expected I/N such as 0/4, got {shard!r}") from None
-        if not (n >= 1 and 0 <= i < n):
-            raise UserError(f"--shard: expected 0 <= I < N, got {shard!r}")
-        return i, n
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-SETTINGS_FILE = "run.json"
-SPACE_MARGIN = 1.1
-
-
-def run_settings(
-    *,
-    cfg,
-    sha: str,
-    policy: RoIPolicy,
-    box_level: str,
-    mask_level: str,
-    segment_images: int,
-    batch_size: int,
-    compression: str | None,
-    rank: int,
-    world: int,
-    image_ids: list[int],
-    max_images: int | None,
-) -> dict:
-    """Everything that decides the bytes of one shard (a run record's settings, :mod:`crat_ft.common.run_record`):
-    a resume must match all of it. ``data`` is the identity of the training annotations (their sha256)."""
-    from crat_ft.common.run_record import data_identity
-    from crat_ft.engine.config import ann_file_of
-
-    ds = base_dataset_cfg(cfg)
-    ds_plain = ds.to_dict() if hasattr(ds, "to_dict") else dict(ds)
-    return {
-        "checkpoint_sha256": sha,
-        "config_hash": config_hash(model_cfg_text(cfg)),
-        "dataset_hash": config_hash(json.dumps(ds_plain, sort_keys=True, default=str)),
-        "data": data_identity([ann_file_of(ds)]),
-        "policy": asdict(policy),
-        "box_level": box_level,
-        "mask_level": mask_level,
-        "segment_images": segment_images,
-        "batch_size": batch_size,
-        "compression": compression,
-        "shard": f"{rank}/{world}",
-        "max_images": max_images,
-        "num_images": len(image_ids),
-        "image_ids_hash": config_hash(json.dumps(image_ids)),
-    }
-
-
-def check_same_settings(recorded: dict | None, current: dict, where: Path, out: Path) -> None:
-    """Refuse to resume when any setting of the recorded run differs from this one (named by
-    :func:`crat_ft.common.run_record.difference_text`)."""
-    from crat_ft.common.run_record import difference_text
-
-    start_over = f"rerun with the recorded settings, or delete {out} (or choose a new --out) to start over"
-    if recorded is None:
-        raise UserError(f"--resume: {where} records no run settings (an older crat-ft wrote it); {start_over}")
-    differs = difference_text({"settings": recorded}, {"settings": current})
-    if differs is not None:
-        raise UserError(f"--resume: {where} was made with {differs}; {start_over}")
-
-
-def recorded_settings(out: str | os.PathLike, shard: str | None = None) -> dict | None:
-    """The run settings a cache directory records for a shard (default: this process's): a finished
-    shard's, else an unfinished extraction's; None when ``out`` holds neither."""
-    from crat_ft.cache import cache_meta, open_cache
-
-    out = Path(out)
-    rank, world = parse_shard(shard)
-    name = shard_name(rank, world)
-    for path in [out / name, *sorted(out.glob(f"stage-*/{name}"))]:
-        if path.exists():
-            with open_cache(path) as f:
-                recorded = cache_meta(f).get("run_settings")
-            return json.loads(recorded) if recorded else None
-    settings_file = out / ".segments" / Path(name).stem / SETTINGS_FILE
-    return json.loads(settings_file.read_text()) if settings_file.is_file() else None
+from crat_ft.pipeline.extract_segments import (
+    SpaceCheck,
+    finish_index,
+    merge_segments,
+    remove_segments,
+    report_shard,
+    segment_done,
+    write_segment,
+)
+from crat_ft.pipeline.extract_settings import SETTINGS_FILE, check_same_settings, parse_shard, run_settings
 
 
 def planned_settings(
@@ -245,7 +167,7 @@ def _extract_locked(
         image_ids=[int(dataset.get_data_info(k)["img_id"]) for k in mine],
     )  # fmt: skip
     if _check_resume(out, shards, seg_dir, settings):  # this shard is finished
-        return _finish_index(out, world, shards)
+        return finish_index(out, world, shards)
     extractor, attrs = _build_extractor(
         cfg, config, checkpoint, policy, box_level, mask_level, trust_checkpoint, settings
     )
@@ -262,12 +184,12 @@ def _extract_locked(
     t0 = time.time()
     # the disk is shared by every shard not written yet: each rank projects all of them from its own
     unfinished = sum(not (shards[0].parent / shard_name(i, world)).exists() for i in range(world))
-    space = _SpaceCheck(out, seg_dir, len(segments) * stages, unfinished) if space_check else None
+    space = SpaceCheck(out, seg_dir, len(segments) * stages, unfinished) if space_check else None
     try:
         for j, seg in enumerate(segments):
             seg_paths = [seg_dir / _segment_name(j, s, stages) for s in range(stages)]
-            if not all([_segment_done(p, sha) for p in seg_paths]):
-                _write_segment(seg_paths, seg, extractor, attrs, datasets, batch_size, compression, bar, workers)
+            if not all([segment_done(p, sha) for p in seg_paths]):
+                write_segment(seg_paths, seg, extractor, attrs, datasets, batch_size, compression, bar, workers)
                 if space:
                     space.after_write()
             elif bar:
@@ -275,15 +197,15 @@ def _extract_locked(
         for s, shard in enumerate(shards):
             shard.parent.mkdir(exist_ok=True)
             segs = [seg_dir / _segment_name(j, s, stages) for j in range(len(segments))]
-            _merge_segments(shard, segs, extractor, s, attrs[s], compression)
+            merge_segments(shard, segs, extractor, s, attrs[s], compression)
     finally:
         extractor.tap.close()
-    _remove_segments(out, seg_dir)
+    remove_segments(out, seg_dir)
     if progress:
         n_classes = len(json.loads(attrs[0]["class_names"]))
         for s, shard in enumerate(shards):
-            _report_shard(shard, rank, world, len(mine) * n_views, n_classes, time.time() - t0, s, stages)
-    return _finish_index(out, world, shards)
+            report_shard(shard, rank, world, len(mine) * n_views, n_classes, time.time() - t0, s, stages)
+    return finish_index(out, world, shards)
 
 
 def _segment_name(j: int, stage: int, stages: int) -> str:
@@ -300,7 +222,7 @@ def _clean_or_refuse_start(out: Path, shard_path: Path, seg_dir: Path, resume: b
             clean_stale_temps(where, temp_pattern(where / name))
     clean_stale_temps(seg_dir)
     if seg_dir.exists() and not any(seg_dir.glob("seg-*.h5")):
-        _remove_segments(out, seg_dir)  # a run that stopped before its first segment: nothing to continue
+        remove_segments(out, seg_dir)  # a run that stopped before its first segment: nothing to continue
     _refuse_other_world_size(out, shard_path)
     existing = [p for p in [shard_path, *sorted(out.glob(f"stage-*/{shard_path.name}"))] if p.exists()]
     if existing and not resume:
@@ -369,7 +291,7 @@ def _check_resume(out: Path, shards: list[Path], seg_dir: Path, settings: dict) 
                 recorded = cache_meta(f).get("run_settings")
             check_same_settings(json.loads(recorded) if recorded else None, settings, shard_path, out)
     if all(p.exists() for p in shards):
-        _remove_segments(out, seg_dir)
+        remove_segments(out, seg_dir)
         return True
     if seg_dir.exists():  # it holds segments (see _clean_or_refuse_start)
         settings_file = seg_dir / SETTINGS_FILE
@@ -421,148 +343,6 @@ def _build_extractor(cfg, config, checkpoint, policy, box_level, mask_level, tru
         attrs["checkpoint_path"] = str(Path(checkpoint).resolve())
         stages.append(attrs)
     return extractor, stages
-
-
-def _segment_done(seg_path: Path, sha: str) -> bool:
-    """Whether a segment file of an earlier run is complete and valid (an invalid one is removed)."""
-    from crat_ft.cache import open_cache
-
-    if not seg_path.exists():
-        return False
-    try:
-        open_cache(seg_path, checkpoint_sha256=sha).close()
-        return True
-    except UserError:
-        seg_path.unlink()
-        return False
-
-
-def _batches(dataset, indices: list[int], batch_size: int, workers: int):
-    """``pseudo_collate`` batches of ``dataset[k]`` for ``k`` in ``indices``, in order; with ``workers``,
-    decoded by DataLoader processes while the detector runs."""
-    import torch
-    from mmengine.dataset import pseudo_collate
-
-    if workers == 0:
-        for b in range(0, len(indices), batch_size):
-            yield pseudo_collate([dataset[k] for k in indices[b : b + batch_size]])
-        return
-    subset = torch.utils.data.Subset(dataset, indices)
-    yield from torch.utils.data.DataLoader(
-        subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=pseudo_collate
-    )
-
-
-def _write_segment(seg_paths, seg, extractor, attrs, datasets, batch_size, compression, bar, workers) -> None:
-    """One segment: a file per stage, each renamed into place only when every stage's blocks are written."""
-    from contextlib import ExitStack
-
-    from crat_ft.cache import CacheWriter
-
-    with ExitStack() as stack:
-        writers = [
-            stack.enter_context(
-                CacheWriter(path, attrs[s], extractor.box_shape(s), extractor.mask_shape(s), compression=compression)
-            )
-            for s, path in enumerate(seg_paths)
-        ]
-        for view, ds in enumerate(datasets):
-            for batch in _batches(ds, seg, batch_size, workers):
-                for blocks in extractor(batch, view):
-                    for w, block in zip(writers, blocks):
-                        w.append(block)
-                if bar:
-                    bar.update(len(batch["inputs"]))
-
-
-def _merge_segments(shard_path, segments, extractor, stage, attrs, compression) -> None:
-    from crat_ft.cache import CacheWriter
-
-    shape = (extractor.box_shape(stage), extractor.mask_shape(stage))
-    with CacheWriter(shard_path, attrs, *shape, compression=compression) as w:
-        for seg in segments:
-            w.append_file(seg)
-
-
-class _SpaceCheck:
-    """Stops an extraction early when the disk cannot hold the projected cache.
-
-    After the first segment this run writes, the mean size of the segments on
-    disk projects the ones still to write plus the merged shard file (a copy of
-    all segments, written before they are removed), with a margin of
-    :data:`SPACE_MARGIN`, times the shards still unfinished (every rank writes to
-    the same disk, so each checks for all of them).
-    """
-
-    def __init__(self, out: Path, seg_dir: Path, n_segments: int, unfinished_shards: int = 1) -> None:
-        self.out, self.seg_dir, self.n_segments = out, seg_dir, n_segments
-        self.unfinished = max(1, unfinished_shards)
-        self.checked = False
-
-    def after_write(self) -> None:
-        from crat_ft.common.files import StorageError, free_bytes
-
-        if self.checked:
-            return
-        self.checked = True
-        sizes = [p.stat().st_size for p in self.seg_dir.glob("seg-*.h5")]
-        per_segment = sum(sizes) / len(sizes)
-        need = SPACE_MARGIN * per_segment * ((self.n_segments - len(sizes)) + self.n_segments) * self.unfinished
-        free = free_bytes(self.out)
-        if need > free:
-            shards = f", for {self.unfinished} unfinished shards" if self.unfinished > 1 else ""
-            raise StorageError(
-                f"not enough free space in {self.out}: the cache needs about {need / 2**20:.1f} MiB more "
-                f"(projected from {len(sizes)} segment(s), with the merged shard{shards}), {free / 2**20:.1f} MiB are free; "
-                "free space or choose another --out and rerun with --resume (or pass --skip-space-check)"
-            )
-
-
-def _remove_segments(out: Path, seg_dir: Path) -> None:
-    shutil.rmtree(seg_dir, ignore_errors=True)
-    try:
-        (out / ".segments").rmdir()
-    except OSError:
-        pass
-
-
-def _report_shard(
-    shard_path: Path, rank: int, world: int, n_images: int, n_classes: int, seconds: float, stage: int, stages: int
-) -> None:
-    from crat_ft.cache import open_cache
-
-    with open_cache(shard_path) as f:
-        labels = f["rois/label"][...]
-        n_masks = f["masks/roi_index"].shape[0]
-    where = f" stage {stage}" if stages > 1 else ""
-    print(
-        f"extract-features: shard {rank}/{world}{where}: {n_images} images, {len(labels)} RoIs, "
-        f"{int((labels < n_classes).sum())} positives, "
-        f"{n_masks} masks, {shard_path.stat().st_size / 2**20:.1f} MiB, {seconds:.1f} s -> {shard_path}",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-def _finish_index(out: Path, world: int, shards: list[Path]) -> Path:
-    """Build each stage's index once every shard of it exists.
-
-    Returns:
-        ``out/index.h5`` (a cascade: ``out``, holding ``stage-<s>/index.h5``)
-        when every index is built, else this shard's (first stage's) file.
-    """
-    from crat_ft.cache import build_index
-
-    done = True
-    for shard in shards:
-        all_shards = [shard.parent / shard_name(i, world) for i in range(world)]
-        if all(s.exists() for s in all_shards):
-            build_index(all_shards, shard.parent / INDEX_FILE)
-        else:
-            done = False
-    if not done:
-        return shards[0]
-    return out / INDEX_FILE if len(shards) == 1 else out
 
 
 def dry_run(config, checkpoint, *, sample_images: int = 8, policy: RoIPolicy = RoIPolicy(), **kwargs) -> str:
