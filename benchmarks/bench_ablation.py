@@ -168,9 +168,9 @@ def _data(root: Path, bench: str, seed: int) -> Path:
 
 
 def _detector_stage(config: Path, options: list[str], work: Path, what: str, data: Path, seed: int, log) -> Path:
-    """Train a detector, or reuse it when its run record matches (``crat_ft.pipeline.demo.run_stage``)."""
+    """Train a detector, or reuse it when its run record matches (``crat_ft.pipeline.demo_stages.run_stage``)."""
     from crat_ft.common.run_record import RECORD_FILE, read_record
-    from crat_ft.pipeline.demo import run_stage
+    from crat_ft.pipeline.demo_stages import run_stage
     from crat_ft.pipeline.train_detector import DETECTOR_FILE, detector_record, detector_train_config, train_detector
 
     with contextlib.redirect_stdout(log):
@@ -185,7 +185,7 @@ def _detector_stage(config: Path, options: list[str], work: Path, what: str, dat
 
 def _train(root: Path, bench: str, seed: int, arm: str, data: Path, stage1_iters: int, log) -> dict:
     """Train one arm end to end, or reuse it when its run record matches what this run would write
-    (``crat_ft.pipeline.demo.run_stage``); returns the evaluation job of :func:`crat_ft.pipeline.demo.evaluate_stages`."""
+    (``crat_ft.pipeline.demo_stages.run_stage``); returns the evaluation job of :func:`crat_ft.pipeline.demo_stages.evaluate_stages`."""
     from crat_ft.common.lvis_json import categories_with_counts, load_lvis_json
     from crat_ft.common.paths import demo_config
     from crat_ft.pipeline.ablate import MASS_FILE, measured_mass
@@ -219,7 +219,7 @@ def _decoupled(root: Path, bench: str, seed: int, data: Path, stage1_iters: int,
     from crat_ft.common.run_record import difference_text
     from crat_ft.detector.roi_policy import RoIPolicy
     from crat_ft.pipeline.ablate import run_ablation
-    from crat_ft.pipeline.demo import run_stage
+    from crat_ft.pipeline.demo_stages import run_stage
     from crat_ft.pipeline.extract import extract_features, planned_settings
     from crat_ft.pipeline.extract_settings import recorded_settings
 
@@ -252,7 +252,7 @@ def run_seed(root: Path, bench: str, mode: str, seed: int, stage1_iters: int, lo
     """
     from crat_ft.common.lvis_json import load_lvis_json
     from crat_ft.pipeline.ablate import analyze_arm
-    from crat_ft.pipeline.demo import EVALUATION_RECORD, evaluate_stages
+    from crat_ft.pipeline.demo_stages import EVALUATION_RECORD, evaluate_stages
 
     data = _data(root, bench, seed)
     seed_dir = root / bench / mode / f"s{seed}"

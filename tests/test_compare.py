@@ -215,7 +215,7 @@ def test_seeds_with_a_val_split_each(tmp_path):
 def test_demo_summary_carries_intervals_oracle_and_verdict(tmp_path):
     """What the demo prints and writes after its evaluations, on a made-up pair of models."""
     from crat_ft.analysis.compare import matches_path
-    from crat_ft.pipeline.demo import delta_table, what_the_run_shows
+    from crat_ft.pipeline.demo_report import delta_table, what_the_run_shows
 
     gt, models = make_split(9, models=2, masks=True)
     (tmp_path / "data" / "annotations").mkdir(parents=True)

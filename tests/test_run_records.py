@@ -154,7 +154,7 @@ def test_resume_takes_last_checkpoint_and_never_deletes_a_checkpoint(tmp_path, c
 
 
 def test_a_stage_is_reused_continued_or_redone_by_its_record(tmp_path, capsys):
-    from crat_ft.pipeline.demo import plan_stage
+    from crat_ft.pipeline.demo_stages import plan_stage
 
     out = tmp_path / "stage1"
     wanted = {"settings": {"train_cfg.max_iters": 24}}

@@ -30,151 +30,13 @@ from pathlib import Path
 from crat_ft.common.errors import UserError
 from crat_ft.common.files import atomic_write_text
 from crat_ft.common.paths import demo_config
-from crat_ft.evaluation.lvis import format_table
+from crat_ft.pipeline.demo_report import delta_table, what_the_run_shows
+from crat_ft.pipeline.demo_stages import data_record, evaluate_stages, load_json, run_stage, say
 from crat_ft.pipeline.retrain import retrain_heads
 from crat_ft.pipeline.retrain_record import HEADS_FILE
 from crat_ft.pipeline.train_detector import DETECTOR_FILE, train_detector
 from crat_ft.synthetic.dataset import make_demo_data
 from crat_ft.synthetic.variants import DEFAULT_SHARING, DemoDataSpec
-
-DELTA_KEYS = ("AP", "APr", "APc", "APf")
-
-
-def _say(msg: str) -> None:
-    print(f"[crat-ft demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def plan_stage(
-    what: str, out: Path, done, wanted: dict, recorded: dict | None, *, differ=None, clear=None, say_new: bool = True
-):
-    """Decide one stage of a chain: reuse it, continue it, or (re)make it. Exact or redone.
-
-    - the record matches ``wanted`` and every ``done`` file exists: reused (said);
-    - the record matches and the output is missing: a run killed with these settings, continued;
-    - ``out`` holds anything else (another record, or none): ``clear`` (default ``out``) is removed
-      and the stage redone, the console saying why in one line;
-    - nothing there: made.
-
-    Args:
-        out: what the stage writes (a directory, or its main file).
-        done: the file, or files, that exist once the stage finished.
-        wanted: the record this invocation would write.
-        recorded: the record found (None: none).
-        differ: ``f(recorded, wanted)``: the first difference in words, or None
-            (default :func:`crat_ft.common.run_record.difference_text`).
-        clear: what to remove before a redo (default ``[out]``).
-        say_new: say ``what`` when the stage is made where nothing was (the caller may say it for several).
-
-    Returns:
-        None (reuse), ``"resume"`` or ``"run"``.
-    """
-    import shutil
-
-    from crat_ft.common.run_record import difference_text
-
-    done = [done] if isinstance(done, Path) else list(done)
-    why = None if recorded is None else (differ or difference_text)(recorded, wanted)
-    if recorded is not None and why is None:
-        if all(p.exists() for p in done):
-            _say(f"{what}: done before, reusing {done[0]}")
-            return None
-        _say(f"{what}: continuing the unfinished run in {out}")
-        return "resume"
-    holds = out.exists() and (not out.is_dir() or any(out.iterdir()))
-    if not holds and recorded is None:
-        if say_new:
-            _say(what)
-        return "run"
-    _say(f"{what}: redoing, {out} " + (f"was made with {why}" if why else "holds no record of what made it"))
-    for path in clear if clear is not None else [out]:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    return "run"
-
-
-def run_stage(what: str, out: Path, done, wanted: dict, recorded: dict | None, fn, *, differ=None, log=None) -> bool:
-    """One stage of a chain: :func:`plan_stage`, then ``fn(resume)`` unless reused. Returns whether it ran.
-
-    With ``log`` (an open text file), what the stage prints on stdout goes
-    there: mmengine's loggers write their console output to ``sys.stdout`` as
-    it is when they are created, so a Runner built inside the stage logs to the
-    file. Progress bars (stderr) and this function's lines stay on the console.
-    """
-    action = plan_stage(what, out, done, wanted, recorded, differ=differ)
-    if action is None:
-        return False
-    t0 = time.time()
-    with contextlib.redirect_stdout(log) if log is not None else contextlib.nullcontext():
-        fn(action == "resume")
-    _say(f"{what}: done in {time.time() - t0:.0f} s")
-    return True
-
-
-def data_record(spec: DemoDataSpec) -> dict:
-    """The run record of the demo's data: the generator's spec (the data is a function of it)."""
-    from dataclasses import asdict
-
-    return {"command": "make-demo-data", "settings": asdict(spec)}
-
-
-EVALUATION_RECORD = "evaluation.json"
-
-
-def evaluation_record(config, options, checkpoint, heads, data: Path) -> dict:
-    """The run record of one evaluation: the config and its options, and by sha256 the config file, the
-    detector, the heads (if any) and the val annotations."""
-    from crat_ft.common.files import sha256_file
-    from crat_ft.common.run_record import data_identity
-
-    return {
-        "command": "evaluate",
-        "settings": {"config": Path(config).name, "cfg_options": list(options)},
-        "inputs": {
-            "config": "sha256:" + sha256_file(config),
-            "checkpoint": "sha256:" + sha256_file(checkpoint),
-            "heads": None if heads is None else "sha256:" + sha256_file(heads),
-            "data": data_identity([data / "annotations" / "lvis_v1_val.json"]),
-        },
-        "paths": {"checkpoint": str(checkpoint), "heads": None if heads is None else str(heads)},
-    }
-
-
-def evaluate_stages(jobs: dict[str, dict], data: Path, log) -> None:
-    """Evaluate each job (``evaluate_jobs``' keyword arguments) whose output and record are not this
-    invocation's, side by side; write each one's record (:data:`EVALUATION_RECORD`) beside its metrics."""
-    from crat_ft.common.run_record import read_record, write_record
-    from crat_ft.pipeline.evaluate_jobs import evaluate_jobs
-
-    todo, records = {}, {}
-    for name, job in jobs.items():
-        out = Path(job["out"])
-        record_file = out.with_name(EVALUATION_RECORD)
-        wanted = evaluation_record(
-            job["config"], job.get("cfg_options") or [], job["checkpoint"], job.get("heads"), data
-        )
-        action = plan_stage(
-            f"evaluating {name}", out, (out, out.with_name("results.segm.json")), wanted, read_record(record_file),
-            clear=[record_file], say_new=False,
-        )  # fmt: skip
-        if action is not None:
-            todo[name], records[name] = job, wanted
-    if not todo:
-        return
-    what = f"evaluating {', '.join(todo)} (LVIS protocol, val split)"
-    _say(what)
-    t0 = time.time()
-    with contextlib.redirect_stdout(log):
-        evaluate_jobs(todo, log=log)
-    for name, job in todo.items():
-        write_record(Path(job["out"]).with_name(EVALUATION_RECORD), records[name])
-    _say(f"{what}: done in {time.time() - t0:.0f} s")
-
-
-def _load_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 def _check_reused_data(data: Path, spec: DemoDataSpec) -> None:
@@ -182,7 +44,7 @@ def _check_reused_data(data: Path, spec: DemoDataSpec) -> None:
     ann = data / "annotations" / "lvis_v1_train.json"
     if not ann.is_file():
         return
-    info = _load_json(ann).get("info", {})
+    info = load_json(ann).get("info", {})
     made = (info.get("variant", "colour-shapes"), info.get("sharing"))
     wanted = (spec.variant, spec.recorded_sharing)
     if made != wanted:
@@ -190,89 +52,6 @@ def _check_reused_data(data: Path, spec: DemoDataSpec) -> None:
             f"demo: {data} holds the {made[0]} data (sharing {made[1]}), not {wanted[0]} (sharing {wanted[1]}); "
             "pass another --work-dir"
         )
-
-
-def delta_table(
-    summary: dict, models=("stage1", "baseline", "crat"), arms=("baseline", "crat"), names=("baseline", "CRAT")
-) -> str:
-    """The table of ``models``, then B - A (``arms``, called ``names``) with its paired bootstrap intervals
-    and the class-oracle AP per frequency group, bbox and segm; a last line of verdict."""
-    lines = []
-    a, b = arms
-    said = f"{names[1]} - {names[0]}"
-    cmp = summary.get(f"{b}_vs_{a}")
-    for iou in ("bbox", "segm"):
-        lines.append(format_table({k: summary[k][iou] for k in models}, title=f"\n{iou} (LVIS v1 protocol, %)"))
-        if cmp and iou in cmp:
-            cells = [
-                f"{k} {100 * m['delta']:+.1f} [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]"
-                for k, m in cmp[iou].items()
-            ]
-            lines.append(f"{said} (95% paired bootstrap over val images): " + "  ".join(cells))
-        else:
-            d = {k: 100 * (summary[b][iou][k] - summary[a][iou][k]) for k in DELTA_KEYS}
-            lines.append(f"{said}: " + "  ".join(f"{k} {v:+.1f}" for k, v in d.items()))
-        oracle = summary.get(f"class_oracle_{b}_vs_{a}", {}).get(iou)
-        if oracle:
-            lines.append(
-                "class-oracle AP (each detection takes the class of the ground truth it overlaps most): "
-                + f"{names[0]} "
-                + "  ".join(f"{k} {100 * m['a']:.1f}" for k, m in oracle.items())
-            )
-            cells = [
-                f"{k} {100 * m['delta']:+.1f} [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}]"
-                for k, m in oracle.items()
-            ]
-            lines.append(f"class-oracle AP, {said} (95% paired bootstrap): " + "  ".join(cells))
-        if all("fixed" in summary[k] for k in models):
-            lines.append(
-                "AP-fixed (10,000 per class, no per-image cap): "
-                + "  ".join(
-                    f"{k} AP {100 * summary[k]['fixed'][iou]['AP']:.1f} APr {100 * summary[k]['fixed'][iou]['APr']:.1f}"
-                    for k in models
-                )
-            )
-    if summary.get("verdict"):
-        lines.append("\n" + "\n".join(summary["verdict"]))
-    return "\n".join(lines)
-
-
-def what_the_run_shows(
-    work_dir: Path, data: Path, seed: int, arms: tuple[str, str] = ("baseline", "crat"), names=("baseline", "CRAT")
-) -> dict:
-    """B - A (``arms``: the runs' directories in ``work_dir``; ``names``: what the console calls them) with
-    paired bootstrap intervals, the class-oracle AP and the error decomposition of both, and the verdict
-    sentences; ``errors_bbox.png`` / ``errors_segm.png`` in ``work_dir``."""
-    from crat_ft.analysis.compare import compare, compare_tables, verdict
-    from crat_ft.analysis.error_analysis import analyze_errors, plot_errors
-    from crat_ft.common.lvis_json import load_lvis_json
-    from crat_ft.evaluation.detections import Detections
-    from crat_ft.evaluation.results import load_results_file
-
-    gt = data / "annotations" / "lvis_v1_val.json"
-    a, b = arms
-    _say(f"{names[1]} - {names[0]}: paired bootstrap over val images, class-oracle AP and error decomposition")
-    result = compare(gt, str(work_dir / a), str(work_dir / b), bootstrap_seed=seed)
-    gt_doc = load_lvis_json(gt)
-    errors, oracle_pairs = {}, {}
-    for name in arms:
-        dets = Detections.from_dicts(load_results_file(work_dir / name / "results.segm.json"), masks=True)
-        errors[name] = {}
-        for iou in ("bbox", "segm"):
-            tables: dict = {}
-            errors[name][iou] = analyze_errors(gt_doc, dets, iou, tables=tables)
-            oracle_pairs.setdefault(iou, [[]])[0].append(tables["oracle"])
-    oracle = compare_tables({iou: [tuple(p[0])] for iou, p in oracle_pairs.items()}, bootstrap_seed=seed)
-    for iou in ("bbox", "segm"):
-        plot_errors(errors, iou, work_dir / f"errors_{iou}.png")
-    return {
-        f"{b}_vs_{a}": result,
-        "class_oracle_AP": {name: {iou: e[iou]["oracle_AP"] for iou in e} for name, e in errors.items()},
-        f"class_oracle_{b}_vs_{a}": oracle,
-        "errors": errors,
-        "verdict": [verdict(result, names, "APr", iou) for iou in ("bbox", "segm")]
-        + [verdict(oracle, names, key, "bbox", what="class-oracle AP") for key in ("APr", "AP")],
-    }
 
 
 def _demo_data(data: Path, spec: DemoDataSpec) -> None:
@@ -344,7 +123,7 @@ def run_demo(
     # a line per stage, progress bars and the result tables. Left open: mmengine's loggers
     # keep writing to it until the process ends.
     log = open(work_dir / "demo.log", "a")
-    _say(f"framework logs: {work_dir / 'demo.log'}")
+    say(f"framework logs: {work_dir / 'demo.log'}")
 
     _demo_data(data, spec)
 
@@ -420,10 +199,10 @@ def run_demo(
         for name in models
     }
     evaluate_stages(jobs, data, log)
-    summary = {name: _load_json(work_dir / name / "metrics.json") for name in models}
+    summary = {name: load_json(work_dir / name / "metrics.json") for name in models}
     summary.update(what_the_run_shows(work_dir, data, seed))
 
-    cats = categories_by_id(_load_json(data / "annotations" / "lvis_v1_train.json"))
+    cats = categories_by_id(load_json(data / "annotations" / "lvis_v1_train.json"))
     plot_ap_change(
         read_per_class_csv(work_dir / "baseline" / "metrics_per_class.csv"),
         read_per_class_csv(work_dir / "crat" / "metrics_per_class.csv"),
@@ -438,19 +217,19 @@ def run_demo(
             config, detector, {"baseline": work_dir / "baseline" / HEADS_FILE, "CRAT": crat_heads}, data, gallery
         )
     if shown:
-        _say(f"rare classes side by side ({', '.join(shown)}): {gallery}")
+        say(f"rare classes side by side ({', '.join(shown)}): {gallery}")
     else:
-        _say("no rare class has a validation instance: no rare-class picture")
+        say("no rare class has a validation instance: no rare-class picture")
     plot_fisher_embedding(crat_heads, work_dir / "fisher_embedding.png")
     (work_dir / "rare_fisher_neighbors.txt").write_text(fisher_neighbors(crat_heads, top=5) + "\n")
 
     summary["settings"] = settings
     atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=2))
     print(delta_table(summary))
-    _say(
+    say(
         f"total {time.time() - t_start:.0f} s; summary {work_dir / 'summary.json'}, plots and rare_fisher_neighbors.txt in {work_dir}"
     )
-    _say(f"CRAT against its controls over seeds: crat-ft ablate {demo_config().parents[1] / 'ablate' / 'crat_controls.py'} "
+    say(f"CRAT against its controls over seeds: crat-ft ablate {demo_config().parents[1] / 'ablate' / 'crat_controls.py'} "
          f"--cache {cache.parent} --data-root {data} --work-dir {work_dir / 'ablate'}")  # fmt: skip
     return summary
 
@@ -491,7 +270,7 @@ def run_demo_e2e(
     data = work_dir / "data"
     t_start = time.time()
     log = open(work_dir / "demo.log", "a")  # left open: mmengine's loggers keep writing to it
-    _say(f"framework logs: {work_dir / 'demo.log'}")
+    say(f"framework logs: {work_dir / 'demo.log'}")
     _demo_data(data, spec)
     runs = {"plain": demo_config(), "crat": demo_config(E2E_CONFIG)}
     for name, config in runs.items():
@@ -517,11 +296,11 @@ def run_demo_e2e(
     }  # fmt: skip
     evaluate_stages(jobs, data, log)
     arms, names = ("plain", "crat"), ("plain", "CRAT e2e")
-    summary = {name: _load_json(work_dir / name / "metrics.json") for name in arms}
+    summary = {name: load_json(work_dir / name / "metrics.json") for name in arms}
     summary.update(what_the_run_shows(work_dir, data, seed, arms=arms, names=names))
     summary["settings"] = dict(variant=variant, sharing=sharing, seed=seed, detector_iters=detector_iters,
                                train_images=train_images, val_images=val_images)  # fmt: skip
     atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=2))
     print(delta_table(summary, models=arms, arms=arms, names=names))
-    _say(f"total {time.time() - t_start:.0f} s; summary {work_dir / 'summary.json'}")
+    say(f"total {time.time() - t_start:.0f} s; summary {work_dir / 'summary.json'}")
     return summary
