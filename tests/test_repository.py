@@ -129,6 +129,12 @@ def test_every_package_is_installed():
     assert packages - listed == set()
 
 
+def test_no_module_is_longer_than_450_lines():
+    # a longer module does more than one job: split it along its seams (docs/architecture.md#module-map)
+    lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in SOURCES}
+    assert {path: n for path, n in lengths.items() if n > 450} == {}
+
+
 def test_no_module_imports_another_modules_private_names():
     offenders = []
     for path in [*SOURCES, *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
