@@ -58,12 +58,12 @@ SIZES = {
         "train.checkpoint_interval=4",
         "train.log_interval=1",
         "train.num_workers=0",
-    ],  # fmt: skip
+    ],
     "evaluate": [
         "test_dataloader.dataset.pipeline.1.scale=(1333,160)",
         "model.test_cfg.rpn.max_per_img=8",
         "model.test_cfg.rcnn.max_per_img=100",
-    ],  # fmt: skip
+    ],
 }
 RUN = ("env", "extract-features", "inspect-cache", "retrain-heads", "export", "evaluate", "compare", "analyze-errors")
 RETRAINED = ("bbox_head.fc_cls", "bbox_head.fc_reg", "mask_head.conv_logits")  # from the default fc/logits cache
@@ -100,7 +100,7 @@ def plan(command: str) -> Step:
         return Step("detector config", command, ["bash", "-c", command])
     if "\n" in command:
         raise ValueError(f"docs/lvis.md: a command of several lines the test does not know: {command!r}")
-    if command.startswith(TORCHRUN_8):
+    if command.startswith(TORCHRUN_8):  # --standalone: a free port, beside other torchrun jobs
         launch = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={NPROC}"]
         rest = command[len(TORCHRUN_8) :]
     elif command.startswith("crat-ft "):
@@ -108,7 +108,7 @@ def plan(command: str) -> Step:
     else:
         raise ValueError(f"docs/lvis.md: a command the test does not know: {command!r}; map it in {__name__}.plan")
     args = shlex.split(rest)
-    sub = args[0]
+    sub = args[0] if args else ""
     if sub in NOT_RUN:
         return Step(sub, command, args=args)
     if sub not in RUN:
