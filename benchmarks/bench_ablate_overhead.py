@@ -42,7 +42,7 @@ def crat_ft(*args) -> float:
 
 def by_hand(spec, det, cache: Path, data: Path, out: Path, seeds: list[int]) -> float:
     """The retrain-heads and evaluate commands of every arm x seed, one after another; their total time."""
-    from crat_ft.ablate import measured_mass
+    from crat_ft.pipeline.ablate import measured_mass
 
     total = 0.0
     for seed in seeds:
@@ -63,9 +63,9 @@ def by_hand(spec, det, cache: Path, data: Path, out: Path, seeds: list[int]) -> 
 
 
 def main() -> None:
-    from crat_ft.ablate import open_detector
-    from crat_ft.ablate_arms import load_arms
-    from crat_ft.paths import config_root
+    from crat_ft.common.paths import config_root
+    from crat_ft.pipeline.ablate import open_detector
+    from crat_ft.pipeline.ablate_arms import load_arms
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", type=Path, default=Path("work_dirs/demo"), help="a finished `crat-ft demo` work dir")

@@ -16,7 +16,7 @@ Modes: ``e2e``, the demo detector trained by mmdet with the arm's heads (the plu
 ``configs/demo/mask-rcnn_r18_fpn_tiny_crat-e2e_synthetic.py``; the transfusion gradient also reaches the
 shared trunk); ``decoupled``, the ``plain`` e2e detector of the seed, its RoI features cached, and the
 class-wise layers retrained from the cache with the arm (the demo's fine-tune configs): the runs of
-``crat-ft ablate configs/ablate/crat_controls.py`` with the seed (:func:`crat_ft.ablate.run_ablation`).
+``crat-ft ablate configs/ablate/crat_controls.py`` with the seed (:func:`crat_ft.pipeline.ablate.run_ablation`).
 
 Benchmarks and seeds:
 
@@ -52,8 +52,8 @@ last, and compared with ``plain`` and with ``crat``; every other setting is the 
   classes with fewer training instances than y, so the frequent classes' layers receive nothing.
 
 Each seed's arms are trained one after another, then evaluated side by side
-(``crat_ft.stage1.evaluate_jobs``). A finished stage (detector, cache, heads, evaluation) is reused only
-when its run record (``crat_ft.run_record``) matches what this run would write; otherwise it is redone,
+(``crat_ft.pipeline.evaluate_jobs.evaluate_jobs``). A finished stage (detector, cache, heads, evaluation) is reused only
+when its run record (``crat_ft.common.run_record``) matches what this run would write; otherwise it is redone,
 with the stages that depend on it, and the console says why (as ``crat-ft demo`` does). Every run
 writes, as it ends, ``ROOT/<benchmark>/<mode>/s<seed>/<arm>/``: ``arm.json`` (the config and
 ``--cfg-options`` it was trained with and its time; decoupled, as ``crat-ft ablate`` records them), ``metrics.json`` (LVIS bbox/segm), the
@@ -102,16 +102,16 @@ DONORS = {"crat": "fisher", "uniform": "uniform", "permuted": "permuted"}
 
 def stage1_options(iters: int) -> list[str]:
     """The demo config's schedule (600 iterations: warm-up 100, steps at 450 and 550) scaled to ``iters``."""
-    from crat_ft.stage1 import demo_schedule
+    from crat_ft.pipeline.train_detector import demo_schedule
 
     return demo_schedule(iters)
 
 
 @functools.cache
 def decoupled_arms():
-    """The decoupled arms: the ARMS file of ``crat-ft ablate`` (:func:`crat_ft.ablate_arms.load_arms`)."""
-    from crat_ft.ablate_arms import load_arms
-    from crat_ft.paths import config_root
+    """The decoupled arms: the ARMS file of ``crat-ft ablate`` (:func:`crat_ft.pipeline.ablate_arms.load_arms`)."""
+    from crat_ft.common.paths import config_root
+    from crat_ft.pipeline.ablate_arms import load_arms
 
     return load_arms(config_root() / "ablate" / "crat_controls.py")
 
@@ -156,7 +156,8 @@ def _say(msg: str) -> None:
 
 
 def _data(root: Path, bench: str, seed: int) -> Path:
-    from crat_ft.synthetic import DemoDataSpec, make_demo_data
+    from crat_ft.synthetic.dataset import make_demo_data
+    from crat_ft.synthetic.variants import DemoDataSpec
 
     spec = BENCHMARKS[bench]
     data = root / bench / "data" / f"s{seed}"
@@ -167,10 +168,10 @@ def _data(root: Path, bench: str, seed: int) -> Path:
 
 
 def _detector_stage(config: Path, options: list[str], work: Path, what: str, data: Path, seed: int, log) -> Path:
-    """Train a detector, or reuse it when its run record matches (``crat_ft.demo.run_stage``)."""
-    from crat_ft.demo import run_stage
-    from crat_ft.run_record import RECORD_FILE, read_record
-    from crat_ft.stage1 import DETECTOR_FILE, detector_record, detector_train_config, train_detector
+    """Train a detector, or reuse it when its run record matches (``crat_ft.pipeline.demo_stages.run_stage``)."""
+    from crat_ft.common.run_record import RECORD_FILE, read_record
+    from crat_ft.pipeline.demo_stages import run_stage
+    from crat_ft.pipeline.train_detector import DETECTOR_FILE, detector_record, detector_train_config, train_detector
 
     with contextlib.redirect_stdout(log):
         wanted = detector_record(detector_train_config(config, options, data, seed))
@@ -184,10 +185,10 @@ def _detector_stage(config: Path, options: list[str], work: Path, what: str, dat
 
 def _train(root: Path, bench: str, seed: int, arm: str, data: Path, stage1_iters: int, log) -> dict:
     """Train one arm end to end, or reuse it when its run record matches what this run would write
-    (``crat_ft.demo.run_stage``); returns the evaluation job of :func:`crat_ft.demo.evaluate_stages`."""
-    from crat_ft.ablate import MASS_FILE, measured_mass
-    from crat_ft.lvis_json import categories_with_counts, load_lvis_json
-    from crat_ft.paths import demo_config
+    (``crat_ft.pipeline.demo_stages.run_stage``); returns the evaluation job of :func:`crat_ft.pipeline.demo_stages.evaluate_stages`."""
+    from crat_ft.common.lvis_json import categories_with_counts, load_lvis_json
+    from crat_ft.common.paths import demo_config
+    from crat_ft.pipeline.ablate import MASS_FILE, measured_mass
 
     seed_dir = root / bench / "e2e" / f"s{seed}"
     out = seed_dir / arm
@@ -213,13 +214,14 @@ def _train(root: Path, bench: str, seed: int, arm: str, data: Path, stage1_iters
 def _decoupled(root: Path, bench: str, seed: int, data: Path, stage1_iters: int, log) -> None:
     """The decoupled arms of one seed: the seed's ``plain`` e2e detector and its cache (each reused only when
     its run record matches), then ``crat-ft ablate``'s runs of ``configs/ablate/crat_controls.py`` with this
-    seed (:func:`crat_ft.ablate.run_ablation`: retraining, evaluation side by side, error analysis)."""
-    from crat_ft.ablate import run_ablation
-    from crat_ft.demo import run_stage
-    from crat_ft.extract import extract_features, planned_settings, recorded_settings
-    from crat_ft.paths import demo_config
-    from crat_ft.roi_policy import RoIPolicy
-    from crat_ft.run_record import difference_text
+    seed (:func:`crat_ft.pipeline.ablate.run_ablation`: retraining, evaluation side by side, error analysis)."""
+    from crat_ft.common.paths import demo_config
+    from crat_ft.common.run_record import difference_text
+    from crat_ft.detector.roi_policy import RoIPolicy
+    from crat_ft.pipeline.ablate import run_ablation
+    from crat_ft.pipeline.demo_stages import run_stage
+    from crat_ft.pipeline.extract import extract_features, planned_settings
+    from crat_ft.pipeline.extract_settings import recorded_settings
 
     where = f"{bench} decoupled seed {seed}"
     plain_config, plain_options = arm_settings("e2e", "plain", None, stage1_iters)
@@ -248,9 +250,9 @@ def run_seed(root: Path, bench: str, mode: str, seed: int, stage1_iters: int, lo
     Every stage is reused only when its run record matches what this run would write (an arm trained or
     evaluated with other settings, or by an older crat-ft that recorded none, is redone).
     """
-    from crat_ft.ablate import analyze_arm
-    from crat_ft.demo import EVALUATION_RECORD, evaluate_stages
-    from crat_ft.lvis_json import load_lvis_json
+    from crat_ft.common.lvis_json import load_lvis_json
+    from crat_ft.pipeline.ablate import analyze_arm
+    from crat_ft.pipeline.demo_stages import EVALUATION_RECORD, evaluate_stages
 
     data = _data(root, bench, seed)
     seed_dir = root / bench / mode / f"s{seed}"
@@ -351,9 +353,9 @@ def _pair_row(root: Path, bench: str, mode: str, a: str, b: str, seeds: list[int
     the rare classes' bbox error decomposition of both (mean over the seeds), CRAT's mass ratios."""
     import numpy as np
 
-    from crat_ft.compare import compare, compare_tables
-    from crat_ft.error_analysis import ERROR_TYPES
-    from crat_ft.matching import MatchTable
+    from crat_ft.analysis.compare import compare, compare_tables
+    from crat_ft.analysis.error_analysis import ERROR_TYPES
+    from crat_ft.evaluation.matching import MatchTable
 
     base = root / bench / mode
     gt = str(root / bench / "data" / "s{seed}" / "annotations" / "lvis_v1_val.json")
@@ -390,7 +392,7 @@ def _table(rows: list[dict], title: str, head: list[str], cells) -> list[str]:
 
 def finished(root: Path, plot: Path | None) -> str:
     """The tables of what exists under ``root`` (also written to ``root/ablation.md`` / ``ablation.json``)."""
-    from crat_ft.error_analysis import ERROR_TYPES
+    from crat_ft.analysis.error_analysis import ERROR_TYPES
 
     old = json.loads((root / "ablation.json").read_text()) if (root / "ablation.json").exists() else []
     cached = {(r["benchmark"], r["mode"], r["a"], r["b"], tuple(r["seeds"])): r for r in old if "inputs" in r}

@@ -41,7 +41,7 @@ def main() -> None:
 
 
 def measure(reader, args, label: str) -> None:
-    from crat_ft.sampling import RoIBatchSampler
+    from crat_ft.heads.sampling import RoIBatchSampler
 
     sampler = RoIBatchSampler.from_reader(
         reader,

@@ -32,7 +32,7 @@ def _peak_rss_gib() -> float:
 
 
 def demo_scale(demo_dir: Path, resamples: int) -> None:
-    from crat_ft.compare import compare
+    from crat_ft.analysis.compare import compare
 
     gt = demo_dir / "data" / "annotations" / "lvis_v1_val.json"
     t0 = time.perf_counter()
@@ -50,10 +50,10 @@ def demo_scale(demo_dir: Path, resamples: int) -> None:
 def lvis_scale(n_images: int, resamples: int) -> None:
     from bench_lvis_eval_scale import make_gt, write_detections
 
-    from crat_ft.bootstrap import category_ap, paired_resamples, summarize
-    from crat_ft.detections import Detections, load_spilled
-    from crat_ft.evaluation import lvis_metrics
-    from crat_ft.matching import index_ground_truth, match_table
+    from crat_ft.analysis.bootstrap import category_ap, paired_resamples, summarize
+    from crat_ft.evaluation.detections import Detections, load_spilled
+    from crat_ft.evaluation.lvis import lvis_metrics
+    from crat_ft.evaluation.matching import index_ground_truth, match_table
 
     rng = np.random.default_rng(0)
     gt = make_gt(n_images, rng)

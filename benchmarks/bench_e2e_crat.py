@@ -28,12 +28,15 @@ STAGES = ("end to end", "+ decoupled baseline", "+ decoupled CRAT")
 def run_seed(root: Path, seed: int, log) -> dict:
     """``{(detector, stage): metrics}`` of one seed."""
     from crat_ft.cache import INDEX_FILE
-    from crat_ft.extract import extract_features
-    from crat_ft.paths import demo_config
-    from crat_ft.retrain import HEADS_FILE, retrain_heads
-    from crat_ft.roi_policy import RoIPolicy
-    from crat_ft.stage1 import DETECTOR_FILE, evaluate_detector, train_detector
-    from crat_ft.synthetic import DemoDataSpec, make_demo_data
+    from crat_ft.common.paths import demo_config
+    from crat_ft.detector.roi_policy import RoIPolicy
+    from crat_ft.pipeline.evaluate import evaluate_detector
+    from crat_ft.pipeline.extract import extract_features
+    from crat_ft.pipeline.retrain import retrain_heads
+    from crat_ft.pipeline.retrain_record import HEADS_FILE
+    from crat_ft.pipeline.train_detector import DETECTOR_FILE, train_detector
+    from crat_ft.synthetic.dataset import make_demo_data
+    from crat_ft.synthetic.variants import DemoDataSpec
 
     data = root / "data"
     if not (data / "annotations" / "lvis_v1_val.json").exists():

@@ -39,11 +39,11 @@ def main() -> None:
     from mmdet.registry import DATASETS
     from mmengine.dataset import pseudo_collate
 
-    from crat_ft.config import prepare_config
-    from crat_ft.detector import build_frozen_detector
-    from crat_ft.extract import extract_features
-    from crat_ft.paths import demo_config
-    from crat_ft.registry import register_all
+    from crat_ft.common.paths import demo_config
+    from crat_ft.detector.frozen import build_frozen_detector
+    from crat_ft.engine.config import prepare_config
+    from crat_ft.heads.registry import register_all
+    from crat_ft.pipeline.extract import extract_features
 
     torch.set_num_threads(args.threads)
     register_all()

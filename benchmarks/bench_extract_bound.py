@@ -53,7 +53,7 @@ def _random_checkpoint(config: Path, out: Path) -> Path:
     import torch
     from mmdet.registry import MODELS
 
-    from crat_ft.config import load_config
+    from crat_ft.engine.config import load_config
 
     torch.manual_seed(0)
     torch.save({"state_dict": MODELS.build(load_config(config).model).state_dict(), "meta": {}}, out)
@@ -66,8 +66,8 @@ def bare_forward(model, dataset, readers, n: int, batch_size: int) -> None:
     from mmdet.structures.bbox import bbox2roi
     from mmengine.dataset import pseudo_collate
 
-    from crat_ft.extractor import Extractor
-    from crat_ft.roi_policy import RoIPolicy
+    from crat_ft.detector.extractor import Extractor
+    from crat_ft.detector.roi_policy import RoIPolicy
 
     ex = Extractor(model, RoIPolicy(), instance_count=None)
     try:
@@ -108,12 +108,13 @@ def main() -> None:
     from mmdet.registry import DATASETS
 
     from crat_ft.cache import RoIReader, stage_indexes
-    from crat_ft.config import base_dataset_cfg, prepare_config
-    from crat_ft.detector import build_frozen_detector
-    from crat_ft.extract import extract_features
-    from crat_ft.extractor import extraction_pipeline
-    from crat_ft.registry import register_all
-    from crat_ft.synthetic import DemoDataSpec, make_demo_data
+    from crat_ft.detector.extractor import extraction_pipeline
+    from crat_ft.detector.frozen import build_frozen_detector
+    from crat_ft.engine.config import base_dataset_cfg, prepare_config
+    from crat_ft.heads.registry import register_all
+    from crat_ft.pipeline.extract import extract_features
+    from crat_ft.synthetic.dataset import make_demo_data
+    from crat_ft.synthetic.variants import DemoDataSpec
 
     torch.set_num_threads(args.threads)
     register_all()

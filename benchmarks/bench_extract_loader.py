@@ -5,7 +5,7 @@ Self-contained (random weights; nothing downloaded), in one run:
 (a) mmdet's LVIS v1 Mask R-CNN R50 config at its own 800 px pipeline, on the synthetic images
     relabelled into LVIS's 1203 categories: images/s of the extraction pipeline alone (decode,
     resize, rasterise polygons: what a DataLoader worker does) against images/s of the
-    detector's extraction forward (:class:`crat_ft.extractor.Extractor`) on this device. A loader
+    detector's extraction forward (:class:`crat_ft.detector.extractor.Extractor`) on this device. A loader
     slower than the forward starves the device unless workers decode in parallel.
 (b) ``crat-ft extract-features`` of the demo detector with ``--workers 0`` and ``--workers N``:
     images/s of each and their ratio (the caches are the same, which tests/test_extract.py checks).
@@ -27,9 +27,9 @@ def _loader_vs_forward(data: Path, n: int, batch: int, device: str) -> tuple[flo
     from mmdet.registry import DATASETS, MODELS
     from mmengine.dataset import pseudo_collate
 
-    from crat_ft.config import base_dataset_cfg, prepare_config
-    from crat_ft.extractor import Extractor, extraction_pipeline
-    from crat_ft.roi_policy import RoIPolicy
+    from crat_ft.detector.extractor import Extractor, extraction_pipeline
+    from crat_ft.detector.roi_policy import RoIPolicy
+    from crat_ft.engine.config import base_dataset_cfg, prepare_config
 
     config = Path(mmdet.__file__).parent / ".mim" / "configs" / "lvis" / "mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1.py"
     cfg = prepare_config(config, (), data, ("train_dataloader",))
@@ -67,11 +67,12 @@ def main() -> None:
     from gpu_check import lvis_1203  # benchmarks/: the synthetic data relabelled into 1203 categories
     from mmdet.registry import MODELS
 
-    from crat_ft.config import load_config
-    from crat_ft.extract import extract_features
-    from crat_ft.paths import demo_config
-    from crat_ft.registry import register_all
-    from crat_ft.synthetic import DemoDataSpec, make_demo_data
+    from crat_ft.common.paths import demo_config
+    from crat_ft.engine.config import load_config
+    from crat_ft.heads.registry import register_all
+    from crat_ft.pipeline.extract import extract_features
+    from crat_ft.synthetic.dataset import make_demo_data
+    from crat_ft.synthetic.variants import DemoDataSpec
 
     register_all()
     device = "cuda" if torch.cuda.is_available() else "cpu"

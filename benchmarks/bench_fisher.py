@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from crat_ft.transfusion import box_sample_fisher
+from crat_ft.heads.transfusion import box_sample_fisher
 
 
 def autograd_loop(feats, weight, bias, labels, target):

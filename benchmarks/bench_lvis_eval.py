@@ -113,7 +113,7 @@ def main() -> None:
     np.float = float  # lvis-api 0.5.3 uses np.float, removed in numpy 1.24
     from lvis import LVIS, LVISEval, LVISResults
 
-    from crat_ft.evaluation import METRIC_KEYS, lvis_metrics
+    from crat_ft.evaluation.lvis import METRIC_KEYS, lvis_metrics
 
     gt = synthetic_gt(args.images, args.classes, args.seed)
     dets = detections(gt, args.dets_per_image, args.seed + 1, args.heavy_every, args.heavy_dets)

@@ -61,7 +61,7 @@ def make_gt(n_images: int, rng) -> dict:
 def write_detections(gt: dict, spill_dir: Path, per_image: int, rng) -> int:
     import pycocotools.mask as mask_util
 
-    from crat_ft.detections import Detections, DetectionSpill
+    from crat_ft.evaluation.detections import Detections, DetectionSpill
 
     by_image: dict[int, list] = {}
     for a in gt["annotations"]:
@@ -104,9 +104,9 @@ def write_detections(gt: dict, spill_dir: Path, per_image: int, rng) -> int:
 CRAT_CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from crat_ft.detections import load_spilled
-from crat_ft.evaluation import lvis_metrics
-from crat_ft.lvis_json import load_lvis_json
+from crat_ft.evaluation.detections import load_spilled
+from crat_ft.evaluation.lvis import lvis_metrics
+from crat_ft.common.lvis_json import load_lvis_json
 gt = load_lvis_json(sys.argv[1])
 dets = load_spilled(sys.argv[2])
 if len(sys.argv) > 3:  # the subset: images 1..N
@@ -125,7 +125,7 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 np.float = float  # lvis-api 0.5.3 still uses np.float
 t0 = time.perf_counter()
 from lvis import LVIS, LVISEval, LVISResults
-from crat_ft.detections import load_spilled
+from crat_ft.evaluation.detections import load_spilled
 dets = load_spilled(sys.argv[2])
 rows = np.nonzero(dets.image_id <= int(sys.argv[3]))[0]
 results = dets.to_dicts(rows, with_masks=True)

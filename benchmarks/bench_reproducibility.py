@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from crat_ft.paths import demo_config
+    from crat_ft.common.paths import demo_config
 
     exe = str(Path(sys.executable).with_name("crat-ft"))
     work = args.work or Path(tempfile.mkdtemp(prefix="crat-ft-repro-"))

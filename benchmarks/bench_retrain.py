@@ -41,8 +41,8 @@ def lvis_r50_fixture(work: Path, images: int) -> tuple[Path, Path, Path, Path]:
     from mmdet.registry import MODELS
 
     from crat_ft.cache import INDEX_FILE
-    from crat_ft.config import load_config
-    from crat_ft.extract import extract_features
+    from crat_ft.engine.config import load_config
+    from crat_ft.pipeline.extract import extract_features
 
     config = Path(mmdet.__file__).parent / ".mim" / "configs" / "lvis" / "mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1.py"
     fix = work / "lvis_r50_fixture"
@@ -102,15 +102,15 @@ def main() -> None:
     from mmengine.dataset import pseudo_collate
 
     from crat_ft.cache import RoIReader
-    from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
-    from crat_ft.config import base_dataset_cfg, prepare_config
-    from crat_ft.detector import build_frozen_detector
-    from crat_ft.extractor import Extractor, extraction_pipeline
-    from crat_ft.ft_config import load_ft_config
-    from crat_ft.paths import config_root, demo_config
-    from crat_ft.registry import register_all
-    from crat_ft.retrain import build_cache_loader, build_heads
-    from crat_ft.roi_policy import RoIPolicy
+    from crat_ft.common.paths import config_root, demo_config
+    from crat_ft.detector.extractor import Extractor, extraction_pipeline
+    from crat_ft.detector.frozen import build_frozen_detector
+    from crat_ft.detector.roi_policy import RoIPolicy
+    from crat_ft.engine.checkpoint import load_checkpoint_file, state_dict_of
+    from crat_ft.engine.config import base_dataset_cfg, prepare_config
+    from crat_ft.heads.ft_config import load_ft_config
+    from crat_ft.heads.registry import register_all
+    from crat_ft.pipeline.retrain_builders import build_cache_loader, build_heads
 
     torch.set_num_threads(args.threads)
     register_all()

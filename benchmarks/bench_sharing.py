@@ -66,7 +66,7 @@ def family_share(work: Path, tau: float = 0.05) -> tuple[float, float]:
 
 def collect(root: Path, sharing: list[float], seeds: list[int]) -> dict:
     """``{s: {seed: {"summary": ..., "headroom": ...}}}``, running what is missing."""
-    from crat_ft.demo import run_demo
+    from crat_ft.pipeline.demo import run_demo
 
     rows: dict = {}
     for s in sharing:

@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--root", default="work_dirs/seeds")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
-    from crat_ft.demo import run_demo
+    from crat_ft.pipeline.demo import run_demo
 
     rows = []
     for seed in args.seeds:

@@ -27,9 +27,10 @@ KEYS = ("AP", "APr")
 
 
 def run_variant(work: Path, name: str, options: list[str], seed: int) -> dict:
-    from crat_ft.paths import demo_config
-    from crat_ft.retrain import HEADS_FILE, retrain_heads
-    from crat_ft.stage1 import evaluate_detector
+    from crat_ft.common.paths import demo_config
+    from crat_ft.pipeline.evaluate import evaluate_detector
+    from crat_ft.pipeline.retrain import retrain_heads
+    from crat_ft.pipeline.retrain_record import HEADS_FILE
 
     out = work / "variants" / name
     metrics = out / "metrics.json"

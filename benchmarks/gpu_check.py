@@ -80,8 +80,8 @@ def random_checkpoint(config: Path, out: Path) -> Path:
     import torch
     from mmdet.registry import MODELS
 
-    from crat_ft.config import load_config
-    from crat_ft.registry import register_all
+    from crat_ft.engine.config import load_config
+    from crat_ft.heads.registry import register_all
 
     if not out.exists():
         register_all()
@@ -142,8 +142,9 @@ def main() -> None:
     import mmdet
     import torch
 
-    from crat_ft.paths import config_root, demo_config
-    from crat_ft.synthetic import DemoDataSpec, make_demo_data
+    from crat_ft.common.paths import config_root, demo_config
+    from crat_ft.synthetic.dataset import make_demo_data
+    from crat_ft.synthetic.variants import DemoDataSpec
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if args.device_less:

@@ -82,9 +82,9 @@ def headroom(work: Path, control: bool = False) -> dict:
     done = json.loads(out_file.read_text()) if out_file.is_file() else {}
     if all(branch in done.get(kind, {}) for kind, branch, _ in swaps):
         return done
-    from crat_ft.files import atomic_write_text
-    from crat_ft.paths import demo_config
-    from crat_ft.stage1 import evaluate_detector
+    from crat_ft.common.files import atomic_write_text
+    from crat_ft.common.paths import demo_config
+    from crat_ft.pipeline.evaluate import evaluate_detector
 
     heads = torch.load(work / "baseline" / "heads.pth", weights_only=True)
     base = json.loads((work / "baseline" / "metrics.json").read_text())

@@ -31,7 +31,7 @@ import torch
 def analyse(model, ann_path: Path, image_root: Path, score_thr: float = 0.05) -> dict:
     from mmdet.apis import inference_detector
 
-    from crat_ft.gallery import box_ious, gt_mask
+    from crat_ft.analysis.gallery import box_ious, gt_mask
 
     data = json.loads(ann_path.read_text())
     cats = sorted(c["id"] for c in data["categories"])
@@ -83,10 +83,10 @@ def main() -> int:
 
     from mmdet.apis import init_detector
 
-    from crat_ft.checkpoint import allow_mmengine_pickles
-    from crat_ft.export import export_checkpoint
-    from crat_ft.paths import demo_config
-    from crat_ft.registry import register_all
+    from crat_ft.common.paths import demo_config
+    from crat_ft.engine.checkpoint import allow_mmengine_pickles
+    from crat_ft.heads.export import export_checkpoint
+    from crat_ft.heads.registry import register_all
 
     register_all()
     allow_mmengine_pickles()

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from crat_ft.synthetic import DemoDataSpec, make_demo_data
+from crat_ft.synthetic.dataset import make_demo_data
+from crat_ft.synthetic.variants import DemoDataSpec
 
 TINY_SPEC = DemoDataSpec(seed=3, train_images=40, val_images=10, classes=40)
 
@@ -46,13 +47,13 @@ def extract_args(detector, data, *options) -> list:
 
 def retrain_args(cache, work_dir, ft_config: str = "crat_synthetic.py") -> list:
     """Arguments of ``crat-ft retrain-heads`` with a demo fine-tune config, ``cache`` and ``work_dir``."""
-    from crat_ft.paths import demo_config
+    from crat_ft.common.paths import demo_config
 
     return ["retrain-heads", demo_config(ft_config), "--cache", cache, "--work-dir", work_dir]
 
 
 def demo_config_path() -> Path:
-    from crat_ft.paths import demo_config
+    from crat_ft.common.paths import demo_config
 
     return demo_config()
 

@@ -4,7 +4,7 @@ A Runner built from the detector config with its own ``CratLVISMetric`` test eva
 names no ``spill_dir``; ``launcher='pytorch'``. Two steps differ from mmdet's script, both as a
 user of this stack would do them: the data root and class names are set with crat-ft's
 ``set_data_root``/``sync_dataset_classes`` (mmdet's LVIS dataset otherwise names LVIS's 1203
-classes), and the process group is set up by ``crat_ft.dist`` (mmengine's launcher needs CUDA).
+classes), and the process group is set up by ``crat_ft.common.dist`` (mmengine's launcher needs CUDA).
 
 Usage: mmdet_style_eval.py CONFIG CHECKPOINT DATA_ROOT WORK_DIR OUT_JSON [--keep-detections].
 Every rank writes ``OUT_JSON.rank<r>`` with the directory of the metric's spilled detections; rank 0 writes the
@@ -19,10 +19,10 @@ from pathlib import Path
 
 from mmengine.runner import Runner
 
-from crat_ft.config import load_config, set_data_root, sync_dataset_classes
-from crat_ft.dist import distributed_runner_cfg
-from crat_ft.metric import CratLVISMetric
-from crat_ft.registry import register_all
+from crat_ft.common.dist import distributed_runner_cfg
+from crat_ft.engine.config import load_config, set_data_root, sync_dataset_classes
+from crat_ft.evaluation.metric import CratLVISMetric
+from crat_ft.heads.registry import register_all
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from crat_ft.runner import unwrap
+from crat_ft.engine.runner import unwrap
 
 
 @HOOKS.register_module()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import crat_ft_exe, run_cli
-from crat_ft.paths import demo_config
+from crat_ft.common.paths import demo_config
 
 # both arms: 8 steps, a checkpoint every 2 (a killed run has one to continue from)
 FAST = (
@@ -141,8 +141,8 @@ def test_a_changed_arm_is_refused(ablated, tiny_data, tiny_cache, tmp_path):
 @pytest.mark.slow
 def test_a_second_ablation_of_the_work_dir_is_refused(ablated, tiny_data, tiny_cache):
     """While one ablation holds W's lock, another is one line naming its pid, and W is unchanged."""
-    from crat_ft.ablate import LOCK_FILE
-    from crat_ft.files import RunLock
+    from crat_ft.common.files import RunLock
+    from crat_ft.pipeline.ablate import LOCK_FILE
 
     arms, work, _ = ablated
     before = {p: p.stat().st_mtime_ns for p in work.rglob("*")}
@@ -206,7 +206,7 @@ def test_a_bad_arms_file_is_one_line_and_writes_nothing(arm, message, tmp_path):
 
 
 def test_measured_values_enter_options_exactly():
-    from crat_ft.ablate_arms import evaluate_expression
+    from crat_ft.pipeline.ablate_arms import evaluate_expression
 
     r = 0.1234567890123456789
     assert evaluate_expression("1 + {crat.mass_box}", lambda arm, q: r) == 1 + r
@@ -217,7 +217,7 @@ def test_measured_values_enter_options_exactly():
 
 def test_a_resumed_runs_mass_windows_count_once(tmp_path):
     """crat.log_mass windows: the mean over logged iterations; a window a resumed run logs again counts once."""
-    from crat_ft.ablate import measured_mass
+    from crat_ft.pipeline.ablate import measured_mass
 
     runs = {"20260101_000000": [(1, 0.1, 0.5), (2, 0.3, 0.7)], "20260101_000100": [(2, 0.3, 0.7), (3, 0.5, 0.9)]}
     for name, lines in runs.items():

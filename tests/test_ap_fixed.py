@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from test_evaluation import _random_dets, _square, crafted_gt, det
 
-from crat_ft.errors import UserError
-from crat_ft.evaluation import lvis_metrics, top_k_per_class
+from crat_ft.common.errors import UserError
+from crat_ft.evaluation.lvis import lvis_metrics, top_k_per_class
 
 IOUS = np.linspace(0.5, 0.95, 10)
 RECALLS = np.linspace(0.0, 1.0, 101)
@@ -225,7 +225,7 @@ def test_metric_spills_detections_to_disk_and_gathers_only_image_numbers(tiny_da
     import pycocotools.mask as mask_util
     import torch
 
-    from crat_ft.metric import CratLVISMetric
+    from crat_ft.evaluation.metric import CratLVISMetric
 
     ann = tiny_data / "annotations" / "lvis_v1_val.json"
     gt = json.loads(ann.read_text())

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from crat_ft.compare import matches_path
-from crat_ft.detections import Detections
-from crat_ft.evaluation import lvis_metrics
-from crat_ft.matching import match_table
+from crat_ft.analysis.compare import matches_path
+from crat_ft.evaluation.detections import Detections
+from crat_ft.evaluation.lvis import lvis_metrics
+from crat_ft.evaluation.matching import match_table
 from lvis_synth import make_split
 
 GT, (DETS, OTHER) = make_split(11, n_img=8, masks=True, models=2)
@@ -278,7 +278,7 @@ def test_the_rle_check_accepts_what_pycocotools_encodes_and_nothing_that_misdeco
     do not cover height x width, or that ends inside a run, is refused with the row it is in."""
     import pycocotools.mask as mask_util
 
-    from crat_ft.evaluation import rle_problem
+    from crat_ft.evaluation.checks import rle_problem
 
     rng = np.random.default_rng(0)
     masks = [np.zeros((5, 7)), np.ones((5, 7)), np.eye(1, 9), np.ones((1, 1)), np.zeros((300, 1))]

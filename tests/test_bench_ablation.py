@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from crat_ft.config import load_config
-from crat_ft.ft_config import load_ft_config
-from crat_ft.paths import demo_config
+from crat_ft.common.paths import demo_config
+from crat_ft.engine.config import load_config
+from crat_ft.heads.ft_config import load_ft_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

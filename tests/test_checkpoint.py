@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from crat_ft.checkpoint import load_checkpoint_file, state_dict_of
-from crat_ft.errors import UserError
+from crat_ft.common.errors import UserError
+from crat_ft.engine.checkpoint import load_checkpoint_file, state_dict_of
 
 
 def test_mmengine_runner_checkpoint_loads_safely(tmp_path):
@@ -130,7 +130,7 @@ def test_the_reported_exploit_names_the_refused_getattr(tmp_path):
 
 def test_dotted_global_names_are_not_walked():
     """Protocol 4 names globals by qualified name; the unpickler must not walk the dots."""
-    from crat_ft.checkpoint import UnsafePickleError, safe_pickle
+    from crat_ft.engine.checkpoint import UnsafePickleError, safe_pickle
 
     def stack_global(module, name):
         def enc(s):  # SHORT_BINUNICODE
@@ -156,7 +156,7 @@ def test_mmengine_loading_goes_through_the_safe_loader(tmp_path):
     from mmengine.logging import HistoryBuffer
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    from crat_ft.checkpoint import allow_mmengine_pickles, trusted_loading
+    from crat_ft.engine.checkpoint import allow_mmengine_pickles, trusted_loading
 
     allow_mmengine_pickles()
     target = tmp_path / "pwned"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import demo_config_path, run_cli
-from crat_ft.evaluation import METRIC_KEYS
+from crat_ft.evaluation.lvis import METRIC_KEYS
 
 
 def _one_line_error(r, pattern):
@@ -70,7 +70,7 @@ def test_plain_pip_install_works_from_any_directory(tmp_path):
         text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    code = "import crat_ft.cli.main as m, crat_ft.paths as p; print(m.__file__); print(p.demo_config())"
+    code = "import crat_ft.cli.main as m, crat_ft.common.paths as p; print(m.__file__); print(p.demo_config())"
     r = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -94,7 +94,7 @@ def test_train_and_evaluate_end_to_end(tiny_data, tiny_detector, tmp_path):
     metrics = json.loads(out.read_text())
     # the matches evaluate keeps re-accumulate to its metrics; its mmdet-style results give them too
     gt = tiny_data / "annotations" / "lvis_v1_val.json"
-    from crat_ft.compare import compare
+    from crat_ft.analysis.compare import compare
 
     same = compare(gt, str(tmp_path), str(out))
     dicts = json.loads(prefix.with_suffix(".segm.json").read_text())

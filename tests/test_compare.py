@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from crat_ft.bootstrap import category_ap, paired_resamples, resample_weights, seeded_interval, summarize
-from crat_ft.compare import compare
-from crat_ft.detections import Detections
-from crat_ft.errors import UserError
-from crat_ft.evaluation import lvis_metrics
-from crat_ft.matching import MatchTable, match_table
+from crat_ft.analysis.bootstrap import category_ap, paired_resamples, resample_weights, seeded_interval, summarize
+from crat_ft.analysis.compare import compare
+from crat_ft.common.errors import UserError
+from crat_ft.evaluation.detections import Detections
+from crat_ft.evaluation.lvis import lvis_metrics
+from crat_ft.evaluation.matching import MatchTable, match_table
 from lvis_synth import make_split, resampled_split
 
 KEYS = ("AP", "AP50", "APr", "APc", "APf")
@@ -214,8 +214,8 @@ def test_seeds_with_a_val_split_each(tmp_path):
 
 def test_demo_summary_carries_intervals_oracle_and_verdict(tmp_path):
     """What the demo prints and writes after its evaluations, on a made-up pair of models."""
-    from crat_ft.compare import matches_path
-    from crat_ft.demo import delta_table, what_the_run_shows
+    from crat_ft.analysis.compare import matches_path
+    from crat_ft.pipeline.demo_report import delta_table, what_the_run_shows
 
     gt, models = make_split(9, models=2, masks=True)
     (tmp_path / "data" / "annotations").mkdir(parents=True)
@@ -255,7 +255,7 @@ def test_t975_is_exact_for_any_number_of_seeds():
     """Beyond 30 degrees of freedom too: 41 seeds take t(40) = 2.021, not the normal 1.960."""
     from scipy.stats import t
 
-    from crat_ft.bootstrap import t975
+    from crat_ft.analysis.bootstrap import t975
 
     for df in (1, 2, 5, 29, 30, 31, 40, 59, 500):
         assert t975(df) == pytest.approx(t.ppf(0.975, df), rel=1e-12), df
@@ -271,7 +271,7 @@ def test_gt_fingerprint_covers_the_geometry(tmp_path):
     """Boxes, areas, masks and image sizes are part of the annotations a table was matched against."""
     import copy
 
-    from crat_ft.matching import index_ground_truth
+    from crat_ft.evaluation.matching import index_ground_truth
 
     gt, (dets,) = make_split(6, masks=True)
     base = index_ground_truth(gt).fingerprint()
@@ -311,7 +311,7 @@ def test_gt_fingerprint_covers_the_geometry(tmp_path):
 def test_matches_carry_the_identity_of_their_detections(tmp_path):
     """The id a metrics file records for its matches: the same detections give the same id, others another,
     and ``matches_ids`` reads it back from the saved files without their arrays."""
-    from crat_ft.compare import matches_ids
+    from crat_ft.analysis.compare import matches_ids
 
     gt, (a, b) = make_split(6, masks=True, models=2)
     ta, tb = (match_table(gt, Detections.from_dicts(d, masks=True), "segm") for d in (a, b))

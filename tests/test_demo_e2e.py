@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from crat_ft.config import load_config
+from crat_ft.engine.config import load_config
 
 E2E = ["demo", "--e2e", "--train-images", 24, "--val-images", 8]
 

@@ -71,7 +71,7 @@ def test_evaluate_under_torchrun_equals_one_process(tiny_data, tiny_detector, on
     # the metrics are equal; the matches' detection ids are not (two ranks move scores in their last bits)
     assert {k: v for k, v in one.items() if k != "matches"} == {k: v for k, v in two.items() if k != "matches"}
     assert outs[1].with_name("m_per_class.csv").read_text() == outs[2].with_name("m_per_class.csv").read_text()
-    from crat_ft.matching import MatchTable
+    from crat_ft.evaluation.matching import MatchTable
 
     for iou in ("bbox", "segm"):  # the matches crat-ft compare resamples are the same too
         a, b = (MatchTable.load(outs[n].with_name(f"m_matches_{iou}.npz")) for n in (1, 2))
@@ -182,7 +182,7 @@ def test_mmdet_style_test_script_without_spill_dir_equals_one_process(
 
 def _detections_in(spill: Path) -> dict:
     """The spilled detections, sorted by (image, category, score, box)."""
-    from crat_ft.detections import load_spilled
+    from crat_ft.evaluation.detections import load_spilled
 
     dets = load_spilled(spill)
     order = np.lexsort((dets.bbox[:, 1], dets.bbox[:, 0], -dets.score, dets.category_id, dets.image_id))
@@ -263,8 +263,8 @@ def test_a_rank_that_fails_alone_ends_every_rank_within_seconds(tiny_data, tiny_
 def _failing_metric_worker(rank: int, port: int, spill: str, queue) -> None:
     import torch.distributed as dist
 
-    from crat_ft.errors import UserError
-    from crat_ft.metric import CratLVISMetric
+    from crat_ft.common.errors import UserError
+    from crat_ft.evaluation.metric import CratLVISMetric
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2)

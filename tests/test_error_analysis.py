@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from crat_ft.detections import Detections
-from crat_ft.error_analysis import ERROR_TYPES, analyze_errors
-from crat_ft.evaluation import lvis_metrics
+from crat_ft.analysis.error_analysis import ERROR_TYPES, analyze_errors
+from crat_ft.evaluation.detections import Detections
+from crat_ft.evaluation.lvis import lvis_metrics
 from lvis_synth import make_split
 
 # AP50 of TP, FP, TP over 2 instances: precision 1 to recall 0.5 (51 of 101 points), 2/3 after

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from crat_ft.errors import UserError
-from crat_ft.evaluation import METRIC_KEYS, lvis_metrics, top_k_per_image
-from crat_ft.lvis_json import load_lvis_json
+from crat_ft.common.errors import UserError
+from crat_ft.common.lvis_json import load_lvis_json
+from crat_ft.evaluation.lvis import METRIC_KEYS, lvis_metrics, top_k_per_image
 
 # AP of one class with detections TP, FP, TP (scores descending) over 2 gts:
 # interpolated precision 1 up to recall 0.5 (51 of 101 points), 2/3 after (50 points)

@@ -13,8 +13,8 @@ import torch
 
 from conftest import crat_ft_exe, demo_config_path, extract_args, run_cli
 from crat_ft.cache import FORMAT_VERSION, RoIReader, open_cache, unpack_masks
-from crat_ft.errors import UserError
-from crat_ft.roi_policy import RoIPolicy, select_rois
+from crat_ft.common.errors import UserError
+from crat_ft.detector.roi_policy import RoIPolicy, select_rois
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +66,10 @@ def test_cached_values_equal_detector_computation(tiny_cache, tiny_detector, tin
     from mmdet.structures.mask import mask_target
     from mmengine.dataset import pseudo_collate
 
-    from crat_ft.config import base_dataset_cfg, prepare_config
-    from crat_ft.detector import build_frozen_detector
-    from crat_ft.extractor import extraction_pipeline
-    from crat_ft.registry import register_all
+    from crat_ft.detector.extractor import extraction_pipeline
+    from crat_ft.detector.frozen import build_frozen_detector
+    from crat_ft.engine.config import base_dataset_cfg, prepare_config
+    from crat_ft.heads.registry import register_all
 
     register_all()
     cfg = prepare_config(demo_config_path(), (), tiny_data, ("train_dataloader",))
@@ -239,8 +239,8 @@ def test_mmdet_real_lvis_config(tiny_data, tmp_path):
 
     from mmdet.registry import MODELS
 
-    from crat_ft.config import load_config
-    from crat_ft.registry import register_all
+    from crat_ft.engine.config import load_config
+    from crat_ft.heads.registry import register_all
 
     register_all()
     config = _mmdet_lvis_config()
@@ -320,7 +320,7 @@ def test_dry_run_projects_size_and_writes_nothing(tiny_data, tiny_detector, tmp_
 
 
 def test_project_size_caps():
-    from crat_ft.roi_policy import project_size
+    from crat_ft.detector.roi_policy import project_size
 
     counts = np.array([1, 10, 100000])
     p = project_size(
@@ -342,7 +342,7 @@ def test_project_size_caps():
 
 def test_reader_works_in_dataloader_workers(tiny_cache):
     """Each worker opens its own file handle: batches with 2 workers equal those read in-process."""
-    from crat_ft.sampling import CachedBatchDataset, RoIBatchSampler
+    from crat_ft.heads.sampling import CachedBatchDataset, RoIBatchSampler
 
     reader = RoIReader(tiny_cache, box_memory_bytes=0)  # every read goes to HDF5
     sampler = RoIBatchSampler.from_reader(reader, rois_per_batch=32, masks_per_batch=4, steps_per_epoch=4)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from crat_ft.paths import demo_config
+from crat_ft.common.paths import demo_config
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +58,8 @@ def _mmdet_config(family: str, tmp_path: Path) -> Path:
 def _random_checkpoint(config: Path, path: Path) -> dict:
     from mmdet.registry import MODELS
 
-    from crat_ft.config import load_config
-    from crat_ft.registry import register_all
+    from crat_ft.engine.config import load_config
+    from crat_ft.heads.registry import register_all
 
     register_all()
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def _random_checkpoint(config: Path, path: Path) -> dict:
 
 
 def _stage_layers(model) -> list[tuple]:
-    from crat_ft.detector import stage_heads
+    from crat_ft.detector.frozen import stage_heads
 
     return stage_heads(model)
 
@@ -80,10 +80,10 @@ def test_retrained_heads_equal_the_exported_mmdet_heads(family, tiny_data, tmp_p
     from mmdet.apis import init_detector
 
     from crat_ft.cache import RoIReader, stage_indexes
-    from crat_ft.checkpoint import allow_mmengine_pickles
-    from crat_ft.config import load_config
-    from crat_ft.ft_config import load_ft_config
-    from crat_ft.retrain import build_heads
+    from crat_ft.engine.checkpoint import allow_mmengine_pickles
+    from crat_ft.engine.config import load_config
+    from crat_ft.heads.ft_config import load_ft_config
+    from crat_ft.pipeline.retrain_builders import build_heads
 
     config = _mmdet_config(family, tmp_path)
     ckpt = tmp_path / "random.pth"

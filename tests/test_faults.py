@@ -20,7 +20,7 @@ import torch
 from test_extract import _assert_same, _tables
 
 from conftest import crat_ft_exe, demo_config_path, extract_args, retrain_args, run_cli
-from crat_ft.paths import demo_config
+from crat_ft.common.paths import demo_config
 
 pytestmark = pytest.mark.slow
 
@@ -398,7 +398,7 @@ def test_counts_are_validated_by_the_cli(tiny_data, tiny_detector, tmp_path):
 
 
 def test_evaluate_cleans_a_commit_interrupted_by_a_kill(tmp_path):
-    from crat_ft.files import commit_together, recover_journal
+    from crat_ft.common.files import commit_together, recover_journal
 
     out, csv = tmp_path / "m.json", tmp_path / "m_per_class.csv"
     (tmp_path / "a").write_text("csv")
@@ -418,7 +418,7 @@ def test_evaluate_cleans_a_commit_interrupted_by_a_kill(tmp_path):
 
 def _detections(directory: Path) -> dict:
     """The detections an evaluation spilled under ``directory``, in a fixed order."""
-    from crat_ft.detections import load_spilled
+    from crat_ft.evaluation.detections import load_spilled
 
     (spill,) = [p for p in directory.glob(".*.detections/run-*") if p.is_dir()]  # not its lock file
     dets = load_spilled(spill)
@@ -431,7 +431,8 @@ def _detections(directory: Path) -> dict:
 
 
 def test_evaluate_jobs_runs_detectors_with_their_own_options_side_by_side(tiny_data, tiny_detector, tmp_path):
-    from crat_ft.stage1 import evaluate_detector, evaluate_jobs
+    from crat_ft.pipeline.evaluate import evaluate_detector
+    from crat_ft.pipeline.evaluate_jobs import evaluate_jobs
 
     config = demo_config_path()
     options = {"300 per image": [], "20 per image": ["model.test_cfg.rcnn.max_per_img=20"]}
@@ -460,9 +461,10 @@ def test_evaluate_jobs_runs_detectors_with_their_own_options_side_by_side(tiny_d
 def test_side_by_side_evaluations_equal_one_by_one_and_a_failed_job_raises_its_error(
     tiny_data, tiny_detector, heads_file, tmp_path, capfd, monkeypatch
 ):
-    from crat_ft.errors import UserError
-    from crat_ft.metric import CratLVISMetric
-    from crat_ft.stage1 import evaluate_detector, evaluate_side_by_side
+    from crat_ft.common.errors import UserError
+    from crat_ft.evaluation.metric import CratLVISMetric
+    from crat_ft.pipeline.evaluate import evaluate_detector
+    from crat_ft.pipeline.evaluate_jobs import evaluate_side_by_side
 
     # keep each evaluation's detections beside its metrics, to compare them (the forked jobs inherit this)
     monkeypatch.setattr(CratLVISMetric, "_remove_spill", lambda self: None)
@@ -513,7 +515,7 @@ def test_side_by_side_evaluations_equal_one_by_one_and_a_failed_job_raises_its_e
 
 
 def _grandchild(parent: int, ready: Path) -> None:
-    from crat_ft.stage1 import die_with_parent
+    from crat_ft.pipeline.evaluate_jobs import die_with_parent
 
     die_with_parent(parent)
     ready.write_text(str(os.getpid()))

@@ -1,4 +1,4 @@
-"""crat_ft.files: storage-fault classification, atomic writes, stale temporaries, locks."""
+"""crat_ft.common.files: storage-fault classification, atomic writes, stale temporaries, locks."""
 
 import errno
 import os
@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from crat_ft.errors import StorageError, UserError
-from crat_ft.files import (
+from crat_ft.common.errors import StorageError, UserError
+from crat_ft.common.files import (
     RunLock,
     atomic_path,
     atomic_write_text,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from crat_ft.losses import GroupSoftmaxLoss, class_groups
+from crat_ft.heads.losses import GroupSoftmaxLoss, class_groups
 
 COUNTS = [3, 50, 2, 700, 5000, 12]  # groups: [0, 2], [1, 5], [3], [4]
 
@@ -120,7 +120,7 @@ def test_mmdet_bbox_head_builds_trains_and_predicts_with_it():
 
 
 def test_dual_softmax_scores_mix_the_two_classifiers():
-    from crat_ft.losses import DualSoftmaxScores
+    from crat_ft.heads.losses import DualSoftmaxScores
 
     torch.manual_seed(2)
     dual = DualSoftmaxScores(3, original_weight=0.25)

@@ -1,4 +1,4 @@
-"""CRAT inside mmdet's end-to-end training (crat_ft.plugin): the same numbers as the decoupled heads,
+"""CRAT inside mmdet's end-to-end training (crat_ft.heads.plugin): the same numbers as the decoupled heads,
 training through mmdet, Fisher statistics in checkpoints, and back to stock mmdet."""
 
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN_OPTIONS, run_cli
-from crat_ft.paths import demo_config
+from crat_ft.common.paths import demo_config
 
 E2E = "mask-rcnn_r18_fpn_tiny_crat-e2e_synthetic.py"
 C, D, K, S = 6, 16, 8, 7
@@ -19,9 +19,9 @@ def _heads_pair(mask_predictor: str):
     from mmdet.registry import MODELS
 
     import crat_ft.plugin  # noqa: F401  (registers the heads)
-    from crat_ft.ft_config import CratConfig
-    from crat_ft.heads import ClasswiseHeads
-    from crat_ft.registry import register_all
+    from crat_ft.heads.classwise import ClasswiseHeads
+    from crat_ft.heads.ft_config import CratConfig
+    from crat_ft.heads.registry import register_all
 
     register_all()
 
@@ -100,8 +100,8 @@ def test_plugin_batch_without_positives_gives_zero_loss_with_a_graph():
 def test_plugin_refuses_what_it_cannot_transfuse():
     from mmdet.registry import MODELS
 
-    import crat_ft.plugin  # noqa: F401
-    from crat_ft.errors import UserError
+    import crat_ft.heads.plugin  # noqa: F401
+    from crat_ft.common.errors import UserError
 
     with pytest.raises(UserError, match="CRAT's box branch needs class-wise regression"):
         MODELS.build(dict(type="CratShared2FCBBoxHead", num_classes=C, reg_class_agnostic=True))
@@ -158,7 +158,7 @@ def test_plugin_trains_with_mmdet_checkpoints_its_statistics_and_exports_to_stoc
     assert p.returncode == 0, p.stderr[-3000:]
     from mmdet.apis import inference_detector, init_detector
 
-    from crat_ft.checkpoint import allow_mmengine_pickles
+    from crat_ft.engine.checkpoint import allow_mmengine_pickles
 
     allow_mmengine_pickles()
     ours = inference_detector(
@@ -178,10 +178,10 @@ LVIS_E2E = {
 def test_lvis_e2e_configs_inherit_mmdets_files_and_build_the_plugin_heads(name):
     from mmdet.registry import MODELS
 
-    from crat_ft.config import load_config
-    from crat_ft.paths import config_root
-    from crat_ft.plugin import plain_config
-    from crat_ft.registry import register_all
+    from crat_ft.common.paths import config_root
+    from crat_ft.engine.config import load_config
+    from crat_ft.heads.plugin import plain_config
+    from crat_ft.heads.registry import register_all
 
     register_all()
     path = config_root() / "lvis" / name

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import demo_config_path, extract_args, run_cli
-from crat_ft.paths import demo_config
+from crat_ft.common.paths import demo_config
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ model = dict(roi_head=dict(
 def _random_detector(config, path):
     from mmdet.registry import MODELS
 
-    from crat_ft.config import load_config
-    from crat_ft.registry import register_all
+    from crat_ft.engine.config import load_config
+    from crat_ft.heads.registry import register_all
 
     register_all()
     torch.manual_seed(0)
@@ -36,9 +36,9 @@ def test_seesaw_normed_predictors_retrain_the_function_the_exported_detector_com
     from mmdet.apis import init_detector
 
     from crat_ft.cache import RoIReader
-    from crat_ft.checkpoint import allow_mmengine_pickles
-    from crat_ft.ft_config import load_ft_config
-    from crat_ft.retrain import build_heads
+    from crat_ft.engine.checkpoint import allow_mmengine_pickles
+    from crat_ft.heads.ft_config import load_ft_config
+    from crat_ft.pipeline.retrain_builders import build_heads
 
     config = tmp_path / "seesaw_normed.py"
     config.write_text(SEESAW.format(base=demo_config_path()))
@@ -68,7 +68,7 @@ def test_seesaw_normed_predictors_retrain_the_function_the_exported_detector_com
     reader = RoIReader(cache / "index.h5")
     ft = load_ft_config(demo_config("crat_synthetic.py"), options)
     det_state = torch.load(tmp_path / "seesaw.pth", weights_only=True)["state_dict"]
-    from crat_ft.config import load_config
+    from crat_ft.engine.config import load_config
 
     heads = build_heads(ft, reader, load_config(config), det_state)
     heads.load_state_dict(torch.load(work / "heads.pth", weights_only=True)["state_dict"])

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import demo_config_path, extract_args, retrain_args, run_cli
-from crat_ft.errors import UserError
-from crat_ft.paths import demo_config
+from crat_ft.common.errors import UserError
+from crat_ft.common.paths import demo_config
 
 SCHEDULE = [
     "train.max_iters=6",
@@ -105,7 +105,7 @@ def test_a_work_dir_is_resumed_only_with_its_own_settings(crat_work, tiny_cache,
 
 
 def test_a_resume_checks_cache_detector_and_world_size(tmp_path):
-    from crat_ft.retrain import RUN_FILE, check_resume
+    from crat_ft.pipeline.retrain_record import RUN_FILE, check_resume
 
     record = {
         "settings": {"crat.enable": True, "train.lr": 0.01},
@@ -157,7 +157,7 @@ def test_a_resume_checks_cache_detector_and_world_size(tmp_path):
     ],
 )  # fmt: skip
 def test_training_values_are_checked_when_the_config_is_read(option, message):
-    from crat_ft.ft_config import load_ft_config
+    from crat_ft.heads.ft_config import load_ft_config
 
     with pytest.raises(UserError) as err:
         load_ft_config(demo_config("crat_synthetic.py"), [option])

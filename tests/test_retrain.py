@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import demo_config_path, retrain_args, run_cli
-from crat_ft.errors import UserError
-from crat_ft.paths import demo_config
+from crat_ft.common.errors import UserError
+from crat_ft.common.paths import demo_config
 
 
 def _heads_options(iters=6, interval=3):
@@ -75,7 +75,7 @@ def test_export_round_trip(crat_run, tiny_cache, tiny_detector, tmp_path):
     from mmdet.apis import init_detector
 
     from crat_ft.cache import RoIReader
-    from crat_ft.checkpoint import allow_mmengine_pickles
+    from crat_ft.engine.checkpoint import allow_mmengine_pickles
 
     out = tmp_path / "merged.pth"
     r = run_cli("export", demo_config_path(), tiny_detector, crat_run / "heads.pth", "--out", out)
@@ -106,7 +106,7 @@ def test_export_round_trip(crat_run, tiny_cache, tiny_detector, tmp_path):
 
 
 def test_post_hoc_calibration_folds_into_fc_cls():
-    from crat_ft.export import merge_heads
+    from crat_ft.heads.export import merge_heads
 
     g = torch.Generator().manual_seed(0)
     det = {
@@ -130,7 +130,7 @@ def test_post_hoc_calibration_folds_into_fc_cls():
 def _ddp_worker(rank, world, port, q):
     import torch.distributed as dist
 
-    from crat_ft.transfusion import FisherStats
+    from crat_ft.heads.transfusion import FisherStats
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     stats = FisherStats(3, (2,), momentum=0.5)
@@ -229,7 +229,7 @@ def test_torchrun_ddp_retraining_all_reduces_fisher_statistics(tiny_cache, tmp_p
 
 
 def test_unknown_ft_config_key_is_an_error(tmp_path):
-    from crat_ft.ft_config import load_ft_config
+    from crat_ft.heads.ft_config import load_ft_config
 
     bad = tmp_path / "ft.py"
     bad.write_text("_base_ = ['%s']\ncrat = dict(box_lamda=0.1)\n" % demo_config("crat_synthetic.py"))
@@ -245,8 +245,8 @@ def test_unknown_ft_config_key_is_an_error(tmp_path):
 
 
 def test_non_finite_loss_stops_before_the_update():
-    from crat_ft.heads import ClasswiseHeads, NonFiniteLossError
-    from crat_ft.registry import register_all
+    from crat_ft.heads.classwise import ClasswiseHeads, NonFiniteLossError
+    from crat_ft.heads.registry import register_all
 
     register_all()
     heads = ClasswiseHeads(
@@ -266,7 +266,7 @@ def test_non_finite_gradients_and_weights_stop_before_anything_is_applied():
     """NonFiniteGuardHook: a finite loss with an infinite gradient, then a step that overflows the weights."""
     from types import SimpleNamespace
 
-    from crat_ft.hooks import NonFiniteError, NonFiniteGuardHook
+    from crat_ft.heads.hooks import NonFiniteError, NonFiniteGuardHook
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -293,7 +293,7 @@ def test_non_finite_gradients_and_weights_stop_before_anything_is_applied():
 
 
 def test_samplers_balance_classes():
-    from crat_ft.sampling import RoIBatchSampler
+    from crat_ft.heads.sampling import RoIBatchSampler
 
     labels = np.array([0] * 900 + [1] * 90 + [2] * 10 + [3] * 1000)  # 3 = background
     images = np.arange(2000) // 10
@@ -329,7 +329,7 @@ def test_a_resumed_loader_skips_past_steps_without_reading_them():
     """mmengine's loop advances the loader by the resumed iteration count; those batches are not read."""
     from mmengine.runner.loops import _InfiniteDataloaderIterator
 
-    from crat_ft.sampling import SKIPPED, CachedBatchDataset, RoIBatchSampler
+    from crat_ft.heads.sampling import SKIPPED, CachedBatchDataset, RoIBatchSampler
 
     class CountingReader:
         """Cache rows as their own index, counting the reads."""
@@ -368,9 +368,9 @@ def test_a_resumed_loader_skips_past_steps_without_reading_them():
 
 def test_mask_weights_from_box_statistics():
     """crat.mask_weights='box': mask transfusion weighted by the box Fisher of the masks' RoIs (the reference's choice)."""
-    from crat_ft.ft_config import CratConfig
-    from crat_ft.heads import ClasswiseHeads
-    from crat_ft.registry import register_all
+    from crat_ft.heads.classwise import ClasswiseHeads
+    from crat_ft.heads.ft_config import CratConfig
+    from crat_ft.heads.registry import register_all
 
     register_all()
     g = torch.Generator().manual_seed(0)
@@ -413,9 +413,9 @@ def test_mask_weights_from_box_statistics():
 )
 def test_mmdet_rebalanced_classifier_losses(loss_cls, width):
     """EQLv2 and Seesaw come from mmdet; Seesaw's extra objectness channel needs a re-initialised classifier."""
-    from crat_ft.ft_config import CratConfig
-    from crat_ft.heads import ClasswiseHeads
-    from crat_ft.registry import register_all
+    from crat_ft.heads.classwise import ClasswiseHeads
+    from crat_ft.heads.ft_config import CratConfig
+    from crat_ft.heads.registry import register_all
 
     register_all()
     g = torch.Generator().manual_seed(0)
@@ -450,7 +450,7 @@ def test_mmdet_rebalanced_classifier_losses(loss_cls, width):
     }
     if width == 5:
         heads.reinit_cls = False
-        from crat_ft.detector import CLASSWISE_LAYERS
+        from crat_ft.detector.frozen import CLASSWISE_LAYERS
 
         with pytest.raises(
             UserError, match=r"fc_cls.weight has shape \(4, 6\) in the checkpoint but the retrained head needs \(5, 6\)"
@@ -463,7 +463,7 @@ def test_group_softmax_heads_export_with_their_config(tiny_cache, tiny_detector,
     """Group softmax: retrain, export writes the config with the loss, mmdet loads both and predicts through it."""
     from mmdet.apis import inference_detector, init_detector
 
-    from crat_ft.checkpoint import allow_mmengine_pickles
+    from crat_ft.engine.checkpoint import allow_mmengine_pickles
 
     work = tmp_path / "bags"
     r = run_cli(
@@ -556,10 +556,10 @@ def test_roi_level_cache_retrains_the_trunks_and_exports_them(roi_cache, tiny_de
     from mmdet.apis import init_detector
 
     from crat_ft.cache import RoIReader
-    from crat_ft.checkpoint import allow_mmengine_pickles
-    from crat_ft.ft_config import load_ft_config
-    from crat_ft.registry import register_all
-    from crat_ft.retrain import build_heads
+    from crat_ft.engine.checkpoint import allow_mmengine_pickles
+    from crat_ft.heads.ft_config import load_ft_config
+    from crat_ft.heads.registry import register_all
+    from crat_ft.pipeline.retrain_builders import build_heads
 
     work = tmp_path / "roi"
     r = run_cli(*retrain_args(roi_cache, work), "--cfg-options", *_heads_options(iters=4, interval=4))
@@ -580,7 +580,7 @@ def test_roi_level_cache_retrains_the_trunks_and_exports_them(roi_cache, tiny_de
     model = init_detector(str(demo_config_path()), str(out), device="cpu")
     register_all()
     reader = RoIReader(roi_cache)
-    from crat_ft.config import load_config
+    from crat_ft.engine.config import load_config
 
     heads = build_heads(load_ft_config(demo_config("crat_synthetic.py")), reader, load_config(demo_config_path()), det)
     heads.load_state_dict(sd)
@@ -602,7 +602,7 @@ def test_export_combining_the_original_classifier(crat_run, tiny_detector, tiny_
     """--combine-original: both classifiers in one fc_cls, mmdet predicts with the mixed softmax scores."""
     from mmdet.apis import inference_detector, init_detector
 
-    from crat_ft.checkpoint import allow_mmengine_pickles
+    from crat_ft.engine.checkpoint import allow_mmengine_pickles
 
     out = tmp_path / "dual.pth"
     r = run_cli(
@@ -659,7 +659,7 @@ def test_console_shows_what_matters_and_the_framework_log_the_rest(tiny_cache, t
 def test_rare_class_gallery_draws_the_rarest_classes(crat_run, tiny_detector, tiny_data, tmp_path):
     import cv2
 
-    from crat_ft.gallery import CAPTION_H, SCALE, pick_rare_examples, rare_class_gallery
+    from crat_ft.analysis.gallery import CAPTION_H, SCALE, pick_rare_examples, rare_class_gallery
 
     train = json.loads((tiny_data / "annotations/lvis_v1_train.json").read_text())
     val = json.loads((tiny_data / "annotations/lvis_v1_val.json").read_text())
@@ -693,7 +693,7 @@ def test_rare_class_gallery_draws_the_rarest_classes(crat_run, tiny_detector, ti
 
 
 def test_gallery_box_ious_and_gt_mask_by_hand():
-    from crat_ft.gallery import box_ious, gt_mask
+    from crat_ft.analysis.gallery import box_ious, gt_mask
 
     boxes = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30]], float)
     np.testing.assert_allclose(box_ious(boxes, np.array([0, 0, 10, 10.0])), [1, 25 / 175, 0], atol=1e-8)
@@ -704,9 +704,9 @@ def test_gallery_box_ious_and_gt_mask_by_hand():
 
 
 def test_donor_groups_restrict_transfusion_to_a_group(tmp_path):
-    from crat_ft.ft_config import CratConfig, read_donor_groups
-    from crat_ft.heads import ClasswiseHeads
-    from crat_ft.transfusion import FisherStats, transfusion_weights
+    from crat_ft.heads.classwise import ClasswiseHeads
+    from crat_ft.heads.ft_config import CratConfig, read_donor_groups
+    from crat_ft.heads.transfusion import FisherStats, transfusion_weights
 
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({"a_cup": "cup", "b_cup": "cup", "a_dog": "dog", "b_dog": "dog"}))

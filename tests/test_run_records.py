@@ -1,5 +1,5 @@
 """Exact or refused: every command that writes a model or a stage records what decides it
-(crat_ft.run_record) and never overwrites a run, resumes or reuses one made with other settings,
+(crat_ft.common.run_record) and never overwrites a run, resumes or reuses one made with other settings,
 or deletes a checkpoint that fails to load.
 
 Each refusal asserts the one error line, the exit code and the md5 of every file before and after.
@@ -16,7 +16,7 @@ import torch
 from test_refusals import _error_line, _files
 
 from conftest import TINY_TRAIN_OPTIONS, demo_config_path, retrain_args, run_cli
-from crat_ft.errors import UserError
+from crat_ft.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = "rerun with the recorded settings, or choose a new --work-dir"
@@ -47,9 +47,9 @@ def _train_args(work: Path, data: Path, *options: str, seed: int = 0) -> list:
 
 
 def test_records_name_the_first_difference_and_leave_operational_keys_out(tmp_path):
-    from crat_ft.ft_config import load_ft_config, read_donor_groups, run_settings
-    from crat_ft.paths import demo_config
-    from crat_ft.run_record import OPERATIONAL_KEYS, UNSET, difference_text, first_difference, flat_settings
+    from crat_ft.common.paths import demo_config
+    from crat_ft.common.run_record import OPERATIONAL_KEYS, UNSET, difference_text, first_difference, flat_settings
+    from crat_ft.heads.ft_config import load_ft_config, read_donor_groups, run_settings
 
     tree = {
         "model": {"type": "MaskRCNN", "roi_head": {"bbox_head": {"loss_bbox": {"loss_weight": 1.0}}}},
@@ -105,7 +105,7 @@ def test_records_name_the_first_difference_and_leave_operational_keys_out(tmp_pa
 
 
 def test_resume_takes_last_checkpoint_and_never_deletes_a_checkpoint(tmp_path, capsys):
-    from crat_ft.runner import resume_point
+    from crat_ft.engine.runner import resume_point
 
     # a copied work dir: last_checkpoint names iter_20 where the run was; an older run's iter_600 lies beside it
     work = tmp_path / "copy"
@@ -154,7 +154,7 @@ def test_resume_takes_last_checkpoint_and_never_deletes_a_checkpoint(tmp_path, c
 
 
 def test_a_stage_is_reused_continued_or_redone_by_its_record(tmp_path, capsys):
-    from crat_ft.demo import plan_stage
+    from crat_ft.pipeline.demo_stages import plan_stage
 
     out = tmp_path / "stage1"
     wanted = {"settings": {"train_cfg.max_iters": 24}}
@@ -183,8 +183,8 @@ def test_a_stage_is_reused_continued_or_redone_by_its_record(tmp_path, capsys):
 
 
 def test_the_ablation_reuses_a_run_only_with_its_own_settings(tiny_data, tmp_path, monkeypatch, capsys):
-    import crat_ft.stage1
-    from crat_ft.run_record import RECORD_FILE, write_record
+    import crat_ft.pipeline.train_detector
+    from crat_ft.common.run_record import RECORD_FILE, write_record
 
     spec = importlib.util.spec_from_file_location("bench_ablation", ROOT / "benchmarks" / "bench_ablation.py")
     bench = importlib.util.module_from_spec(spec)
@@ -193,12 +193,12 @@ def test_the_ablation_reuses_a_run_only_with_its_own_settings(tiny_data, tmp_pat
 
     def train(config, work_dir, *, cfg_options, data_root, seed, resume):  # records what it would train
         trained.append((Path(config).name, resume))
-        cfg = crat_ft.stage1.detector_train_config(config, cfg_options, data_root, seed)
+        cfg = crat_ft.pipeline.train_detector.detector_train_config(config, cfg_options, data_root, seed)
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-        write_record(Path(work_dir) / RECORD_FILE, crat_ft.stage1.detector_record(cfg))
+        write_record(Path(work_dir) / RECORD_FILE, crat_ft.pipeline.train_detector.detector_record(cfg))
         (Path(work_dir) / "detector.pth").write_bytes(b"weights")
 
-    monkeypatch.setattr(crat_ft.stage1, "train_detector", train)
+    monkeypatch.setattr(crat_ft.pipeline.train_detector, "train_detector", train)
     with open(tmp_path / "log", "w") as log:
         bench._train(tmp_path, "colour-shapes", 3, "plain", tiny_data, 24, log)
         arm = tmp_path / "colour-shapes" / "e2e" / "s3" / "plain"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_evaluation import _random_dets
 
-from crat_ft.evaluation import lvis_metrics
+from crat_ft.evaluation.lvis import lvis_metrics
 
 
 def _samples(gt: dict, dets: list[dict]) -> list[dict]:
@@ -37,13 +37,13 @@ def _samples(gt: dict, dets: list[dict]) -> list[dict]:
 
 def _small_parts(rows: int = 4) -> None:
     """Spill a part every ``rows`` detections (many parts from few images)."""
-    from crat_ft.detections import DetectionSpill
+    from crat_ft.evaluation.detections import DetectionSpill
 
     DetectionSpill.__init__.__defaults__ = (rows,)
 
 
 def _metric(ann: Path, spill: Path):
-    from crat_ft.metric import CratLVISMetric
+    from crat_ft.evaluation.metric import CratLVISMetric
 
     return CratLVISMetric(ann_file=str(ann), spill_dir=str(spill), extra_protocols=())
 
@@ -112,7 +112,7 @@ def test_a_rerun_after_a_killed_evaluation_equals_a_clean_run(tiny_data, tmp_pat
     (left,) = spill.glob("run-*-0")  # what the killed run left: its directory, with many parts
     assert len(list(left.glob("part-*"))) > 5
 
-    from crat_ft.detections import DetectionSpill
+    from crat_ft.evaluation.detections import DetectionSpill
 
     monkeypatch.setattr(DetectionSpill.__init__, "__defaults__", (4,))
     dets = [d for d in _random_dets(gt, 6, with_masks=True) if d["score"] > 0.7]  # far fewer detections
@@ -129,15 +129,15 @@ def test_a_rerun_after_a_killed_evaluation_equals_a_clean_run(tiny_data, tmp_pat
 def test_a_live_evaluations_directory_is_left_alone_and_a_lost_part_is_an_error(tiny_data, tmp_path, monkeypatch):
     """A run directory whose lock is held (another evaluation under way) survives a new evaluation's
     clean-up; parts removed from under an evaluation are one line, never fewer detections evaluated."""
-    from crat_ft.detections import claim_spill_run, release_spill_run
-    from crat_ft.errors import UserError
+    from crat_ft.common.errors import UserError
+    from crat_ft.evaluation.detections import claim_spill_run, release_spill_run
 
     ann = tiny_data / "annotations" / "lvis_v1_val.json"
     gt = json.loads(ann.read_text())
     spill = tmp_path / "spill"
     other = claim_spill_run(spill, "other-0")  # held by this process, as a live evaluation holds it
     (spill / "run-other-0" / "part-other-0-rank0-00000").mkdir()
-    from crat_ft.detections import DetectionSpill
+    from crat_ft.evaluation.detections import DetectionSpill
 
     monkeypatch.setattr(DetectionSpill.__init__, "__defaults__", (4,))
     metric = _metric(ann, spill)

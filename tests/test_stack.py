@@ -44,7 +44,7 @@ def test_every_command_refuses_an_mmcv_or_mmdet_outside_the_tested_range(tmp_pat
 
 
 def test_env_says_the_running_stack_is_inside_the_tested_range():
-    from crat_ft.envinfo import SUPPORTED, outside_range
+    from crat_ft.common.envinfo import SUPPORTED, outside_range
 
     r = subprocess.run([*crat_ft_exe(), "env"], capture_output=True, text=True, timeout=120)
     assert outside_range() == {}

@@ -4,15 +4,15 @@ import json
 import numpy as np
 import pytest
 
-from crat_ft.errors import UserError
-from crat_ft.synthetic import (
+from crat_ft.common.errors import UserError
+from crat_ft.synthetic.dataset import make_demo_data
+from crat_ft.synthetic.render import class_geometries
+from crat_ft.synthetic.variants import (
     FAMILIES,
     DemoDataSpec,
-    class_geometries,
     class_layout,
     class_names,
     frequency_group,
-    make_demo_data,
     train_image_counts,
 )
 
@@ -184,7 +184,7 @@ def test_bad_sizes_and_existing_output(tmp_path):
 
 
 def test_demo_refuses_data_made_with_another_sharing(tmp_path):
-    from crat_ft.demo import run_demo
+    from crat_ft.pipeline.demo import run_demo
 
     make_demo_data(
         tmp_path / "work" / "data", DemoDataSpec(seed=0, train_images=4, val_images=2, classes=4), progress=False

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crat_ft.transfusion import (
+from crat_ft.heads.transfusion import (
     FisherStats,
     box_sample_fisher,
     box_sample_grad,
@@ -66,7 +66,7 @@ def test_normed_mask_gradient_equals_autograd_through_mmdets_normed_conv(power):
     """mmdet's NormedConv2d (Seesaw's normed mask predictor): the closed form through the normalisation."""
     from mmdet.models.layers import NormedConv2d
 
-    from crat_ft.transfusion import normed_mask_sample_grad
+    from crat_ft.heads.transfusion import normed_mask_sample_grad
 
     g = torch.Generator().manual_seed(2)
     p, k, s, c = 6, 8, 7, 4
@@ -237,8 +237,8 @@ def test_inputs_not_mutated():
 
 
 def test_crat_config_refuses_unknown_donors_and_non_bool_log_mass():
-    from crat_ft.errors import UserError
-    from crat_ft.ft_config import CratConfig
+    from crat_ft.common.errors import UserError
+    from crat_ft.heads.ft_config import CratConfig
 
     assert CratConfig.from_dict({"donors": "uniform", "log_mass": True}).donors == "uniform"
     with pytest.raises(
@@ -274,8 +274,8 @@ def test_signed_fisher_tells_residual_directions_apart():
 
 
 def test_crat_config_accepts_signed_fisher_and_refuses_others():
-    from crat_ft.errors import UserError
-    from crat_ft.ft_config import CratConfig
+    from crat_ft.common.errors import UserError
+    from crat_ft.heads.ft_config import CratConfig
 
     assert CratConfig.from_dict({"fisher": "signed"}).fisher == "signed"
     with pytest.raises(

@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 
 import crat_ft
-from crat_ft.errors import UserError, sha_mismatch
+from crat_ft.common.errors import UserError, sha_mismatch
 
 FORMAT_NAME = "crat-ft-roi-cache"
 FORMAT_VERSION = 1

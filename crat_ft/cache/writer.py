@@ -14,8 +14,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from crat_ft.cache.schema import IMAGE_FIELDS, MASK_FIELDS, ROI_CHUNK, ROI_FIELDS, ImageBlock, open_cache, pack_masks
-from crat_ft.errors import UserError
-from crat_ft.files import QuietFinalizerFaults, atomic_path, storage_error, storage_errors, temp_name
+from crat_ft.common.errors import UserError
+from crat_ft.common.files import QuietFinalizerFaults, atomic_path, storage_error, storage_errors, temp_name
 
 
 class CacheWriter:
