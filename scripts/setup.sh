@@ -152,6 +152,9 @@ step "install crat-ft"
 if [[ "${CRAT_FT_EDITABLE:-0}" == "1" ]]; then
     "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
 else
+    # setuptools copies the package into build/ without removing what is there: a module moved or deleted since
+    # the last install would come back from build/ into the environment
+    rm -rf "$ROOT/build"
     "${PIP[@]}" install -q --no-deps --no-build-isolation --force-reinstall "$ROOT"
 fi
 

@@ -1,5 +1,6 @@
 """extract-features: cached values, resume after SIGKILL, shards, cache validation."""
 
+import json
 import os
 import shutil
 import signal
@@ -203,6 +204,22 @@ def test_cache_validation_errors(tiny_cache, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "truncated" in r.stderr
     r = run_cli("inspect-cache", tiny_cache.parent)
     assert r.returncode == 0 and "images 12" in r.stdout and "rare" in r.stdout
+    # the index's datasets are virtual: the bytes shown are its shards'
+    with h5py.File(tiny_cache, "r") as index:
+        shards = [tiny_cache.parent / s for s in json.loads(index.attrs["shards"])]
+    stored = {}
+    for name in ("rois/box_feat", "masks/feat"):
+        stored[name] = 0
+        for shard in shards:
+            with h5py.File(shard, "r") as f:
+                stored[name] += f[name].id.get_storage_size()
+    assert min(stored.values()) > 0
+    assert (
+        f"bytes: box features {stored['rois/box_feat'] / 2**20:.1f} MiB, mask features {stored['masks/feat'] / 2**20:.1f} MiB"
+        in r.stdout
+    )
+    on_disk = sum(p.stat().st_size for p in [tiny_cache, *shards])
+    assert f"({on_disk / 2**20:.1f} MiB on disk, index and {len(shards)} shards)" in r.stdout
 
 
 def test_failed_extraction_leaves_nothing_complete(tiny_data, tmp_path):

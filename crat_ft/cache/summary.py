@@ -23,9 +23,11 @@ def summarize(path: str | os.PathLike) -> str:
         c = len(names)
         pos = np.bincount(labels[labels < c], minlength=c)
         masks = np.bincount(mask_labels, minlength=c)
-        nbytes = {name: f[name].id.get_storage_size() for name in ("rois/box_feat", "masks/feat", "masks/target")}
+        files = [path, *(path.parent / s for s in json.loads(f.attrs.get("shards", "[]")))]
+    nbytes = _stored_bytes(files, ("rois/box_feat", "masks/feat", "masks/target"))
+    on_disk = sum(p.stat().st_size for p in files)
     lines = [
-        f"cache {path}  ({path.stat().st_size / 2**20:.1f} MiB on disk)",
+        f"cache {path}  ({on_disk / 2**20:.1f} MiB on disk{f', index and {len(files) - 1} shards' if files[1:] else ''})",
         f"  format v{meta['format_version']}, written by crat-ft {meta['crat_ft_version']}",
         f"  checkpoint sha256 {meta['checkpoint_sha256']}, config hash {meta['config_hash']}",
         f"  levels: box={meta['box_level']} {tuple(meta['box_shape'])}, "
@@ -47,6 +49,20 @@ def summarize(path: str | os.PathLike) -> str:
     for i in range(c):
         lines.append(f"    {names[i]:<24} {freq[i]}  {int(pos[i]):7d} ({int(masks[i])})")
     return "\n".join(lines)
+
+
+def _stored_bytes(files: list[Path], names: tuple[str, ...]) -> dict[str, int]:
+    """Bytes each dataset takes on disk, summed over ``files``. An index holds virtual datasets (no bytes of
+    their own), so its shards hold the features; a single-file cache holds them itself."""
+    import h5py
+
+    nbytes = dict.fromkeys(names, 0)
+    for file in files:
+        with h5py.File(file, "r") as f:
+            for name in names:
+                if not f[name].is_virtual:
+                    nbytes[name] += f[name].id.get_storage_size()
+    return nbytes
 
 
 def _stage_lines(meta: dict) -> list[str]:
