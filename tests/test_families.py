@@ -50,6 +50,10 @@ def _mmdet_config(family: str, tmp_path: Path) -> Path:
     if family == "faster-rcnn":
         roi.mask_roi_extractor = None
         roi.mask_head = None
+    dataset = cfg.train_dataloader.dataset
+    for step in dataset.get("dataset", dataset).pipeline:  # the demo's 128-pixel images, not mmdet's 640-800
+        if step.type == "RandomChoiceResize":
+            step.scales = [(1333, 160)]
     out = tmp_path / f"{family}.py"
     cfg.dump(str(out))
     return out
