@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -143,12 +144,27 @@ def test_no_module_imports_another_modules_private_names():
     assert offenders == []
 
 
-@pytest.mark.parametrize("module", sorted(_module_name(p) for p in SOURCES))
-def test_every_module_imports_alone_in_a_fresh_process(module, tmp_path):
-    # outside the checkout, so the installed package is imported (cli/ is installed as crat_ft.cli)
-    r = subprocess.run(
-        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
+MODULES = sorted(_module_name(p) for p in SOURCES)
+
+
+@pytest.fixture(scope="module")
+def fresh_imports(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every module imported alone in an interpreter of its own, two at a time (an import keeps one core busy)."""
+    cwd = tmp_path_factory.mktemp("imports")  # outside the checkout: the installed package is imported
+
+    def run(module: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300, cwd=cwd
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(MODULES, pool.map(run, MODULES)))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_module_imports_alone_in_a_fresh_process(module, fresh_imports):
+    # cli/ is installed as crat_ft.cli
+    r = fresh_imports[module]
     assert r.returncode == 0, r.stderr[-2000:]
 
 
