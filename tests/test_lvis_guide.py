@@ -48,7 +48,7 @@ NPROC = 2
 AS_WRITTEN = ("checkpoints/", "data/lvis_v1/", "cache/", "work_dirs/")
 REPO_CONFIGS = "configs/lvis/"
 # small images (the demo's are 128 px), a few steps, few proposals: random weights score all 1,203
-# classes alike, so each proposal gives 1,203 boxes to the NMS and up to 100 masks to the mask head
+# classes alike, so each proposal gives 1,203 boxes to the NMS and up to 20 masks to the mask head
 SIZES = {
     "extract-features": ["train_dataloader.dataset.dataset.pipeline.2.scales=[(1333,160)]"],
     "retrain-heads": [
@@ -62,7 +62,7 @@ SIZES = {
     "evaluate": [
         "test_dataloader.dataset.pipeline.1.scale=(1333,160)",
         "model.test_cfg.rpn.max_per_img=8",
-        "model.test_cfg.rcnn.max_per_img=100",
+        "model.test_cfg.rcnn.max_per_img=20",
     ],
 }
 RUN = ("env", "extract-features", "inspect-cache", "retrain-heads", "export", "evaluate", "compare", "analyze-errors")
