@@ -49,7 +49,11 @@ TRUST = click.option(
     is_flag=True,
     help="Allow the checkpoint to unpickle arbitrary Python objects (only for files you trust).",
 )
-
+RESUME_RUN = click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --work-dir from the checkpoint its last_checkpoint names (same settings only).",
+)
 VERBOSE = click.option(
     "--verbose", is_flag=True, help="Show mmengine's and mmdet's own output on the console instead of the log file."
 )

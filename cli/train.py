@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from crat_ft.cli.options import CFG_OPTIONS, TRUST, VERBOSE, peak_gpu_memory, rank, split_options
+from crat_ft.cli.options import CFG_OPTIONS, RESUME_RUN, TRUST, VERBOSE, peak_gpu_memory, rank, split_options
 
 
 @click.command("train-detector")
@@ -14,11 +14,7 @@ from crat_ft.cli.options import CFG_OPTIONS, TRUST, VERBOSE, peak_gpu_memory, ra
     "--data-root", type=click.Path(), default=None, help="LVIS-format data directory (overrides the config's)."
 )
 @click.option("--seed", type=int, default=None, help="Training seed (overrides randomness.seed).")
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue the run in --work-dir from the checkpoint its last_checkpoint names (same settings only).",
-)
+@RESUME_RUN
 @TRUST
 @CFG_OPTIONS
 @VERBOSE
@@ -47,11 +43,7 @@ def train_detector(config, work_dir, data_root, seed, resume, trust_checkpoint, 
 @click.argument("ft_config", type=click.Path())
 @click.option("--cache", required=True, type=click.Path(), help="Feature cache (directory or index.h5).")
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False))
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue the run in --work-dir from the checkpoint its last_checkpoint names (same settings only).",
-)
+@RESUME_RUN
 @TRUST
 @CFG_OPTIONS
 @VERBOSE
