@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+if "PYTEST_XDIST_WORKER" in os.environ:  # two workers on two cores: one thread each (set before torch loads)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from crat_ft.synthetic.dataset import make_demo_data
-from crat_ft.synthetic.variants import DemoDataSpec
+import pytest  # noqa: E402
+from cli_server import CliServer  # noqa: E402
+
+from crat_ft.synthetic.dataset import make_demo_data  # noqa: E402
+from crat_ft.synthetic.variants import DemoDataSpec  # noqa: E402
 
 TINY_SPEC = DemoDataSpec(seed=3, train_images=40, val_images=10, classes=40)
 
@@ -33,11 +38,55 @@ def crat_ft_exe() -> list[str]:
     return [found]
 
 
-def run_cli(*args, cwd=None, timeout=900) -> subprocess.CompletedProcess:
+_SERVER: list[CliServer] = []
+
+
+def _fresh_processes() -> bool:
+    return os.environ.get("CRAT_FT_TEST_FRESH_PROCESSES") == "1"
+
+
+def _server() -> CliServer:
+    if not _SERVER:
+        _SERVER.append(CliServer(sys.executable))
+    return _SERVER[0]
+
+
+def run_cli(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
+    """``crat-ft args`` as a user runs it (``env`` adds to the environment). Each command runs in a fresh
+    child of a pre-imported interpreter (tests/cli_server.py), or in a real new process with
+    ``CRAT_FT_TEST_FRESH_PROCESSES=1``."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    argv = crat_ft_exe() + [str(a) for a in args]
+    if _fresh_processes():
+        return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    return _server().run(argv[0], argv[1:], cwd, env, timeout)
+
+
+def start_cli(*args):
+    """``crat-ft args`` started in a process group of its own, its output discarded: ``.pid``, ``.poll()``,
+    ``.wait(timeout)``, as of a ``subprocess.Popen``."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        crat_ft_exe() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
-    )
+    argv = crat_ft_exe() + [str(a) for a in args]
+    if _fresh_processes():
+        return subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
+        )
+    return _server().start(argv[0], argv[1:], None, env)
+
+
+def kill_cli_after(args, seconds: float) -> None:
+    """Start ``crat-ft args`` and SIGKILL its process group after ``seconds``, unless it ends first."""
+    command = start_cli(*args)
+    try:
+        command.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(command.pid, signal.SIGKILL)
+        command.wait()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    while _SERVER:
+        _SERVER.pop().close()
 
 
 def extract_args(detector, data, *options) -> list:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import crat_ft_exe, run_cli
+from conftest import crat_ft_exe, run_cli, start_cli
 from crat_ft.common.paths import demo_config
 
 # both arms: 8 steps, a checkpoint every 2 (a killed run has one to continue from)
@@ -105,9 +105,7 @@ def test_a_killed_ablation_continues_to_the_rows_of_an_uninterrupted_one(ablated
     """SIGKILL once the second arm has a checkpoint; the rerun reuses the first arm and continues the second."""
     arms, uninterrupted, _ = ablated
     work = tmp_path / "W"
-    args = [*crat_ft_exe(), *map(str, _ablate_args(arms, tiny_cache, work, tiny_data))]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
+    proc = start_cli(*_ablate_args(arms, tiny_cache, work, tiny_data))
     deadline = time.time() + 600
     while not (work / "s0" / "crat" / "iter_2.pth").exists():
         assert proc.poll() is None, "the ablation ended before its second arm was killed"

@@ -200,3 +200,30 @@ def test_make_demo_data_cli(tmp_path):
     _one_line_error(r, r"already exists and is not empty; choose a new OUT")
     r = run_cli("make-demo-data", tmp_path / "e", "--classes", 1)
     _one_line_error(r, r"--classes: expected 2\.\.64, got 1")
+
+
+def test_a_command_in_the_test_server_is_what_a_fresh_process_gives(tmp_path, monkeypatch):
+    """run_cli's pre-imported server (tests/cli_server.py) against ``crat-ft`` started anew, each in its own
+    working directory: the same exit code, stdout, stderr (paths aside) and files, byte for byte."""
+    cases = [
+        ["--version"],
+        ["evaluate-results", "gt.json", "none.json", "--out", "m.json"],  # a refusal: one line, exit 2
+        ["make-demo-data", "data", "--train-images", 2, "--val-images", 1, "--classes", 3],
+        ["inspect-cache", "data"],  # an uncaught UserError of a command that imports torch
+    ]
+    runs = {}
+    for how in ("served", "fresh"):
+        cwd = tmp_path / how
+        cwd.mkdir()
+        (cwd / "gt.json").write_text(json.dumps({"images": [], "annotations": []}))
+        if how == "fresh":
+            monkeypatch.setenv("CRAT_FT_TEST_FRESH_PROCESSES", "1")
+        results = [run_cli(*args, cwd=cwd) for args in cases]
+        runs[how] = [
+            (r.returncode, r.stdout.replace(str(cwd), "CWD"), r.stderr.replace(str(cwd), "CWD")) for r in results
+        ]
+        runs[how + " files"] = {str(p.relative_to(cwd)): p.read_bytes() for p in sorted(cwd.rglob("*")) if p.is_file()}
+    assert runs["served"] == runs["fresh"]
+    assert runs["served files"] == runs["fresh files"] and "data/annotations/lvis_v1_val.json" in runs["served files"]
+    codes = [code for code, _, _ in runs["served"]]
+    assert codes == [0, 2, 0, 2] and runs["served"][1][2].startswith("crat-ft: error: ")

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 
 import h5py
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import crat_ft_exe, demo_config_path, extract_args, run_cli
+from conftest import demo_config_path, extract_args, run_cli, start_cli
 from crat_ft.cache import FORMAT_VERSION, RoIReader, open_cache, unpack_masks
 from crat_ft.common.errors import UserError
 from crat_ft.detector.roi_policy import RoIPolicy, select_rois
@@ -133,16 +132,12 @@ def test_resume_after_sigkill_gives_identical_cache(tiny_data, tiny_detector, tm
     r = run_cli(*args, "--out", full)
     assert r.returncode == 0, r.stderr[-2000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        crat_ft_exe() + [str(a) for a in args] + ["--out", str(killed)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_cli(*args, "--out", killed)
     seg_dir = killed / ".segments" / "shard-00000-of-00001"
     deadline = time.time() + 300
     while time.time() < deadline and not (seg_dir.exists() and any(seg_dir.glob("seg-*.h5"))):
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "index.h5").exists() and not (killed / "shard-00000-of-00001.h5").exists()
     r = run_cli(*args, "--out", killed)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_extract import _assert_same, _tables
 
-from conftest import crat_ft_exe, demo_config_path, extract_args, retrain_args, run_cli
+from conftest import crat_ft_exe, demo_config_path, extract_args, kill_cli_after, retrain_args, run_cli
 from crat_ft.common.paths import demo_config
 
 pytestmark = pytest.mark.slow
@@ -41,21 +41,6 @@ def _timed(*args) -> float:
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     return time.time() - t0
-
-
-def _kill_after(args, seconds: float) -> None:
-    """Start ``crat-ft args``, SIGKILL its process group after ``seconds`` (or let it finish first)."""
-    proc = subprocess.Popen(
-        crat_ft_exe() + [str(a) for a in args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        proc.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _kill_times(seed: int, duration: float) -> list[float]:
@@ -85,7 +70,7 @@ def test_extract_killed_at_random_moments_resumes_to_the_same_cache(tiny_data, t
     reference = _tables(tmp_path / "full" / "index.h5")
     for k, t in enumerate(_kill_times(11, duration)):
         out = tmp_path / f"killed{k}"
-        _kill_after([*args, "--out", out], t)
+        kill_cli_after([*args, "--out", out], t)
         r = run_cli(*args, "--out", out, "--resume")
         assert r.returncode == 0, f"kill at {t:.1f}s: {r.stderr[-2000:]}"
         _assert_same(reference, _tables(out / "index.h5"))
@@ -98,7 +83,7 @@ def test_retrain_killed_at_random_moments_resumes_to_the_same_heads(tiny_cache, 
     reference = _state(tmp_path / "full" / "heads.pth")
     for k, t in enumerate(_kill_times(12, duration)):
         work = tmp_path / f"killed{k}"
-        _kill_after([*args[:4], "--work-dir", work, *args[4:]], t)
+        kill_cli_after([*args[:4], "--work-dir", work, *args[4:]], t)
         r = run_cli(*args[:4], "--work-dir", work, "--resume", *args[4:])
         assert r.returncode == 0, f"kill at {t:.1f}s: {r.stderr[-2000:]}"
         _assert_same_state(reference, _state(work / "heads.pth"))
@@ -121,7 +106,7 @@ def test_export_killed_at_random_moments_reruns_to_the_same_checkpoint(tiny_dete
     reference = _state(tmp_path / "full" / "merged.pth")
     for k, t in enumerate(_kill_times(13, duration)):
         out = tmp_path / f"killed{k}" / "merged.pth"
-        _kill_after([*args, "--out", out], t)
+        kill_cli_after([*args, "--out", out], t)
         r = run_cli(*args, "--out", out)
         assert r.returncode == 0, f"kill at {t:.1f}s: {r.stderr[-2000:]}"
         _assert_same_state(reference, _state(out))
