@@ -144,7 +144,7 @@ step "install mmdet 3.3.0, h5py, click, lvis, faster-coco-eval, test and lint to
 # tidecv (TIDE's reference code, with pandas, seaborn, appdirs) only for the tests of analyze-errors
 SETUPTOOLS="setuptools>=65,<81"
 [[ "$NEW_TORCH" == "1" ]] && SETUPTOOLS="setuptools>=77,<81"
-"${PIP[@]}" install -q "mmdet==3.3.0" h5py click lvis "faster-coco-eval>=1.6" matplotlib scipy pytest "ruff==0.17.6" \
+"${PIP[@]}" install -q "mmdet==3.3.0" h5py click lvis "faster-coco-eval>=1.6" matplotlib scipy pytest "pytest-xdist>=3.6" "ruff==0.17.6" \
     "numpy<2" "$SETUPTOOLS" "tidecv==1.0.1" "pandas<3" seaborn appdirs "opencv-python<4.11" \
     "torch==$TORCH_VERSION"
 

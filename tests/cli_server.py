@@ -2,7 +2,8 @@
 then forks a child per command, so a test pays for its command's work and not for ~4 s of imports.
 
 To the command, each child is a fresh ``crat-ft`` process: its own pid and process group, its own argv,
-working directory and environment, stdin from /dev/null, stdout and stderr into files the test reads, a
+working directory and environment (``OMP_NUM_THREADS`` included: torch's thread count is set
+from it), stdin from /dev/null, stdout and stderr into files the test reads, a
 freshly seeded ``random`` and numpy, and the interpreter's exit (non-daemon threads joined, atexit
 handlers run, streams flushed, an uncaught exception's traceback printed with exit code 1; see
 :func:`_exit`). Only
@@ -19,6 +20,7 @@ ends).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -58,6 +60,7 @@ def _serve(reply_fd: int) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    gc.freeze()  # the children's collections skip what was imported: they do not copy its pages to scan it
     reply = os.fdopen(reply_fd, "w", buffering=1)
     reply.write(json.dumps({"ready": os.getpid()}) + "\n")
     for line in sys.stdin:
@@ -87,6 +90,11 @@ def _become_command(request: dict) -> None:
         os.dup2(f, fd)
         os.close(f)
     os.chdir(request["cwd"])
+    threads = request["env"].get("OMP_NUM_THREADS")
+    if threads != os.environ.get("OMP_NUM_THREADS"):  # torch read the server's at import: set the command's
+        import torch
+
+        torch.set_num_threads(int(threads) if threads else os.cpu_count())
     os.environ.clear()
     os.environ.update(request["env"])
     tempfile.tempdir = None  # $TMPDIR is read again, as a new process would

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-if "PYTEST_XDIST_WORKER" in os.environ:  # two workers on two cores: one thread each (set before torch loads)
+if "PYTEST_XDIST_WORKER" in os.environ:  # xdist workers share the cores: one thread each (set before torch loads)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
@@ -21,10 +22,29 @@ from crat_ft.synthetic.variants import DemoDataSpec  # noqa: E402
 TINY_SPEC = DemoDataSpec(seed=3, train_images=40, val_images=10, classes=40)
 
 
+def _once_per_session(tmp_path_factory, name: str, build) -> Path:
+    """``build(directory)`` once per test session: the xdist workers share what the first one built
+    (they take turns on a lock); without xdist, a session fixture is already built once."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent / "shared"  # the session's directory, above each worker's
+    shared.mkdir(exist_ok=True)
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / f"{name}.done"
+        if not done.exists():  # (a build that failed in the other worker left a directory to remove)
+            shutil.rmtree(shared / name, ignore_errors=True)
+            (shared / name).mkdir()
+            done.write_text(str(build(shared / name)))
+        return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A tiny synthetic LVIS-format dataset (40 classes, 40 train / 10 val images)."""
-    return make_demo_data(tmp_path_factory.mktemp("data") / "synthetic", TINY_SPEC, progress=False)
+    return _once_per_session(
+        tmp_path_factory, "data", lambda d: make_demo_data(d / "synthetic", TINY_SPEC, progress=False)
+    )
 
 
 def crat_ft_exe() -> list[str]:
@@ -84,6 +104,17 @@ def kill_cli_after(args, seconds: float) -> None:
         command.wait()
 
 
+# the longest files first: xdist gives each worker whole files in this order (--no-loadscope-reorder), and
+# a long file started last would leave the other workers idle until it ends
+LONGEST_FIRST = ("test_lvis_guide.py", "test_demo.py", "test_ablate.py", "test_distributed.py", "test_faults.py",
+                 "test_families.py", "test_demo_e2e.py", "test_repository.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_sessionfinish(session, exitstatus):
     while _SERVER:
         _SERVER.pop().close()
@@ -114,41 +145,24 @@ TINY_TRAIN_OPTIONS = ["train_cfg.max_iters=4", "default_hooks.checkpoint.interva
 @pytest.fixture(scope="session")
 def tiny_detector(tiny_data, tmp_path_factory) -> Path:
     """detector.pth of the demo Mask R-CNN trained 4 iterations on the tiny data (through the CLI)."""
-    work = tmp_path_factory.mktemp("stage1")
-    r = run_cli(
-        "train-detector",
-        demo_config_path(),
-        "--work-dir",
-        work,
-        "--data-root",
-        tiny_data,
-        "--seed",
-        0,
-        "--cfg-options",
-        *TINY_TRAIN_OPTIONS,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return work / "detector.pth"
+
+    def train(work: Path) -> Path:
+        r = run_cli("train-detector", demo_config_path(), "--work-dir", work, "--data-root", tiny_data, "--seed", 0,
+                    "--cfg-options", *TINY_TRAIN_OPTIONS)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        return work / "detector.pth"
+
+    return _once_per_session(tmp_path_factory, "stage1", train)
 
 
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_data, tiny_detector, tmp_path_factory) -> Path:
     """index.h5 of the tiny detector's features on 12 training images."""
-    out = tmp_path_factory.mktemp("cache") / "cache"
-    r = run_cli(
-        "extract-features",
-        demo_config_path(),
-        tiny_detector,
-        "--out",
-        out,
-        "--data-root",
-        tiny_data,
-        "--max-images",
-        12,
-        "--segment-images",
-        4,
-        "--mask-pos-per-class",
-        400,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out / "index.h5"
+
+    def extract(root: Path) -> Path:
+        r = run_cli(*extract_args(tiny_detector, tiny_data), "--out", root / "cache", "--max-images", 12,
+                    "--segment-images", 4, "--mask-pos-per-class", 400)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        return root / "cache" / "index.h5"
+
+    return _once_per_session(tmp_path_factory, "cache", extract)

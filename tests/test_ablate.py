@@ -45,6 +45,8 @@ def _run(args, nproc: int = 1) -> subprocess.CompletedProcess:
     """``crat-ft args`` with one thread, in one process or under torchrun in ``nproc`` (as tests/test_distributed.py)."""
     import socket
 
+    if nproc == 1:
+        return run_cli(*args, env={"OMP_NUM_THREADS": "1"})
     command = [*crat_ft_exe(), *map(str, args)]
     if nproc > 1:
         with socket.socket() as s:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TRAIN_OPTIONS, crat_ft_exe, demo_config_path, extract_args
+from conftest import TINY_TRAIN_OPTIONS, crat_ft_exe, demo_config_path, extract_args, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +28,8 @@ def _free_port() -> int:
 
 def _run(args, nproc: int = 1, timeout: int = 900, env=None) -> subprocess.CompletedProcess:
     """``crat-ft args`` in one process, or under torchrun in ``nproc``, with one thread each."""
+    if nproc == 1:
+        return run_cli(*args, timeout=timeout, env={"OMP_NUM_THREADS": "1", **(env or {})})
     command = crat_ft_exe() + [str(a) for a in args]
     if nproc > 1:
         torchrun = Path(sys.executable).parent / "torchrun"
