@@ -84,7 +84,9 @@ def run_cli(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProce
 
 def start_cli(*args):
     """``crat-ft args`` started in a process group of its own, its output discarded: ``.pid``, ``.poll()``,
-    ``.wait(timeout)``, as of a ``subprocess.Popen``."""
+    ``.wait(timeout)``, as of a ``subprocess.Popen``. The server runs one command at a time: a ``run_cli``
+    or ``start_cli`` before this one ends kills it first, so commands that must overlap (a second run
+    racing for a lock) start real processes with ``subprocess``."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     argv = crat_ft_exe() + [str(a) for a in args]
     if _fresh_processes():
