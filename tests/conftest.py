@@ -71,12 +71,16 @@ def _server() -> CliServer:
     return _SERVER[0]
 
 
+def _command(args, env=None) -> tuple[list[str], dict]:
+    """The argv of ``crat-ft args`` and its environment: this one, warnings off, plus ``env``."""
+    return crat_ft_exe() + [str(a) for a in args], dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+
+
 def run_cli(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
     """``crat-ft args`` as a user runs it (``env`` adds to the environment). Each command runs in a fresh
     child of a pre-imported interpreter (tests/cli_server.py), or in a real new process with
     ``CRAT_FT_TEST_FRESH_PROCESSES=1``."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
-    argv = crat_ft_exe() + [str(a) for a in args]
+    argv, env = _command(args, env)
     if _fresh_processes():
         return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
     return _server().run(argv[0], argv[1:], cwd, env, timeout)
@@ -87,8 +91,7 @@ def start_cli(*args):
     ``.wait(timeout)``, as of a ``subprocess.Popen``. The server runs one command at a time: a ``run_cli``
     or ``start_cli`` before this one ends kills it first, so commands that must overlap (a second run
     racing for a lock) start real processes with ``subprocess``."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    argv = crat_ft_exe() + [str(a) for a in args]
+    argv, env = _command(args)
     if _fresh_processes():
         return subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env

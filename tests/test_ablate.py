@@ -47,13 +47,11 @@ def _run(args, nproc: int = 1) -> subprocess.CompletedProcess:
 
     if nproc == 1:
         return run_cli(*args, env={"OMP_NUM_THREADS": "1"})
-    command = [*crat_ft_exe(), *map(str, args)]
-    if nproc > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        command = [str(Path(sys.executable).parent / "torchrun"), f"--nproc-per-node={nproc}", f"--master-port={port}",
-                   *command]  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "torchrun"), f"--nproc-per-node={nproc}", f"--master-port={port}",
+               *crat_ft_exe(), *map(str, args)]  # fmt: skip
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
 

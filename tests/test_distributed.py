@@ -30,10 +30,9 @@ def _run(args, nproc: int = 1, timeout: int = 900, env=None) -> subprocess.Compl
     """``crat-ft args`` in one process, or under torchrun in ``nproc``, with one thread each."""
     if nproc == 1:
         return run_cli(*args, timeout=timeout, env={"OMP_NUM_THREADS": "1", **(env or {})})
-    command = crat_ft_exe() + [str(a) for a in args]
-    if nproc > 1:
-        torchrun = Path(sys.executable).parent / "torchrun"
-        command = [str(torchrun), f"--nproc-per-node={nproc}", f"--master-port={_free_port()}", *command]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), f"--nproc-per-node={nproc}", f"--master-port={_free_port()}", *crat_ft_exe(),
+               *map(str, args)]  # fmt: skip
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 

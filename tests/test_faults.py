@@ -44,7 +44,7 @@ def _timed(*args) -> float:
 
 
 def _kill_times(seed: int, duration: float) -> list[float]:
-    """Seeded moments spread over a run's duration (the start-up is part of it)."""
+    """Seeded moments spread over a run's duration (timed as the killed runs start: in the test server)."""
     return sorted(np.random.default_rng(seed).uniform(0.1, 1.0, KILLS) * duration)
 
 
